@@ -1,1 +1,3 @@
 """slimgpt."""
+
+import slimgpt.modeling  # noqa: F401  (registers the slim model types with transformers' Auto classes)

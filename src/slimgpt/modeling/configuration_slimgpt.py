@@ -1,0 +1,73 @@
+"""Configurations of structurally pruned Llama / Qwen2 models (the slimgpt saved format).
+
+Stock configs describe every decoder layer with one ``num_attention_heads`` /
+``num_key_value_heads`` / ``intermediate_size``. Pruning leaves each layer with its own sizes, so
+these configs add three per-layer lists (one entry per decoder layer):
+
+- ``layer_num_attention_heads``: query heads kept in layer ``i`` (0 = attention block removed)
+- ``layer_num_key_value_heads``: key/value heads kept (0 exactly when the query heads are 0)
+- ``layer_intermediate_size``: FFN channels kept (0 = MLP block removed)
+
+The stock fields keep the *original* model's values, so tools that read them still see a valid
+architecture; ``head_dim`` is always explicit because it cannot be derived from a pruned layer.
+Missing lists default to the stock values (an unpruned model).
+
+This file is copied beside every saved model and loaded with ``trust_remote_code=True`` in
+processes that never imported slimgpt: it may import only torch and transformers.
+"""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig, Qwen2Config
+
+LAYER_FIELDS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
+
+
+def _complete_layer_lists(cfg: LlamaConfig | Qwen2Config) -> None:
+    """Fill missing per-layer lists with the stock sizes and check that the lists describe a
+    model the modelling code can build (raises ``ValueError`` otherwise)."""
+    n = cfg.num_hidden_layers
+    defaults = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size)
+    for name, default in zip(LAYER_FIELDS, defaults):
+        value = getattr(cfg, name)
+        value = [default] * n if value is None else [int(v) for v in value]
+        if len(value) != n or any(v < 0 for v in value):
+            raise ValueError(f"{name} must list {n} non-negative sizes (one per layer), got {value}")
+        setattr(cfg, name, value)
+    if cfg.head_dim is None:
+        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    for i, (heads, kv) in enumerate(zip(cfg.layer_num_attention_heads, cfg.layer_num_key_value_heads)):
+        if (heads == 0) != (kv == 0) or (kv and heads % kv):
+            raise ValueError(f"layer {i}: {heads} query heads cannot share {kv} key/value heads evenly")
+
+
+class SlimLlamaConfig(LlamaConfig):
+    """``LlamaConfig`` with per-layer head and channel counts."""
+
+    model_type = "slimgpt_llama"
+
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _complete_layer_lists(self)
+
+
+class SlimQwen2Config(Qwen2Config):
+    """``Qwen2Config`` with per-layer head and channel counts."""
+
+    model_type = "slimgpt_qwen2"
+
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+    head_dim: int | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _complete_layer_lists(self)
+
+
+__all__ = ["SlimLlamaConfig", "SlimQwen2Config"]

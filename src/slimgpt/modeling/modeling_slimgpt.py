@@ -1,0 +1,218 @@
+"""Llama / Qwen2 whose decoder layers each have their own head and channel counts.
+
+Only constructors differ from the stock classes: every layer ``i`` is built with
+``config.layer_num_attention_heads[i]`` query heads, ``layer_num_key_value_heads[i]`` key/value
+heads and ``layer_intermediate_size[i]`` FFN channels (see ``configuration_slimgpt.py``); all
+forward code is the stock code, so attention backends, ``generate()``, peft and exporters behave as
+for the original model. Query head ``j`` of a layer reads key/value head ``j // num_key_value_groups``
+with the layer's own ``num_key_value_groups``.
+
+Removed blocks keep zero-sized linears (so checkpoints and parameter names stay regular):
+
+- 0 channels: the stock MLP already returns exactly zero (``down_proj`` sums over nothing).
+- 0 heads: the attention returns ``o_proj`` of an empty input (zero, or ``o_proj.bias``) and still
+  writes an empty ``(batch, 0, seq, head_dim)`` key/value placeholder into the cache, because the
+  cache reads the sequence length from layer 0 and incremental decoding needs every layer filled.
+
+This file is copied beside every saved model for ``trust_remote_code=True``: it may import only
+torch, transformers and its sibling ``configuration_slimgpt``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2Attention,
+    Qwen2DecoderLayer,
+    Qwen2MLP,
+    Qwen2Model,
+    Qwen2PreTrainedModel,
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
+)
+
+from .configuration_slimgpt import SlimLlamaConfig, SlimQwen2Config
+
+# ---- shared constructors ------------------------------------------------------------------------
+
+
+def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    """``nn.Linear`` that stays quiet about initialising the zero-sized weights of removed blocks."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return nn.Linear(in_features, out_features, bias=bias)
+
+
+def _init_attention(attn: nn.Module, config, layer_idx: int, qkv_bias: bool, o_bias: bool) -> None:
+    """Set the attributes the stock attention forward reads, with this layer's head counts."""
+    nn.Module.__init__(attn)
+    heads = config.layer_num_attention_heads[layer_idx]
+    kv_heads = config.layer_num_key_value_heads[layer_idx]
+    d = config.head_dim
+    attn.config = config  # the shared config, so set_attn_implementation reaches every layer
+    attn.layer_idx = layer_idx
+    attn.head_dim = d
+    attn.num_heads = heads
+    attn.num_key_value_heads = kv_heads
+    attn.num_key_value_groups = heads // kv_heads if kv_heads else 0
+    attn.scaling = d**-0.5
+    attn.attention_dropout = config.attention_dropout
+    attn.is_causal = True
+    attn.q_proj = _linear(config.hidden_size, heads * d, qkv_bias)
+    attn.k_proj = _linear(config.hidden_size, kv_heads * d, qkv_bias)
+    attn.v_proj = _linear(config.hidden_size, kv_heads * d, qkv_bias)
+    attn.o_proj = _linear(heads * d, config.hidden_size, o_bias)
+
+
+def _init_mlp(mlp: nn.Module, config, layer_idx: int, bias: bool) -> None:
+    nn.Module.__init__(mlp)
+    mlp.config = config
+    mlp.hidden_size = config.hidden_size
+    mlp.intermediate_size = config.layer_intermediate_size[layer_idx]
+    mlp.gate_proj = _linear(mlp.hidden_size, mlp.intermediate_size, bias)
+    mlp.up_proj = _linear(mlp.hidden_size, mlp.intermediate_size, bias)
+    mlp.down_proj = _linear(mlp.intermediate_size, mlp.hidden_size, bias)
+    mlp.act_fn = ACT2FN[config.hidden_act]
+
+
+def _init_layer(layer: nn.Module, config, layer_idx: int, attn_cls, mlp_cls, norm_cls) -> None:
+    GradientCheckpointingLayer.__init__(layer)
+    layer.hidden_size = config.hidden_size
+    layer.self_attn = attn_cls(config, layer_idx)
+    layer.mlp = mlp_cls(config, layer_idx)
+    layer.input_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+    layer.post_attention_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+
+
+def _init_decoder(model: nn.Module, config, layer_cls, norm_cls, rotary_cls) -> None:
+    model.padding_idx = config.pad_token_id
+    model.vocab_size = config.vocab_size
+    model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, model.padding_idx)
+    model.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
+    model.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+    model.rotary_emb = rotary_cls(config=config)
+    model.gradient_checkpointing = False
+
+
+class _HeadlessAttention:
+    """Mixin: stock forward, except for a layer whose attention block was removed."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                **kwargs):
+        if self.num_heads:
+            return super().forward(hidden_states=hidden_states, position_embeddings=position_embeddings,
+                                   attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+        *lead, _ = hidden_states.shape
+        if past_key_values is not None:
+            empty = hidden_states.new_zeros(lead[0], 0, lead[1], self.head_dim)
+            past_key_values.update(empty, empty, self.layer_idx)
+        return self.o_proj(hidden_states.new_zeros(*lead, 0)), None
+
+
+# ---- Llama ----------------------------------------------------------------------------------------
+
+
+class SlimLlamaAttention(_HeadlessAttention, LlamaAttention):
+    def __init__(self, config: SlimLlamaConfig, layer_idx: int):
+        _init_attention(self, config, layer_idx, config.attention_bias, config.attention_bias)
+
+
+class SlimLlamaMLP(LlamaMLP):
+    def __init__(self, config: SlimLlamaConfig, layer_idx: int):
+        _init_mlp(self, config, layer_idx, config.mlp_bias)
+
+
+class SlimLlamaDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, config: SlimLlamaConfig, layer_idx: int):
+        _init_layer(self, config, layer_idx, SlimLlamaAttention, SlimLlamaMLP, LlamaRMSNorm)
+
+
+class SlimLlamaModel(LlamaModel):
+    config_class = SlimLlamaConfig
+    config: SlimLlamaConfig
+    _no_split_modules = ["SlimLlamaDecoderLayer"]
+
+    def __init__(self, config: SlimLlamaConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        _init_decoder(self, config, SlimLlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding)
+        self.post_init()
+
+
+class SlimLlamaForCausalLM(LlamaForCausalLM):
+    config_class = SlimLlamaConfig
+    config: SlimLlamaConfig
+    _no_split_modules = ["SlimLlamaDecoderLayer"]
+
+    def __init__(self, config: SlimLlamaConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = SlimLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+# ---- Qwen2 ----------------------------------------------------------------------------------------
+
+
+class SlimQwen2Attention(_HeadlessAttention, Qwen2Attention):
+    def __init__(self, config: SlimQwen2Config, layer_idx: int):
+        _init_attention(self, config, layer_idx, qkv_bias=True, o_bias=False)
+        self.layer_type = config.layer_types[layer_idx]
+        self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
+
+
+class SlimQwen2MLP(Qwen2MLP):
+    def __init__(self, config: SlimQwen2Config, layer_idx: int):
+        _init_mlp(self, config, layer_idx, bias=False)
+
+
+class SlimQwen2DecoderLayer(Qwen2DecoderLayer):
+    def __init__(self, config: SlimQwen2Config, layer_idx: int):
+        _init_layer(self, config, layer_idx, SlimQwen2Attention, SlimQwen2MLP, Qwen2RMSNorm)
+
+
+class SlimQwen2Model(Qwen2Model):
+    config_class = SlimQwen2Config
+    config: SlimQwen2Config
+    _no_split_modules = ["SlimQwen2DecoderLayer"]
+
+    def __init__(self, config: SlimQwen2Config):
+        Qwen2PreTrainedModel.__init__(self, config)
+        _init_decoder(self, config, SlimQwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding)
+        self.has_sliding_layers = "sliding_attention" in config.layer_types
+        self.post_init()
+
+
+class SlimQwen2ForCausalLM(Qwen2ForCausalLM):
+    config_class = SlimQwen2Config
+    config: SlimQwen2Config
+    _no_split_modules = ["SlimQwen2DecoderLayer"]
+
+    def __init__(self, config: SlimQwen2Config):
+        Qwen2PreTrainedModel.__init__(self, config)
+        self.model = SlimQwen2Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+__all__ = [
+    "SlimLlamaForCausalLM",
+    "SlimLlamaModel",
+    "SlimQwen2ForCausalLM",
+    "SlimQwen2Model",
+]

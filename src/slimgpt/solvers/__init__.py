@@ -1,0 +1,7 @@
+"""OBS solvers: pure tensor functions on ``(W, H)``, no model knowledge, no I/O.
+
+* :mod:`.hessian` — accumulate ``H = 2 X Xᵀ / n`` and invert it with damping and retry.
+* :mod:`.obs` — structured OBS: column errors, joint removal with compensation (paper Eq. 2–4).
+* :mod:`.heads` — Batched Greedy Pruning of attention heads with grouped Cholesky (Eq. 5), GQA-aware.
+* :mod:`.channels` — FFN channels with Dynamic Group Size.
+"""

@@ -1,0 +1,75 @@
+"""Hessian of the layer-wise objective and its damped inverse (ALGORITHMS.md §1)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from slimgpt.errors import NumericalError
+
+log = logging.getLogger(__name__)
+
+
+class HessianAccumulator:
+    """Running ``H = 2 X Xᵀ / n`` over calibration tokens.
+
+    Accumulates the raw sum ``Σ x xᵀ`` in ``dtype`` (fp32 by default, fp64 for tests) and
+    scales once at the end, so the result does not depend on how tokens were batched.
+    """
+
+    def __init__(self, ncols: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.sum = torch.zeros(ncols, ncols, device=device, dtype=dtype)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add inputs ``x`` of shape ``(..., ncols)``; every leading index is one token."""
+        x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=self.sum.dtype)
+        if not torch.isfinite(x).all():
+            raise NumericalError(
+                "calibration activations contain NaN/inf; try --dtype float32 or different calibration text"
+            )
+        self.sum.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        if self.count == 0:
+            raise NumericalError("no calibration tokens reached this layer; check the calibration data")
+        return self.sum * (2.0 / self.count)
+
+
+def damped_inverse(
+    H: torch.Tensor,
+    damp: float = 0.01,
+    max_tries: int = 5,
+    where: str = "",
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, float]:
+    """``(H + λ·mean(diag H)·I)⁻¹`` via Cholesky, retrying with ``λ ×10`` when it fails.
+
+    Dead columns (zero diagonal: inputs that are always zero) get diagonal 1, so they are free
+    to prune and do not make ``H`` singular. Returns the inverse and the ``λ`` that worked.
+    Raises :class:`NumericalError` naming ``where`` if no damping up to ``λ·10^(tries-1)`` works.
+    """
+    H = H.to(dtype or H.dtype).clone()
+    if not torch.isfinite(H).all():
+        raise NumericalError(f"Hessian{' of ' + where if where else ''} contains NaN/inf; check calibration data")
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    diag[dead] = 1.0
+    mean = diag.mean().item()
+    lam = damp
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(H + (lam * mean) * eye if lam > 0 else H)
+        if info.item() == 0:
+            inv = torch.cholesky_inverse(L)
+            if torch.isfinite(inv).all():
+                if attempt:
+                    log.warning("Hessian%s needed damping %.3g to factor", f" of {where}" if where else "", lam)
+                return inv, lam
+        lam = max(lam * 10, 1e-4)
+    raise NumericalError(
+        f"Hessian{' of ' + where if where else ''} would not factor even with damping {lam / 10:.3g}; "
+        "use more calibration samples or a larger --damp"
+    )

@@ -1,0 +1,194 @@
+"""Solvers against independent references: least-squares refits from the data itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimgpt.errors import NumericalError
+from slimgpt.solvers.channels import dynamic_group_size, prune_channels
+from slimgpt.solvers.heads import block_scores, prune_heads
+from slimgpt.solvers.hessian import HessianAccumulator, damped_inverse
+from slimgpt.solvers.obs import joint_error, remove_columns, remove_columns_sequential
+
+D = torch.float64
+
+
+def problem(rows=6, cols=12, tokens=200, seed=0, correlated=True):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(cols, tokens, generator=g, dtype=D)
+    if correlated:  # realistic: correlated input features
+        X = torch.randn(cols, cols, generator=g, dtype=D) @ X / cols**0.5 + 0.3 * X
+    W = torch.randn(rows, cols, generator=g, dtype=D)
+    acc = HessianAccumulator(cols, dtype=D)
+    for chunk in X.T.split(37):
+        acc.add(chunk)
+    H = acc.finalize()
+    return W, X, H
+
+
+def refit(W, X, keep):
+    """Optimal Ŵ on columns ``keep`` by least squares from data; returns (Ŵ full-size, ||WX-ŴX||²)."""
+    keep = sorted(keep)
+    Xr = X[keep]
+    Wr = (W @ X @ Xr.T) @ torch.linalg.inv(Xr @ Xr.T)
+    What = torch.zeros_like(W)
+    What[:, keep] = Wr
+    return What, (W @ X - What @ X).pow(2).sum().item()
+
+
+def test_hessian_is_2xxt_over_n_independent_of_batching():
+    W, X, H = problem()
+    torch.testing.assert_close(H, 2 * X @ X.T / X.shape[1])
+
+
+def test_joint_removal_equals_sequential_eq3_eq4():
+    W, X, H = problem()
+    Hinv, _ = damped_inverse(H, damp=0)
+    cols = [7, 2, 9]
+    W1, H1 = W.clone(), Hinv.clone()
+    W2, H2 = W.clone(), Hinv.clone()
+    remove_columns(W1, H1, torch.tensor(cols))
+    remove_columns_sequential(W2, H2, cols[::-1])
+    torch.testing.assert_close(W1, W2)
+    torch.testing.assert_close(H1, H2)
+    keep = [c for c in range(12) if c not in cols]
+    # downdated Hinv equals the inverse of H restricted to the remaining columns (Eq. 3)
+    torch.testing.assert_close(H1[keep][:, keep], torch.linalg.inv(H[keep][:, keep]))
+
+
+def test_joint_error_and_compensation_equal_least_squares_from_data():
+    W, X, H = problem()
+    Hinv, _ = damped_inverse(H, damp=0)
+    cols = torch.tensor([1, 4, 5, 10])
+    n = X.shape[1]
+    e_pred = joint_error(W, Hinv, cols)
+    What = W.clone()
+    e_rem = remove_columns(What, Hinv.clone(), cols)
+    keep = [c for c in range(12) if c not in cols.tolist()]
+    W_ref, e_ref = refit(W, X, keep)
+    torch.testing.assert_close(What, W_ref)
+    # trace(ΔW H ΔWᵀ) = E with H = 2XXᵀ/n, so ||WX - ŴX||² = E·n/2
+    assert e_pred * n / 2 == pytest.approx(e_ref, rel=1e-8)
+    assert e_rem == pytest.approx(e_pred, rel=1e-10)
+    assert (W - What).matmul(X).pow(2).sum().item() == pytest.approx(e_ref, rel=1e-8)
+
+
+def test_ffn_group_size_one_equals_exhaustive_greedy_obs():
+    W, X, H = problem(rows=5, cols=10, seed=3)
+    Hinv, _ = damped_inverse(H, damp=0)
+    What = W.clone()
+    res = prune_channels(What, Hinv.clone(), n_remove=6, group_size=1)
+    # brute force: at every step try removing each remaining column, refit from data, keep the best
+    keep, order = list(range(10)), []
+    for _ in range(6):
+        best = min(keep, key=lambda j: refit(W, X, [c for c in keep if c != j])[1])
+        keep.remove(best)
+        order.append(best)
+    assert res.removed == order
+    assert res.kept == sorted(keep)
+    torch.testing.assert_close(What, refit(W, X, keep)[0])
+
+
+def test_dynamic_group_size_halves_to_floor():
+    sizes, left = [], 3000
+    while left:
+        g = dynamic_group_size(left, 8, 1024)
+        sizes.append(g)
+        left -= g
+    assert sizes[0] == 1024 and sizes[1] == 988 and min(sizes) <= 8 and sum(sizes) == 3000
+    assert all(a >= b for a, b in zip(sizes, sizes[1:]))
+
+
+def test_dynamic_groups_hit_count_and_compensate_optimally():
+    W, X, H = problem(rows=4, cols=40, tokens=400, seed=5)
+    Hinv, _ = damped_inverse(H, damp=0)
+    What = W.clone()
+    res = prune_channels(What, Hinv, n_remove=27, min_group=2, max_group=8)
+    assert len(res.kept) == 13 and len(res.group_sizes) > 3
+    torch.testing.assert_close(What, refit(W, X, res.kept)[0])
+
+
+def explicit_head_score(W, H, head, d):
+    """Paper §4.2 without the lemmas: re-order so the head comes first, invert the *whole*
+    permuted Hessian, Cholesky-factor it, read the head's diagonal."""
+    n = H.shape[0]
+    cols = list(range(head * d, (head + 1) * d))
+    perm = cols + [c for c in range(n) if c not in cols]
+    Hp = H[perm][:, perm]
+    U = torch.linalg.cholesky(torch.linalg.inv(Hp), upper=True)
+    return sum(W[:, c].pow(2).sum().item() / U[j, j].item() ** 2 for j, c in enumerate(cols))
+
+
+def test_grouped_cholesky_scores_equal_explicit_reordering():
+    d, nh = 3, 4
+    W, X, H = problem(rows=5, cols=d * nh, seed=7)
+    Hinv, _ = damped_inverse(H, damp=0)
+    blocks = torch.arange(d * nh).view(nh, d)
+    got = block_scores(W, Hinv, blocks, "gcd")
+    want = torch.tensor([explicit_head_score(W, H, h, d) for h in range(nh)], dtype=D)
+    torch.testing.assert_close(got, want)
+    # the exact variant equals the joint error refitted from data
+    exact = block_scores(W, Hinv, blocks, "gcd-exact")
+    n = X.shape[1]
+    for h in range(nh):
+        keep = [c for c in range(d * nh) if c // d != h]
+        assert exact[h].item() * n / 2 == pytest.approx(refit(W, X, keep)[1], rel=1e-8)
+
+
+def test_head_pruning_exact_score_is_greedy_optimal_and_gqa_balanced():
+    d, nh, nkv = 2, 6, 2
+    W, X, H = problem(rows=5, cols=d * nh, tokens=300, seed=11)
+    Hinv, _ = damped_inverse(H, damp=0)
+    What = W.clone()
+    res = prune_heads(What, Hinv, nh, nkv, d, remove_per_group=2, score="gcd-exact")
+    n_rep = nh // nkv
+    assert len(res.kept_heads) == 2 and {h // n_rep for h in res.kept_heads} == {0, 1}
+    # brute-force greedy under the same balance constraint, refitting from data at every step
+    alive, hit = set(range(nh)), set()
+    order = []
+    for _ in range(4):
+        if hit == {0, 1}:
+            hit = set()
+        cand = [h for h in alive if h // n_rep not in hit]
+        best = min(cand, key=lambda h: refit(W, X, [c for c in range(d * nh) if c // d in alive - {h}])[1])
+        order.append(best)
+        alive.discard(best)
+        hit.add(best // n_rep)
+    assert res.removed == order
+    torch.testing.assert_close(What, refit(W, X, [c for c in range(d * nh) if c // d in alive])[0])
+
+
+def test_whole_group_removal_and_initial_scores():
+    d, nh, nkv = 2, 6, 3
+    W, X, H = problem(rows=5, cols=d * nh, tokens=300, seed=13)
+    for score in ("gcd", "gcd-exact", "initial"):
+        Hinv, _ = damped_inverse(H, damp=0)
+        What = W.clone()
+        res = prune_heads(What, Hinv, nh, nkv, d, remove_groups=1, remove_per_group=1, score=score)
+        assert len(res.kept_heads) == 2
+        groups = [h // 2 for h in res.kept_heads]
+        assert len(set(groups)) == 2  # one whole group gone, one head left in each other group
+        removed_cols = [c for c in range(d * nh) if c // d not in res.kept_heads]
+        assert What[:, removed_cols].abs().max() == 0
+
+
+def test_damping_retries_then_fails_clearly():
+    X = torch.randn(4, 50, dtype=torch.float32)
+    X = torch.cat([X, X[:2]])  # rank-deficient: duplicate features
+    H = 2 * X @ X.T / 50
+    Hinv, lam = damped_inverse(H, damp=0.0)
+    assert lam > 0 and torch.isfinite(Hinv).all()
+    with pytest.raises(NumericalError, match="layer 3"):
+        damped_inverse(torch.full((3, 3), float("nan")), where="layer 3")
+    bad = -torch.eye(3)
+    with pytest.raises(NumericalError, match="would not factor"):
+        damped_inverse(bad, damp=0.01, max_tries=2)
+
+
+def test_dead_columns_are_free_to_prune():
+    W, X, H = problem(cols=8)
+    H[3, :] = 0
+    H[:, 3] = 0
+    Hinv, _ = damped_inverse(H, damp=0.01)
+    assert torch.isfinite(Hinv).all()
