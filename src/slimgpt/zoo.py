@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from slimgpt.data.corpora import hub_reachable
 from slimgpt.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -289,17 +290,34 @@ def load_model(
     local = Path(path).is_dir()
     if local and not (Path(path) / "config.json").is_file():
         raise ModelError(f"{path} has no config.json; give a folder written by save_pretrained or a zoo name")
+    # A hub id already in the local HF cache loads offline; otherwise fail fast when the Hub is
+    # unreachable instead of sitting through a minute of client retries.
+    offline = not local and not hub_reachable()
+    if offline:
+        what = f"'{path}' is a Hugging Face Hub id, the Hub is unreachable and it is not in the local cache"
+    elif not local:
+        what = f"could not fetch '{path}' from the Hugging Face Hub"
+    else:
+        what = f"could not load the model in {path}"
+    hint = (
+        f"use a zoo name ({', '.join(ZOO)}) or a local folder" if not local
+        else "delete the folder and run again to re-convert" if _in_cache(Path(path))
+        else "re-save it with save_pretrained"
+    )
+    # The library raises many exception types for these; the user needs one clear line each.
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    except Exception as exc:  # the library raises many types; the user needs one clear line
-        if not local:
-            raise ModelError(
-                f"could not fetch '{path}' from the Hugging Face Hub ({_first_line(exc)}); "
-                f"offline? use a zoo name ({', '.join(ZOO)}) or a local folder"
-            ) from exc
-        hint = "delete the folder and run again to re-convert" if _in_cache(Path(path)) else "re-save the model"
-        raise ModelError(f"could not load the model in {path} ({_first_line(exc)}); {hint}") from exc
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation="sdpa", local_files_only=offline
+        )
+    except Exception as exc:
+        raise ModelError(f"{what} ({_first_line(exc)}); {hint}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+    except Exception as exc:
+        raise ModelError(
+            f"could not load the tokenizer of {path} ({_first_line(exc)}); "
+            "save it into the model folder with tokenizer.save_pretrained"
+        ) from exc
     model.to(device)
     model.eval()
     return model, tokenizer

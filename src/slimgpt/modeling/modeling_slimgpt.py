@@ -11,8 +11,9 @@ Removed blocks keep zero-sized linears (so checkpoints and parameter names stay 
 
 - 0 channels: the stock MLP already returns exactly zero (``down_proj`` sums over nothing).
 - 0 heads: the attention returns ``o_proj`` of an empty input (zero, or ``o_proj.bias``) and still
-  writes an empty ``(batch, 0, seq, head_dim)`` key/value placeholder into the cache, because the
-  cache reads the sequence length from layer 0 and incremental decoding needs every layer filled.
+  writes a ``(batch, 1, seq, 1)`` zero placeholder into the KV cache: the cache reads the sequence
+  length from layer 0 (and counts a tensor without elements as length 0), so without it positions
+  and masks go wrong during incremental decoding. It costs one number per token and layer.
 
 This file is copied beside every saved model for ``trust_remote_code=True``: it may import only
 torch, transformers and its sibling ``configuration_slimgpt``.
@@ -118,8 +119,8 @@ class _HeadlessAttention:
                                    attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
         *lead, _ = hidden_states.shape
         if past_key_values is not None:
-            empty = hidden_states.new_zeros(lead[0], 0, lead[1], self.head_dim)
-            past_key_values.update(empty, empty, self.layer_idx)
+            placeholder = hidden_states.new_zeros(lead[0], 1, lead[1], 1)
+            past_key_values.update(placeholder, placeholder, self.layer_idx)
         return self.o_proj(hidden_states.new_zeros(*lead, 0)), None
 
 

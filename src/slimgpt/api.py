@@ -1,0 +1,143 @@
+"""The public Python API: :func:`prune` and :func:`evaluate_ppl`. The CLI only parses and calls these."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimgpt import __version__
+from slimgpt.arch import get_adapter
+from slimgpt.config import PruneConfig
+from slimgpt.driver import layer_spaces, run_layerwise
+from slimgpt.methods.base import Method
+from slimgpt.methods.slimgpt import SlimGPT
+from slimgpt.schedule import removed_params, solve_widths
+from slimgpt.utils import PeakMemory, resolve_device, resolve_dtype, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    model: Any
+    tokenizer: Any
+    report: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None
+
+
+def make_method(cfg: PruneConfig) -> Method:
+    groups: int | str = cfg.ffn_groups if cfg.ffn_groups == "dynamic" else int(cfg.ffn_groups)
+    return SlimGPT(cfg.head_score, groups, cfg.min_group, cfg.max_group, cfg.damp)
+
+
+def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: bool = True) -> PruneResult:
+    """Prune ``cfg.model`` (or the given in-memory model) and, if ``cfg.out`` is set, save it.
+
+    The output folder is checked before any work and written atomically at the end.
+    """
+    from slimgpt.data.calibration import sample_calibration
+    from slimgpt.io import save_pruned
+    from slimgpt.surgery import layer_shapes, parameter_count, shrink_model
+    from slimgpt.zoo import load_model
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    cfg = cfg.resolved(device)
+    seed_everything(cfg.seed)
+    t_start = time.perf_counter()
+    if model is None:
+        model, tokenizer = load_model(cfg.model, dtype=dtype, device="cpu")
+    else:
+        model.to(dtype)
+    adapter = get_adapter(model)
+    t_loaded = time.perf_counter()
+    calib, calib_info = sample_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.data_dir)
+
+    dense_params = parameter_count(model)
+    spaces = layer_spaces(adapter)
+    widths = solve_widths(spaces, dense_params, cfg.ratio, cfg.schedule, cfg.first_ratio)
+    planned = removed_params(spaces, widths)
+    log.info(
+        "target: remove %.1f%% of %s parameters; planned %s (%.2f%%)",
+        100 * cfg.ratio, f"{dense_params:,}", f"{planned:,}", 100 * planned / dense_params,
+    )
+    method = make_method(cfg)
+    mem = PeakMemory(device)
+    with mem.track():
+        t0 = time.perf_counter()
+        result = run_layerwise(
+            adapter, calib, method, widths, spaces, device, cfg.batch_size, cfg.propagate, progress=progress
+        )
+        t1 = time.perf_counter()
+        pruned = shrink_model(model, result.plans)
+        t_surgery = time.perf_counter() - t1
+        t_prune = t1 - t0
+    pruned.eval()
+    pruned_params = parameter_count(pruned)
+    shapes = layer_shapes(pruned)
+    layers = []
+    for i, (w, s) in enumerate(zip(widths, spaces)):
+        st = result.plans[i].stats
+        layers.append({
+            "layer": i, "schedule_ratio": round(w.ratio, 4),
+            "heads": f"{shapes[i]['heads']}/{s.num_heads}", "kv_heads": f"{shapes[i]['kv_heads']}/{s.num_kv_heads}",
+            "channels": f"{shapes[i]['channels']}/{s.channels}",
+            "params_kept": round(w.params(s) / s.params, 4),
+            **{k: v for k, v in st.items() if k.endswith(("error", "damp", "groups"))},
+        })
+    secs = result.seconds
+    report = {
+        "slimgpt_version": __version__,
+        "config": cfg.to_dict(),
+        "method": method.config(),
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "calibration": calib_info,
+        "params": {
+            "dense": dense_params, "pruned": pruned_params,
+            "removed_ratio": 1 - pruned_params / dense_params, "target_ratio": cfg.ratio,
+        },
+        "time_s": {
+            "load": t_loaded - t_start, "prune_total": t_prune,
+            "calibration_forward": secs.get("forward", 0.0), "hessian": secs.get("hessian", 0.0),
+            "solver": secs.get("solver", 0.0), "surgery": t_surgery,
+            "solver_over_forward": secs.get("solver", 0.0) / max(secs.get("forward", 1e-9), 1e-9),
+        },
+        "memory": mem.as_dict(),
+        "layers": layers,
+    }
+    out = None
+    if cfg.out is not None:
+        out = save_pruned(pruned, tokenizer, cfg.out, metadata=report, overwrite=cfg.overwrite)
+    return PruneResult(pruned, tokenizer, report, out)
+
+
+def format_layer_table(report: dict[str, Any]) -> str:
+    """The per-layer Markdown table printed after pruning."""
+    rows = ["| layer | schedule ratio | heads | kv heads | channels | params kept |", "|---|---|---|---|---|---|"]
+    for r in report["layers"]:
+        rows.append(
+            f"| {r['layer']} | {r['schedule_ratio']:.3f} | {r['heads']} | {r['kv_heads']} | {r['channels']} "
+            f"| {r['params_kept']:.1%} |"
+        )
+    p, t, m = report["params"], report["time_s"], report["memory"]
+    rows.append("")
+    rows.append(
+        f"parameters: {p['dense']:,} → {p['pruned']:,} (removed {p['removed_ratio']:.2%}, target {p['target_ratio']:.2%})"
+    )
+    rows.append(
+        f"time: {t['prune_total']:.1f} s pruning (forward {t['calibration_forward']:.1f} s, Hessian {t['hessian']:.1f} s, "
+        f"solver {t['solver']:.1f} s; solver/forward {t['solver_over_forward']:.2f}), load {t['load']:.1f} s"
+    )
+    mem = f"peak memory: {m['peak_rss_mib']:.0f} MiB resident"
+    if "peak_cuda_mib" in m:
+        mem += f", {m['peak_cuda_mib']:.0f} MiB CUDA"
+    rows.append(mem)
+    return "\n".join(rows)

@@ -1,0 +1,206 @@
+"""Command line: ``slimgpt prune | eval | ...``. Parses, calls :mod:`slimgpt.api`, prints.
+
+Any :class:`~slimgpt.errors.SlimGPTError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from slimgpt.config import CPU_NSAMPLES, CPU_SEQLEN, DEFAULT_MODEL, GPU_NSAMPLES, GPU_SEQLEN, PruneConfig
+from slimgpt.errors import ConfigError, SlimGPTError
+from slimgpt.schedule import SCHEDULES
+
+log = logging.getLogger("slimgpt")
+
+# Subcommands added by other modules: name -> (configure parser, run). Keeps this file short.
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, configure: Callable[[argparse.ArgumentParser], None]):
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = (configure, fn)
+        return fn
+
+    return deco
+
+
+def ratio_arg(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
+
+
+def add_prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"zoo name, local Hugging Face folder or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--out", help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out once the new model is complete")
+    p.add_argument("--method", default="slimgpt", help="pruning method (default slimgpt)")
+    p.add_argument("--ratio", type=ratio_arg, default=0.2, help="share of ALL parameters to remove, in (0, 1)")
+    p.add_argument("--schedule", default="log",
+                   help=f"per-layer ratio schedule: {'|'.join(SCHEDULES)} or a file of per-layer ratios")
+    p.add_argument("--first-ratio", type=ratio_arg, help="layer 0's ratio (default: mean layer ratio / 3.2)")
+    p.add_argument("--calib", default="c4", help="c4 | wikitext2 | wiki | FILE(.txt/.jsonl/.json) | hub dataset")
+    p.add_argument("--nsamples", type=int,
+                   help=f"calibration windows (default {GPU_NSAMPLES} on GPU, {CPU_NSAMPLES} on CPU)")
+    p.add_argument("--seqlen", type=int, help=f"tokens per window (default {GPU_SEQLEN} on GPU, {CPU_SEQLEN} on CPU)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    p.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ (× mean diagonal)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on CUDA) | float32 | float16 | bfloat16")
+    p.add_argument("--head-score", default="gcd", help="gcd (paper) | gcd-exact | initial (the '-GCD' ablation)")
+    p.add_argument("--ffn-groups", default="dynamic", help="dynamic (DGS) | N fixed group size ('-DGS': 128)")
+    p.add_argument("--min-group", type=int, default=8, help="smallest dynamic group size")
+    p.add_argument("--max-group", type=int, default=1024, help="largest dynamic group size")
+    p.add_argument("--propagate", default="pruned", help="pruned (paper) | original outputs to the next layer")
+    p.add_argument("--data-dir", help="folder with wikitext-2-raw/ and calibration/ (default $SLIMGPT_DATA)")
+    p.add_argument("--ppl", action="store_true", help="also evaluate WikiText-2 perplexity before and after")
+
+
+def config_from_args(a: argparse.Namespace) -> PruneConfig:
+    return PruneConfig(
+        model=a.model, out=a.out, method=a.method, ratio=a.ratio, schedule=a.schedule, first_ratio=a.first_ratio,
+        calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size, damp=a.damp, seed=a.seed,
+        device=a.device, dtype=a.dtype, head_score=a.head_score, ffn_groups=a.ffn_groups, min_group=a.min_group,
+        max_group=a.max_group, propagate=a.propagate, data_dir=a.data_dir, overwrite=a.overwrite,
+    )
+
+
+@command("prune", add_prune_args)
+def cmd_prune(a: argparse.Namespace) -> int:
+    from slimgpt.api import format_layer_table, prune
+
+    cfg = config_from_args(a)
+    if cfg.out is None:
+        raise ConfigError("--out is required: the folder to write the pruned model to")
+    cfg.validate()
+    dense_ppl = None
+    if a.ppl:
+        from slimgpt.evaluation.perplexity import perplexity
+        from slimgpt.zoo import load_model
+
+        m, t = load_model(cfg.model)
+        dense_ppl = perplexity(m, t, "wikitext2", seqlen=128, data_dir=cfg.data_dir)
+        del m
+    res = prune(cfg)
+    print(format_layer_table(res.report))
+    if a.ppl:
+        from slimgpt.evaluation.perplexity import perplexity
+
+        pruned_ppl = perplexity(res.model, res.tokenizer, "wikitext2", seqlen=128, data_dir=cfg.data_dir)
+        print(f"WikiText-2 perplexity (seq 128): dense {dense_ppl['ppl']:.2f} → pruned {pruned_ppl['ppl']:.2f}")
+    print(f"saved to {res.out} (reload: AutoModelForCausalLM.from_pretrained('{res.out}') after `import slimgpt`)")
+    return 0
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="pruned folder, zoo name, local folder or hub id")
+    p.add_argument("--ppl", default="wikitext2", help="perplexity data set: wikitext2 or a text file ('' to skip)")
+    p.add_argument("--seqlen", default="128", help="comma-separated window lengths (paper: 128; also 2048)")
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick runs)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--baseline", help="dense model to compare against (default: the pruned folder's source model)")
+    p.add_argument("--no-baseline", action="store_true", help="do not evaluate the source model")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--data-dir")
+    p.add_argument("--json", help="write the results here as JSON")
+
+
+def source_model(path: str) -> str | None:
+    """The model a pruned folder was made from, as recorded in its slimgpt.json."""
+    meta = Path(path) / "slimgpt.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("config", {}).get("model")
+    return None
+
+
+@command("eval", add_eval_args)
+def cmd_eval(a: argparse.Namespace) -> int:
+    from slimgpt.evaluation.perplexity import perplexity
+    from slimgpt.surgery import parameter_count
+    from slimgpt.utils import resolve_device, resolve_dtype
+    from slimgpt.zoo import load_model
+
+    try:
+        seqlens = [int(s) for s in a.seqlen.split(",") if s]
+    except ValueError:
+        raise ConfigError(f"--seqlen must be comma-separated integers; got '{a.seqlen}'") from None
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    models = [("pruned" if source_model(a.model) else "model", a.model)]
+    base = a.baseline or source_model(a.model)
+    if base and not a.no_baseline:
+        models.insert(0, ("dense", base))
+    rows, results = [], []
+    for label, name in models:
+        model, tok = load_model(name, dtype=dtype, device=device)
+        entry = {"label": label, "model": name, "params": parameter_count(model), "ppl": {}}
+        for s in seqlens:
+            if a.ppl:
+                r = perplexity(model, tok, a.ppl, seqlen=s, batch_size=a.batch_size,
+                               max_windows=a.max_windows, data_dir=a.data_dir)
+                entry["ppl"][str(s)] = r
+        results.append(entry)
+        cells = " | ".join(f"{entry['ppl'][str(s)]['ppl']:.2f}" for s in seqlens if str(s) in entry["ppl"])
+        rows.append(f"| {label} | {name} | {entry['params']:,} | {cells} |")
+        del model
+    head = " | ".join(f"{a.ppl} PPL (seq {s})" for s in seqlens)
+    print(f"| | model | params | {head} |\n|---|---|---|" + "---|" * len(seqlens))
+    print("\n".join(rows))
+    if results and results[0]["ppl"]:
+        print(f"protocol: {next(iter(results[0]['ppl'].values())).get('protocol', '')}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimgpt", description="Structured pruning of LLMs (SlimGPT, BlockPruner)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    _load_plugins()
+    for name, (configure, fn) in COMMANDS.items():
+        sp = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None)
+        configure(sp)
+        sp.set_defaults(func=fn)
+    return p
+
+
+def _load_plugins() -> None:
+    """Import modules that add subcommands (bench, report, finetune, export, ...), if present."""
+    import importlib
+
+    for mod in ("slimgpt.cli_extra",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
+    try:
+        return args.func(args)
+    except SlimGPTError as e:
+        print(f"slimgpt: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("slimgpt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""WikiText-2 perplexity, the paper's language-modelling benchmark.
+
+Protocol (the GPTQ/SlimGPT one): tokenise the whole test text once, cut it into non-overlapping
+``seqlen``-token windows (the remainder is dropped), score every next-token prediction inside each
+window, and report ``exp`` of the token-weighted mean negative log-likelihood. Windows follow the
+BOS policy of :mod:`slimgpt.data.calibration`: a model whose tokenizer prepends BOS gets
+``[BOS] + seqlen-1`` text tokens per window, others get ``seqlen`` text tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from slimgpt.data.calibration import encode, needs_bos
+from slimgpt.data.corpora import read_documents, read_text, sha256_file, sha256_text, wikitext2_test_text
+from slimgpt.errors import ConfigError, DataError, NumericalError
+
+_LOGITS_BUDGET = 2 << 30  # bytes of fp32 logits per forward; bounds memory for big vocabularies
+
+
+def eval_text(dataset: str = "wikitext2", data_dir: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """Evaluation text and its provenance: ``wikitext2`` (the raw test split) or a file path
+    (plain text as is; ``.jsonl``/``.json`` records joined with blank lines)."""
+    if dataset == "wikitext2":
+        return wikitext2_test_text(data_dir)
+    path = Path(dataset).expanduser()
+    if not path.exists():
+        raise DataError(f"evaluation dataset '{dataset}' is neither 'wikitext2' nor an existing text file")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        text = "\n\n".join(read_documents(path))
+        protocol = "records joined with \\n\\n"
+    else:
+        text = read_text(path)
+        protocol = "whole file, CRLF normalised"
+    return text, {"source": str(path), "sha256": sha256_file(path), "text_sha256": sha256_text(text),
+                  "chars": len(text), "protocol": protocol}
+
+
+def eval_windows(
+    tokenizer: Any, text: str, seqlen: int, max_windows: int | None = None
+) -> tuple[torch.Tensor, bool]:
+    """``(windows, bos)``: the non-overlapping evaluation windows of ``text`` as a LongTensor."""
+    if seqlen < 2:
+        raise ConfigError(f"seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"max_windows must be at least 1, got {max_windows}")
+    bos = needs_bos(tokenizer)
+    body = seqlen - 1 if bos else seqlen
+    ids = encode(tokenizer, text)
+    n = len(ids) // body
+    if n == 0:
+        raise DataError(
+            f"evaluation text has {len(ids)} tokens, need at least seqlen={seqlen}; lower --seqlen or give more text"
+        )
+    if max_windows is not None:
+        n = min(n, max_windows)
+    windows = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
+    if bos:
+        windows = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
+    return windows, bos
+
+
+@torch.no_grad()
+def windows_nll(
+    model: Any, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[float, int]:
+    """(summed NLL in float64, number of predicted tokens) of the model over ``windows``."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if device is None:
+        device = next(model.parameters()).device
+    vocab = int(getattr(model.config, "vocab_size", 0) or 1)
+    seqlen = windows.shape[1]
+    batch_size = max(1, min(batch_size, _LOGITS_BUDGET // (4 * seqlen * vocab)))
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch",
+                          disable=not progress, leave=False):
+            x = windows[start : start + batch_size].to(device)
+            logits = model(input_ids=x, use_cache=False).logits
+            if not torch.isfinite(logits).all():
+                raise NumericalError(
+                    f"the model produced NaN/inf logits on evaluation windows {start}..{start + len(x) - 1}; "
+                    "the weights are broken (try float32, or a lower pruning ratio)"
+                )
+            pred = logits[:, :-1].float()
+            target = x[:, 1:]
+            nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
+            total += float(nll.double())
+            count += target.numel()
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def perplexity(
+    model: Any,
+    tokenizer: Any,
+    dataset: str = "wikitext2",
+    seqlen: int = 128,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    data_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of ``model`` on ``dataset`` (``wikitext2`` or a text file).
+
+    Returns ``ppl``, ``nll`` (mean per predicted token), ``tokens`` (predicted tokens scored),
+    ``windows``, ``seqlen``, ``bos``, ``dataset`` (provenance: source, sha256, text protocol) and
+    ``protocol`` (how the windows were cut and scored), so a report can be reproduced.
+    """
+    text, info = eval_text(dataset, data_dir)
+    windows, bos = eval_windows(tokenizer, text, seqlen, max_windows)
+    total, count = windows_nll(model, windows, batch_size, device, progress)
+    nll = total / count
+    protocol = (
+        f"{len(windows)} non-overlapping windows of {seqlen} tokens cut from the text tokenised once without "
+        f"special tokens{' (BOS + ' + str(seqlen - 1) + ' text tokens each)' if bos else ''}, remainder dropped; "
+        f"token-weighted mean NLL over the {seqlen - 1} predicted positions per window; ppl = exp(mean NLL)"
+    )
+    return {
+        "ppl": math.exp(nll) if nll < 700 else math.inf,
+        "nll": nll,
+        "tokens": count,
+        "windows": len(windows),
+        "seqlen": seqlen,
+        "bos": bos,
+        "dataset": {"name": dataset, **info},
+        "protocol": protocol,
+    }

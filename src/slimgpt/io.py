@@ -1,0 +1,120 @@
+"""Saving and loading pruned models.
+
+A saved folder is an ordinary transformers checkpoint plus two things:
+
+    config.json                 model_type slimgpt_llama / slimgpt_qwen2, per-layer size lists, and
+                                auto_map → the two copied files below
+    configuration_slimgpt.py    copies of slimgpt/modeling/*, so any process loads the folder with
+    modeling_slimgpt.py         AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    model.safetensors           weights (no pickle); removed blocks are zero-sized tensors
+    generation_config.json, tokenizer files
+    slimgpt.json                the caller's metadata (method, ratios, calibration, ...)
+
+Saving is atomic: everything is written into a temporary folder beside the target and renamed into
+place at the end, so an interrupted run never leaves a half-written model where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+import slimgpt.modeling as slim_modeling
+from slimgpt.errors import ConfigError, ModelError
+
+FORMAT_VERSION = 1
+_CODE_FILES = ("configuration_slimgpt.py", "modeling_slimgpt.py")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def save_pruned(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, metadata: dict,
+                overwrite: bool = False) -> Path:
+    """Write ``model`` (a slim model from :func:`slimgpt.surgery.shrink_model`), ``tokenizer``
+    (may be ``None``) and ``metadata`` to ``out_dir``; returns the absolute folder path."""
+    model_type = model.config.model_type
+    if model_type not in ("slimgpt_llama", "slimgpt_qwen2"):
+        raise ModelError(f"save_pruned expects a shrunk model, got model_type '{model_type}'; "
+                         "pass it through slimgpt.surgery.shrink_model first")
+    out = Path(out_dir).expanduser().resolve()
+    _check_target(out, model, overwrite)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        config_cls = type(model.config).__name__
+        model.config.auto_map = {
+            "AutoConfig": f"configuration_slimgpt.{config_cls}",
+            "AutoModelForCausalLM": f"modeling_slimgpt.{type(model).__name__}",
+        }
+        model.save_pretrained(tmp)
+        for name in _CODE_FILES:
+            shutil.copy2(Path(slim_modeling.__file__).parent / name, tmp / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        info = {"format_version": FORMAT_VERSION, **metadata}
+        (tmp / "slimgpt.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu") -> tuple[PreTrainedModel, Any]:
+    """Load a folder written by :func:`save_pruned` (or any causal-LM checkpoint) in eval mode;
+    the tokenizer is ``None`` when the folder has none."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelError(f"model folder {folder} not found")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} has no config.json; point at a folder written by save_pruned")
+    slim_modeling.register()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto")
+    model.to(device).eval()
+    has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    return model, tokenizer
+
+
+def _source_folder(model: PreTrainedModel) -> Path | None:
+    name = getattr(model.config, "_name_or_path", "") or ""
+    path = Path(name).expanduser()
+    return path.resolve() if name and path.is_dir() else None
+
+
+def _check_target(out: Path, model: PreTrainedModel, overwrite: bool) -> None:
+    """Refuse targets that would overwrite a result, or the model being pruned, by accident."""
+    source = _source_folder(model)
+    if source is not None:
+        if out == source or out.is_relative_to(source):
+            raise ConfigError(f"output folder {out} is inside the source model folder {source}; choose another")
+        if overwrite and out.exists() and source.is_relative_to(out):
+            raise ConfigError(f"overwriting {out} would delete the source model folder {source}; choose another")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output folder {out} exists; pass --overwrite or choose another")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a folder; choose another")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and deleted only after
+    the new folder is in place (and restored if the rename fails)."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

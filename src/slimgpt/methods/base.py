@@ -1,0 +1,153 @@
+"""The interface every layer-wise method implements, and what the driver hands it.
+
+The driver owns capture, propagation and offloading; a method owns the choice. It gets a
+:class:`LayerRunner` for the current layer (inputs already on the compute device's side, helpers
+to collect Hessians and activations) and the layer's solved :class:`~slimgpt.schedule.LayerWidth`,
+edits the layer's weights in place (pruned columns zeroed, the rest compensated) and returns a
+:class:`~slimgpt.plan.LayerPlan` that surgery turns into smaller tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from slimgpt.arch.base import LayerContext, ModelAdapter
+from slimgpt.errors import NumericalError
+from slimgpt.plan import LayerPlan
+from slimgpt.schedule import LayerSpace, LayerWidth
+from slimgpt.solvers.hessian import HessianAccumulator
+
+
+class Timer:
+    """Wall-clock buckets (calibration forward, hessian, solver) for the pruning-cost report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, bucket: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[bucket] = self.seconds.get(bucket, 0.0) + time.perf_counter() - t
+
+    def move(self, src: str, dst: str, secs: float) -> None:
+        self.seconds[src] = self.seconds.get(src, 0.0) - secs
+        self.seconds[dst] = self.seconds.get(dst, 0.0) + secs
+
+
+class LayerRunner:
+    """One decoder layer and its calibration inputs, run block by block.
+
+    ``inputs`` are batches of hidden states (on the offload device); each is moved to ``device``
+    for compute. The attention block's outputs are cached and reused for as long as the
+    attention weights are unchanged (tracked with the tensors' in-place version counters), so a
+    method that prunes attention then MLP costs two attention and two MLP passes, not three.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        layer: nn.Module,
+        adapter: ModelAdapter,
+        inputs: list[torch.Tensor],
+        ctx: LayerContext,
+        device: torch.device,
+        timer: Timer,
+    ) -> None:
+        self.index, self.layer, self.adapter = index, layer, adapter
+        self.inputs, self.ctx, self.device, self.timer = inputs, ctx, device, timer
+        self._mid: list[torch.Tensor] | None = None
+        self._mid_version: int | None = None
+
+    # ---- activations ---------------------------------------------------------------------
+    def _attn_version(self) -> int:
+        mods = (self.layer.self_attn, self.layer.input_layernorm)
+        return sum(p._version for m in mods for p in m.parameters())
+
+    def _check(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        if not torch.isfinite(t).all():
+            raise NumericalError(
+                f"layer {self.index} produced NaN/inf {what}; use --dtype float32 or check the model and data"
+            )
+        return t
+
+    @torch.no_grad()
+    def attention_outputs(self) -> list[torch.Tensor]:
+        """Residual stream after the attention block, for every batch (on ``device``)."""
+        if self._mid is None or self._mid_version != self._attn_version():
+            with self.timer("forward"):
+                self._mid = [
+                    self._check(self.adapter.attention_block(self.layer, x.to(self.device), self.ctx), "attention outputs")
+                    for x in self.inputs
+                ]
+            self._mid_version = self._attn_version()
+        return self._mid
+
+    @torch.no_grad()
+    def outputs(self) -> list[torch.Tensor]:
+        """The layer's outputs with its current weights (for propagation to the next layer)."""
+        mid = self.attention_outputs()
+        with self.timer("forward"):
+            return [self._check(self.adapter.mlp_block(self.layer, h), "outputs") for h in mid]
+
+    # ---- Hessians ------------------------------------------------------------------------
+    @torch.no_grad()
+    def attention_hessian(self, module: nn.Module | None = None) -> torch.Tensor:
+        """``H = 2XXᵀ/n`` of the input of ``module`` (default: o_proj), over all calibration tokens."""
+        module = module or self.adapter.attention(self.layer).o
+        acc = HessianAccumulator(module.in_features, device=self.device)
+        hook_time = [0.0]
+
+        def hook(_m: nn.Module, args: tuple) -> None:
+            t = time.perf_counter()
+            acc.add(args[0])
+            hook_time[0] += time.perf_counter() - t
+
+        handle = module.register_forward_pre_hook(hook)
+        try:
+            with self.timer("forward"):
+                for x in self.inputs:
+                    self.adapter.attention_block(self.layer, x.to(self.device), self.ctx)
+        finally:
+            handle.remove()
+        self.timer.move("forward", "hessian", hook_time[0])
+        return acc.finalize()
+
+    @torch.no_grad()
+    def mlp_hessian(self) -> torch.Tensor:
+        """``H`` of down_proj's input ``act(gate(x)) * up(x)`` after the (possibly pruned) attention."""
+        acc = HessianAccumulator(self.adapter.intermediate_size(self.layer), device=self.device)
+        for h in self.attention_outputs():
+            with self.timer("forward"):
+                z = self.adapter.mlp_hidden(self.layer, h)
+            with self.timer("hessian"):
+                acc.add(z)
+        return acc.finalize()
+
+    def map_mlp_hidden(self, fn: Callable[[torch.Tensor], None]) -> None:
+        """Call ``fn`` on down_proj's input for every batch (for methods with other statistics)."""
+        with torch.no_grad():
+            for h in self.attention_outputs():
+                fn(self.adapter.mlp_hidden(self.layer, h))
+
+
+class Method(ABC):
+    """A layer-wise structured pruning method."""
+
+    name: str = "method"
+
+    @abstractmethod
+    def prune_layer(self, run: LayerRunner, width: LayerWidth, space: LayerSpace) -> LayerPlan:
+        """Prune ``run.layer`` in place to ``width``; return what was kept."""
+
+    def config(self) -> dict:
+        """The method's knobs, recorded beside the saved model."""
+        return {"name": self.name}

@@ -1,0 +1,93 @@
+"""Small shared helpers: device/dtype parsing, peak-memory measurement, seeding."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from slimgpt.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` (or None): CUDA when present, else CPU."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown --device '{name}'; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was given but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU (half-precision matmuls are slow there), float16 on CUDA."""
+    if name in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if name not in DTYPES:
+        raise ConfigError(f"unknown --dtype '{name}'; use auto, float32, float16 or bfloat16")
+    return DTYPES[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class PeakMemory:
+    """Peak memory over a region: resident memory sampled every 20 ms on CPU (ru_maxrss
+    cannot be reset, so it would include model loading), allocator peak on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_rss = 0
+        self.peak_cuda = 0
+        self._stop = threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, rss_bytes())
+            time.sleep(0.02)
+
+    @contextmanager
+    def track(self) -> Iterator[PeakMemory]:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.peak_rss = rss_bytes()
+        t = threading.Thread(target=self._poll, daemon=True)
+        t.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            t.join()
+            self.peak_rss = max(self.peak_rss, rss_bytes())
+            if self.device.type == "cuda":
+                self.peak_cuda = torch.cuda.max_memory_allocated(self.device)
+
+    def as_dict(self) -> dict[str, float]:
+        d = {"peak_rss_mib": self.peak_rss / 2**20,
+             "process_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.device.type == "cuda":
+            d["peak_cuda_mib"] = self.peak_cuda / 2**20
+        return d
