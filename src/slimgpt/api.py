@@ -15,8 +15,8 @@ from slimgpt import __version__
 from slimgpt.arch import get_adapter
 from slimgpt.config import PruneConfig
 from slimgpt.driver import layer_spaces, run_layerwise
-from slimgpt.methods.base import Method
-from slimgpt.methods.slimgpt import SlimGPT
+from slimgpt.methods import make_method
+from slimgpt.methods.base import GlobalMethod, PruneContext, Timer
 from slimgpt.schedule import removed_params, solve_widths
 from slimgpt.utils import PeakMemory, resolve_device, resolve_dtype, seed_everything
 
@@ -29,11 +29,6 @@ class PruneResult:
     tokenizer: Any
     report: dict[str, Any] = field(default_factory=dict)
     out: Path | None = None
-
-
-def make_method(cfg: PruneConfig) -> Method:
-    groups: int | str = cfg.ffn_groups if cfg.ffn_groups == "dynamic" else int(cfg.ffn_groups)
-    return SlimGPT(cfg.head_score, groups, cfg.min_group, cfg.max_group, cfg.damp)
 
 
 def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: bool = True) -> PruneResult:
@@ -62,37 +57,46 @@ def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: 
 
     dense_params = parameter_count(model)
     spaces = layer_spaces(adapter)
-    widths = solve_widths(spaces, dense_params, cfg.ratio, cfg.schedule, cfg.first_ratio)
-    planned = removed_params(spaces, widths)
-    log.info(
-        "target: remove %.1f%% of %s parameters; planned %s (%.2f%%)",
-        100 * cfg.ratio, f"{dense_params:,}", f"{planned:,}", 100 * planned / dense_params,
-    )
     method = make_method(cfg)
     mem = PeakMemory(device)
     with mem.track():
         t0 = time.perf_counter()
-        result = run_layerwise(
-            adapter, calib, method, widths, spaces, device, cfg.batch_size, cfg.propagate, progress=progress
-        )
+        if isinstance(method, GlobalMethod):
+            widths = None
+            timer = Timer()
+            ctx = PruneContext(model, adapter, calib, cfg, device, spaces, dense_params, timer, progress)
+            plans = method.plan(ctx)
+            seconds = dict(timer.seconds)
+        else:
+            widths = solve_widths(spaces, dense_params, cfg.ratio, cfg.schedule, cfg.first_ratio)
+            planned = removed_params(spaces, widths)
+            log.info(
+                "target: remove %.1f%% of %s parameters; planned %s (%.2f%%)",
+                100 * cfg.ratio, f"{dense_params:,}", f"{planned:,}", 100 * planned / dense_params,
+            )
+            result = run_layerwise(
+                adapter, calib, method, widths, spaces, device, cfg.batch_size, cfg.propagate, progress=progress
+            )
+            plans, seconds = result.plans, result.seconds
         t1 = time.perf_counter()
-        pruned = shrink_model(model, result.plans)
+        pruned = shrink_model(model, plans)
         t_surgery = time.perf_counter() - t1
         t_prune = t1 - t0
     pruned.eval()
     pruned_params = parameter_count(pruned)
     shapes = layer_shapes(pruned)
     layers = []
-    for i, (w, s) in enumerate(zip(widths, spaces)):
-        st = result.plans[i].stats
+    for i, s in enumerate(spaces):
+        st = plans[i].stats if i in plans else {}
+        kept = shapes[i]["heads"] * s.per_q_head + shapes[i]["kv_heads"] * s.per_kv_head + shapes[i]["channels"] * s.per_channel
         layers.append({
-            "layer": i, "schedule_ratio": round(w.ratio, 4),
+            "layer": i, "schedule_ratio": round(widths[i].ratio, 4) if widths else None,
             "heads": f"{shapes[i]['heads']}/{s.num_heads}", "kv_heads": f"{shapes[i]['kv_heads']}/{s.num_kv_heads}",
             "channels": f"{shapes[i]['channels']}/{s.channels}",
-            "params_kept": round(w.params(s) / s.params, 4),
+            "params_kept": round(kept / s.params, 4),
             **{k: v for k, v in st.items() if k.endswith(("error", "damp", "groups"))},
         })
-    secs = result.seconds
+    secs = seconds
     report = {
         "slimgpt_version": __version__,
         "config": cfg.to_dict(),
@@ -123,8 +127,9 @@ def format_layer_table(report: dict[str, Any]) -> str:
     """The per-layer Markdown table printed after pruning."""
     rows = ["| layer | schedule ratio | heads | kv heads | channels | params kept |", "|---|---|---|---|---|---|"]
     for r in report["layers"]:
+        ratio = "-" if r["schedule_ratio"] is None else f"{r['schedule_ratio']:.3f}"
         rows.append(
-            f"| {r['layer']} | {r['schedule_ratio']:.3f} | {r['heads']} | {r['kv_heads']} | {r['channels']} "
+            f"| {r['layer']} | {ratio} | {r['heads']} | {r['kv_heads']} | {r['channels']} "
             f"| {r['params_kept']:.1%} |"
         )
     p, t, m = report["params"], report["time_s"], report["memory"]

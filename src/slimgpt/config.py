@@ -18,7 +18,6 @@ DEFAULT_MODEL = "smollm2-135m"
 # model, so CPU runs default to 64 × 512 tokens (a few minutes for SmolLM2-135M).
 GPU_NSAMPLES, GPU_SEQLEN = 256, 2048
 CPU_NSAMPLES, CPU_SEQLEN = 64, 512
-METHODS = ("slimgpt",)
 
 
 @dataclass
@@ -61,6 +60,8 @@ class PruneConfig:
             raise ConfigError(f"--first-ratio must be in [0, 1); got {self.first_ratio}")
         if self.schedule not in SCHEDULES and not Path(self.schedule).is_file():
             raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)} or an existing file; got '{self.schedule}'")
+        from slimgpt.methods import METHODS
+
         if self.method not in METHODS:
             raise ConfigError(f"unknown --method '{self.method}'; choose from {', '.join(METHODS)}")
         if self.head_score not in ("gcd", "gcd-exact", "initial"):

@@ -151,3 +151,30 @@ class Method(ABC):
     def config(self) -> dict:
         """The method's knobs, recorded beside the saved model."""
         return {"name": self.name}
+
+
+class PruneContext:
+    """Everything a whole-model method needs: the model, its adapter, calibration windows,
+    the resolved config, the compute device, the per-layer spaces and a timer."""
+
+    def __init__(self, model, adapter: ModelAdapter, calib: torch.Tensor, cfg, device: torch.device,
+                 spaces: list[LayerSpace], dense_params: int, timer: Timer, progress: bool = True) -> None:
+        self.model, self.adapter, self.calib, self.cfg = model, adapter, calib, cfg
+        self.device, self.spaces, self.dense_params = device, spaces, dense_params
+        self.timer, self.progress = timer, progress
+
+
+class GlobalMethod(ABC):
+    """A method that decides over the whole model at once (block search, gradients, global
+    rankings) instead of layer by layer. It may edit weights in place (e.g. bias compensation)
+    and returns the same per-layer :class:`LayerPlan` as layer-wise methods, so surgery, saving
+    and evaluation are shared."""
+
+    name: str = "global"
+
+    @abstractmethod
+    def plan(self, ctx: PruneContext) -> dict[int, LayerPlan]:
+        """Prune ``ctx.model`` to ``ctx.cfg.ratio`` of all parameters; return what was kept."""
+
+    def config(self) -> dict:
+        return {"name": self.name}

@@ -1,0 +1,34 @@
+"""Pruning methods behind one interface.
+
+``METHODS`` maps a ``--method`` name to a factory ``(PruneConfig) -> Method | GlobalMethod``.
+Layer-wise methods (:class:`~slimgpt.methods.base.Method`) get per-layer widths from the schedule
+and run inside the shared driver; whole-model methods (:class:`~slimgpt.methods.base.GlobalMethod`)
+return plans directly. Either way the plans go through the same surgery and save path.
+A new method is a module here plus one entry below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from slimgpt.methods.base import GlobalMethod, Method
+
+
+def _slimgpt(cfg: Any) -> Method:
+    from slimgpt.methods.slimgpt import SlimGPT
+
+    groups: int | str = cfg.ffn_groups if cfg.ffn_groups == "dynamic" else int(cfg.ffn_groups)
+    return SlimGPT(cfg.head_score, groups, cfg.min_group, cfg.max_group, cfg.damp)
+
+
+METHODS: dict[str, Callable[[Any], Method | GlobalMethod]] = {
+    "slimgpt": _slimgpt,
+}
+
+
+def make_method(cfg: Any) -> Method | GlobalMethod:
+    return METHODS[cfg.method](cfg)
+
+
+__all__ = ["METHODS", "GlobalMethod", "Method", "make_method"]
