@@ -86,4 +86,15 @@ def test_benchmark_rejects_bad_settings() -> None:
         bench.benchmark_generation([("m", model, tok)], prompt_tokens=40, new_tokens=40)
     with pytest.raises(ConfigError):
         bench.benchmark_generation([("m", model, tok), ("m", model, tok)], new_tokens=2)
+    with pytest.raises(ConfigError):
+        bench.benchmark_generation([("m", model, tok)], new_tokens=2, num_threads=0)
     assert bench.TABLE4_NEW_TOKENS == 512
+
+
+def test_num_threads_applies_to_the_run_only() -> None:
+    before = torch.get_num_threads()
+    result = bench.benchmark_generation(
+        [("m", _model(48), _tokenizer())], prompt_tokens=4, new_tokens=2, repeats=1, warmup=0, num_threads=1
+    )
+    assert result["torch_threads"] == 1
+    assert torch.get_num_threads() == before

@@ -63,6 +63,8 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--propagate", default="pruned", help="pruned (paper) | original outputs to the next layer")
     p.add_argument("--data-dir", help="folder with wikitext-2-raw/ and calibration/ (default $SLIMGPT_DATA)")
     p.add_argument("--ppl", action="store_true", help="also evaluate WikiText-2 perplexity before and after")
+    p.add_argument("--blocks", type=int, help="blockpruner/shortgpt: remove N attention/MLP blocks instead of --ratio")
+    p.add_argument("--depth-share", type=float, default=0.5, help="slimgpt+blockpruner: share of removed params taken by blocks")
 
 
 def config_from_args(a: argparse.Namespace) -> PruneConfig:
@@ -71,6 +73,7 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
         calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size, damp=a.damp, seed=a.seed,
         device=a.device, dtype=a.dtype, head_score=a.head_score, ffn_groups=a.ffn_groups, min_group=a.min_group,
         max_group=a.max_group, propagate=a.propagate, data_dir=a.data_dir, overwrite=a.overwrite,
+        blocks=a.blocks, depth_share=a.depth_share,
     )
 
 
@@ -179,7 +182,7 @@ def _load_plugins() -> None:
     """Import modules that add subcommands (bench, report, finetune, export, ...), if present."""
     import importlib
 
-    for mod in ("slimgpt.cli_extra",):
+    for mod in ("slimgpt.cli_extra", "slimgpt.commands_compare"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -43,6 +43,8 @@ class PruneConfig:
     propagate: str = "pruned"
     data_dir: str | None = None
     overwrite: bool = False
+    blocks: int | None = None  # blockpruner / shortgpt: remove this many blocks instead of --ratio
+    depth_share: float = 0.5  # slimgpt+blockpruner: share of the removed parameters taken by whole blocks
 
     def resolved(self, device: torch.device) -> PruneConfig:
         """Fill the device-dependent defaults (calibration size)."""
@@ -76,6 +78,10 @@ class PruneConfig:
             raise ConfigError(f"--damp must be >= 0; got {self.damp}")
         if self.propagate not in ("pruned", "original"):
             raise ConfigError("--propagate must be 'pruned' or 'original'")
+        if self.blocks is not None and (self.blocks <= 0 or self.method not in ("blockpruner", "shortgpt")):
+            raise ConfigError(f"--blocks must be positive and needs --method blockpruner or shortgpt; got {self.blocks} with {self.method}")
+        if not 0 <= self.depth_share <= 1:
+            raise ConfigError(f"--depth-share must be within [0, 1]; got {self.depth_share}")
         if self.out is not None:
             out = Path(self.out).resolve()
             if out.exists() and not self.overwrite:

@@ -186,7 +186,11 @@ def _slim_config(model: PreTrainedModel, config_cls: type, arch_name: str, shape
     fields = model.config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "auto_map", *LAYER_FIELDS):
         fields.pop(key, None)
-    fields["head_dim"] = get_adapter(model).geometry(get_adapter(model).layers[0]).head_dim
+    adapter = get_adapter(model)
+    fields["head_dim"] = adapter.geometry(adapter.layers[0]).head_dim
+    # biases added by compensating methods (FLAP) where the stock architecture has none
+    fields["o_proj_bias"] = any(adapter.attention(lay).o.bias is not None for lay in adapter.layers)
+    fields["down_proj_bias"] = any(adapter.mlp(lay).down.bias is not None for lay in adapter.layers)
     config = config_cls(
         **fields,
         architectures=[arch_name],

@@ -218,13 +218,17 @@ def benchmark_generation(
     repeats: int = 3,
     warmup: int = 1,
     device: str | None = None,
+    num_threads: int | None = None,
 ) -> dict[str, Any]:
     """Time prefill and greedy decoding of each ``(name, model, tokenizer)`` on one shared prompt.
 
     The first model is the reference for speed-ups (put the dense model first). ``device`` moves
     every model there (in place) before timing; by default each is timed where it lies. Use
-    ``new_tokens=TABLE4_NEW_TOKENS`` for the paper's Table 4 setting. Returns per-model medians,
-    the raw per-repeat timings, speed-ups and the run's settings.
+    ``new_tokens=TABLE4_NEW_TOKENS`` for the paper's Table 4 setting. ``num_threads`` sets torch's
+    CPU threads for the run only (restored afterwards): on a shared machine, more threads than
+    free cores makes every small decode op wait at thread barriers (measured here with SmolLM2 at
+    load 4.7 on 2 cores: 2 threads 128 ms/token, 1 thread 60 ms/token). Returns per-model
+    medians, the raw per-repeat timings, speed-ups and the run's settings.
     """
     if not models:
         raise ConfigError("benchmark_generation needs at least one (name, model, tokenizer)")
@@ -232,6 +236,8 @@ def benchmark_generation(
         raise ConfigError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
     if new_tokens < 2:
         raise ConfigError(f"new_tokens must be >= 2 (decode speed needs two tokens), got {new_tokens}")
+    if num_threads is not None and num_threads < 1:
+        raise ConfigError(f"num_threads must be >= 1, got {num_threads}")
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     names = [name for name, _, _ in models]
@@ -254,6 +260,10 @@ def benchmark_generation(
 
     modes = [bool(m.training) for _, m, _, _ in prepared]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    threads_before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    threads_used = torch.get_num_threads()
     try:
         for _, model, _, _ in prepared:
             model.eval()
@@ -264,6 +274,7 @@ def benchmark_generation(
             for name, model, ids, gen_ids in prepared:
                 runs[name].append(_one_run(model, ids, new_tokens, gen_ids))
     finally:
+        torch.set_num_threads(threads_before)
         for (_, model, _, _), mode in zip(prepared, modes):
             model.train(mode)
 
@@ -313,7 +324,7 @@ def benchmark_generation(
         "repeats": repeats,
         "warmup": warmup,
         "statistic": "median over repeats (repeats interleaved across models)",
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads_used,
         "torch_version": torch.__version__,
         "memory_note": (
             "CUDA peak = this model's weights + (max_memory_allocated during its runs - memory allocated "

@@ -10,6 +10,7 @@ A new method is a module here plus one entry below.
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import import_module
 from typing import Any
 
 from slimgpt.methods.base import GlobalMethod, Method
@@ -24,6 +25,13 @@ def _slimgpt(cfg: Any) -> Method:
 
 METHODS: dict[str, Callable[[Any], Method | GlobalMethod]] = {
     "slimgpt": _slimgpt,
+    "blockpruner": lambda cfg: import_module("slimgpt.methods.blockpruner").BlockPruner.from_config(cfg),
+    "shortgpt": lambda cfg: import_module("slimgpt.methods.shortgpt").ShortGPT.from_config(cfg),
+    "slimgpt+blockpruner": lambda cfg: import_module("slimgpt.methods.hybrid").SlimGPTBlockPruner.from_config(cfg),
+    "magnitude": lambda cfg: import_module("slimgpt.methods.magnitude").Magnitude(),
+    "wanda-sp": lambda cfg: import_module("slimgpt.methods.wanda_sp").WandaSP(),
+    "flap": lambda cfg: import_module("slimgpt.methods.flap").FLAP(),
+    "llm-pruner": lambda cfg: import_module("slimgpt.methods.llm_pruner").LLMPruner(),
 }
 
 

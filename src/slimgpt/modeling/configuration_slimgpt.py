@@ -12,6 +12,10 @@ The stock fields keep the *original* model's values, so tools that read them sti
 architecture; ``head_dim`` is always explicit because it cannot be derived from a pruned layer.
 Missing lists default to the stock values (an unpruned model).
 
+``o_proj_bias`` / ``down_proj_bias`` give every layer's o_proj / down_proj a bias even where the stock
+architecture has none: methods with bias compensation (FLAP) fold removed channels' mean
+contribution into it.
+
 This file is copied beside every saved model and loaded with ``trust_remote_code=True`` in
 processes that never imported slimgpt: it may import only torch and transformers.
 """
@@ -49,6 +53,8 @@ class SlimLlamaConfig(LlamaConfig):
     layer_num_attention_heads: list[int] | None = None
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -64,6 +70,8 @@ class SlimQwen2Config(Qwen2Config):
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
     head_dim: int | None = None
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -76,7 +76,7 @@ def _init_attention(attn: nn.Module, config, layer_idx: int, qkv_bias: bool, o_b
     attn.q_proj = _linear(config.hidden_size, heads * d, qkv_bias)
     attn.k_proj = _linear(config.hidden_size, kv_heads * d, qkv_bias)
     attn.v_proj = _linear(config.hidden_size, kv_heads * d, qkv_bias)
-    attn.o_proj = _linear(heads * d, config.hidden_size, o_bias)
+    attn.o_proj = _linear(heads * d, config.hidden_size, o_bias or getattr(config, "o_proj_bias", False))
 
 
 def _init_mlp(mlp: nn.Module, config, layer_idx: int, bias: bool) -> None:
@@ -86,7 +86,7 @@ def _init_mlp(mlp: nn.Module, config, layer_idx: int, bias: bool) -> None:
     mlp.intermediate_size = config.layer_intermediate_size[layer_idx]
     mlp.gate_proj = _linear(mlp.hidden_size, mlp.intermediate_size, bias)
     mlp.up_proj = _linear(mlp.hidden_size, mlp.intermediate_size, bias)
-    mlp.down_proj = _linear(mlp.intermediate_size, mlp.hidden_size, bias)
+    mlp.down_proj = _linear(mlp.intermediate_size, mlp.hidden_size, bias or getattr(config, "down_proj_bias", False))
     mlp.act_fn = ACT2FN[config.hidden_act]
 
 

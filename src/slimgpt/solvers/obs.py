@@ -38,11 +38,10 @@ def remove_columns(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> f
     L = torch.linalg.cholesky(Hinv[cols][:, cols])
     V = torch.linalg.solve_triangular(L, Hinv[cols], upper=False).T  # (cols_total, k) = Hinv_:,P L⁻ᵀ
     A = torch.linalg.solve_triangular(L, W[:, cols].T.to(L.dtype), upper=False).T  # (rows, k) = W_P L⁻ᵀ
-    W.sub_(A.to(W.dtype) @ V.T.to(W.dtype))
-    Hinv.sub_(V @ V.T)
-    W[:, cols] = 0
-    Hinv[cols, :] = 0
-    Hinv[:, cols] = 0
+    W.addmm_(A.to(W.dtype), V.T.to(W.dtype), alpha=-1)
+    Hinv.addmm_(V, V.T, alpha=-1)
+    W.index_fill_(1, cols, 0)
+    Hinv.index_fill_(0, cols, 0).index_fill_(1, cols, 0)
     return A.pow(2).sum().item()
 
 
