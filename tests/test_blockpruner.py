@@ -12,6 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import build_tiny
+from transformers import LlamaConfig, LlamaForCausalLM
+
 from slimgpt.api import prune
 from slimgpt.arch import get_adapter
 from slimgpt.config import PruneConfig
@@ -114,9 +117,13 @@ def test_ratio_target_stops_at_nearest_block_count(tiny_llama):
     assert [s["block"] for s in applied] == [f"{b // 2}.{('attn', 'mlp')[b % 2]}" for b in res.removed]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "biased"])
 def test_prune_removes_blocks_and_reloads(fixture, request, tiny_tokenizer, calib_file, tmp_path):
-    model = request.getfixturevalue(fixture)
+    """Also with o_proj / down_proj biases, which surgery keeps: they must not leak into the stream."""
+    if fixture == "biased":
+        model = build_tiny(LlamaConfig, LlamaForCausalLM, num_key_value_heads=4, attention_bias=True, mlp_bias=True)
+    else:
+        model = request.getfixturevalue(fixture)
     dense = copy.deepcopy(model)
     out = tmp_path / "bp"
     cfg = PruneConfig(model="tiny", out=str(out), method="blockpruner", blocks=3, calib=calib_file,
@@ -218,3 +225,49 @@ def test_hybrid_hits_ratio(share, tiny_llama_gqa, tiny_tokenizer, calib_file, tm
     ids = calib_ids(2, 16, seed=3)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, res.model(ids).logits)
+
+
+def test_hybrid_width_pass_runs_on_the_depth_pruned_model(tiny_qwen2, tiny_tokenizer, calib_file):
+    """The hybrid equals, bitwise, BlockPruner's removals applied first and SlimGPT run afterwards on
+    that model with the schedule solved over the remaining blocks."""
+    from slimgpt.data.calibration import get_calibration
+    from slimgpt.driver import run_layerwise
+    from slimgpt.plan import LayerPlan
+    from slimgpt.methods.slimgpt import SlimGPT
+    from slimgpt.schedule import LayerWidth, solve_widths
+    from slimgpt.surgery import shrink_model
+
+    dense_model = copy.deepcopy(tiny_qwen2)
+    cfg = PruneConfig(model="tiny", method="slimgpt+blockpruner", ratio=0.35, calib=calib_file, nsamples=8, seqlen=32,
+                      batch_size=4)
+    res = prune(cfg, model=tiny_qwen2, tokenizer=tiny_tokenizer, progress=False)
+    removed = [int(n.split(".")[0]) * 2 + n.endswith("mlp") for n in res.report["method"]["search"]["removed"]]
+    assert removed
+
+    manual = skipped(dense_model, removed)  # zeroed independently of the method's code
+    ad = get_adapter(manual)
+    dense = parameter_count(manual)
+    spaces = layer_spaces(ad)
+    plans = {}
+    for b in removed:
+        plan = plans.setdefault(b // 2, LayerPlan())
+        if b % 2:
+            plan.kept_channels = []
+        else:
+            plan.kept_heads = []
+    rest = remaining_spaces(spaces, removed)
+    alive = [i for i, s in enumerate(rest) if s.params]
+    widths = [LayerWidth(0, 0, s.channels, 0.0) for s in rest]
+    depth = sum(block_params(spaces, b) for b in removed)
+    for i, w in zip(alive, solve_widths([rest[i] for i in alive], dense, (0.35 * dense - depth) / dense)):
+        widths[i] = w
+    calib = get_calibration(calib_file, tiny_tokenizer, 8, 32, seed=0)
+    width_plans = run_layerwise(ad, calib, SlimGPT(), widths, rest, DEV, batch_size=4, progress=False).plans
+    for i, p in width_plans.items():
+        if i in plans:
+            p.kept_heads = plans[i].kept_heads if plans[i].kept_heads is not None else p.kept_heads
+            p.kept_channels = plans[i].kept_channels if plans[i].kept_channels is not None else p.kept_channels
+    slim = shrink_model(manual, width_plans)
+    ids = calib_ids(2, 16, seed=4)
+    with torch.no_grad():
+        assert torch.equal(slim(ids).logits, res.model(ids).logits)

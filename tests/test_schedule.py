@@ -7,7 +7,7 @@ import math
 import pytest
 
 from slimgpt.errors import ConfigError
-from slimgpt.schedule import LayerSpace, round_layer, schedule_ratios, solve_widths, removed_params
+from slimgpt.schedule import LayerSpace, removed_params, round_layer, schedule_ratios, solve_widths
 
 
 def spaces(n=30, heads=9, kv=3, ch=1536, hidden=576, d=64):

@@ -182,7 +182,7 @@ def _load_plugins() -> None:
     """Import modules that add subcommands (bench, report, finetune, export, ...), if present."""
     import importlib
 
-    for mod in ("slimgpt.cli_extra", "slimgpt.commands_compare"):
+    for mod in ("slimgpt.cli_extra", "slimgpt.commands_compare", "slimgpt.commands_finetune_export"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -45,6 +45,9 @@ class PruneConfig:
     overwrite: bool = False
     blocks: int | None = None  # blockpruner / shortgpt: remove this many blocks instead of --ratio
     depth_share: float = 0.5  # slimgpt+blockpruner: share of the removed parameters taken by whole blocks
+    resume: bool = False  # continue the unfinished run checkpointed in OUT.partial/
+    max_memory: str | None = None  # e.g. "4GiB": stream layers from disk when the model would not fit
+    offload_activations: str | None = None  # folder for memory-mapped calibration activations
 
     def resolved(self, device: torch.device) -> PruneConfig:
         """Fill the device-dependent defaults (calibration size)."""
@@ -82,6 +85,12 @@ class PruneConfig:
             raise ConfigError(f"--blocks must be positive and needs --method blockpruner or shortgpt; got {self.blocks} with {self.method}")
         if not 0 <= self.depth_share <= 1:
             raise ConfigError(f"--depth-share must be within [0, 1]; got {self.depth_share}")
+        if self.max_memory is not None:
+            from slimgpt.streaming import parse_size
+
+            parse_size(self.max_memory)  # ConfigError when unreadable
+        if self.offload_activations is not None and Path(self.offload_activations).is_file():
+            raise ConfigError(f"--offload-activations {self.offload_activations} is a file; give a folder")
         if self.out is not None:
             out = Path(self.out).resolve()
             if out.exists() and not self.overwrite:

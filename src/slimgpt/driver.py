@@ -5,6 +5,11 @@ compute device, let the method prune it (it runs blocks through a :class:`LayerR
 pruned layer to produce the next layer's inputs (pruned-output propagation, the paper's choice;
 ``propagate="original"`` feeds the next layer the dense model's activations instead), move it
 back. Only one layer's weights and the calibration activations are on the compute device.
+
+Where a layer's weights come from and go to is a :class:`LayerStore`'s business: the default
+leaves every layer in the model; :mod:`slimgpt.streaming` loads layer ``i`` from the checkpoint
+files just before it is pruned and writes/frees it right after, so models larger than memory run
+through this same loop and the same method code.
 """
 
 from __future__ import annotations
@@ -17,11 +22,36 @@ import torch
 from tqdm.auto import tqdm
 
 from slimgpt.arch.base import ModelAdapter
+from slimgpt.errors import NumericalError
 from slimgpt.methods.base import LayerRunner, Method, Timer
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerSpace, LayerWidth
 
 log = logging.getLogger(__name__)
+
+
+class LayerStore:
+    """Where decoder layers (and the activations between them) live during a layer-wise run.
+
+    This default keeps everything in memory and does nothing; subclasses load a layer's weights
+    on :meth:`acquire`, cut/save/free it on :meth:`release`, and may move activations to disk in
+    :meth:`keep`.
+    """
+
+    def inputs(self, adapter: ModelAdapter, calib: torch.Tensor, batch_size: int,
+               offload: torch.device) -> list[torch.Tensor]:
+        """Layer 0's inputs (a streaming store must materialise the embedding first)."""
+        return embed_batches(adapter, calib, batch_size, offload)
+
+    def acquire(self, index: int) -> None:
+        """Make ``adapter.layers[index]`` hold real weights (it is pruned next)."""
+
+    def release(self, index: int, plan: LayerPlan) -> None:
+        """Layer ``index`` is finished: its weights are edited in place and ``plan`` is final."""
+
+    def keep(self, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Layer ``index``'s inputs as they should be held until it runs (default: as given)."""
+        return hidden
 
 
 @dataclass
@@ -69,30 +99,40 @@ def run_layerwise(
     inputs: list[torch.Tensor] | None = None,
     on_layer_done: Callable[[int, LayerPlan, list[torch.Tensor]], None] | None = None,
     progress: bool = True,
+    store: LayerStore | None = None,
 ) -> DriverResult:
     """Prune every layer in order; returns the per-layer plans and time per bucket.
 
     ``start_layer``/``inputs`` resume a run from a checkpoint; ``on_layer_done`` is called with
-    each finished layer's plan and the next layer's inputs (to write checkpoints).
+    each finished layer's plan and the next layer's inputs (to write checkpoints), after
+    ``store.release``. ``store`` decides where layer weights live (default: in the model).
     """
     if propagate not in ("pruned", "original"):
         raise ValueError("propagate must be 'pruned' or 'original'")
     offload = offload or torch.device("cpu")
+    store = store or LayerStore()
     torch.set_flush_denormal(True)  # fp32 solves on CPU can slow 50x on denormals (measured here)
     timer = Timer()
     model_dtype = next(adapter.model.parameters()).dtype
     with timer("forward"):
-        hidden = inputs if inputs is not None else embed_batches(adapter, calib, batch_size, offload)
+        hidden = inputs if inputs is not None else store.inputs(adapter, calib, batch_size, offload)
+        hidden = store.keep(start_layer, hidden)
     ctx = adapter.context(calib.shape[1], device, model_dtype)
     plans: dict[int, LayerPlan] = {}
     bar = tqdm(range(start_layer, adapter.num_layers), desc=f"{method.name}: layers", disable=not progress)
     for i in bar:
+        store.acquire(i)
         layer = adapter.layers[i]
         home = next(layer.parameters()).device
         layer.to(device)
         run = LayerRunner(i, layer, adapter, hidden, ctx, device, timer)
         dense_out = [o.to(offload) for o in run.outputs()] if propagate == "original" else None
-        plan = method.prune_layer(run, widths[i], spaces[i])
+        try:
+            plan = method.prune_layer(run, widths[i], spaces[i])
+        except NumericalError as e:  # solvers do not know the layer; the user needs it
+            if f"layer {i} " in f"{e} ":
+                raise
+            raise NumericalError(f"layer {i}: {e}") from e
         geo = adapter.geometry(layer)
         plan.stats.update(
             heads=len(plan.kept_heads) if plan.kept_heads is not None else geo.num_heads,
@@ -108,6 +148,9 @@ def run_layerwise(
         layer.to(home)
         plans[i] = plan
         bar.set_postfix(heads=plan.stats["heads"], channels=plan.stats["channels"])
+        store.release(i, plan)
+        if i + 1 < adapter.num_layers:
+            hidden = store.keep(i + 1, hidden)
         if on_layer_done is not None:
             on_layer_done(i, plan, hidden)
     return DriverResult(plans, dict(timer.seconds))

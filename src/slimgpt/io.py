@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +42,28 @@ def save_pruned(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, met
     if model_type not in ("slimgpt_llama", "slimgpt_qwen2"):
         raise ModelError(f"save_pruned expects a shrunk model, got model_type '{model_type}'; "
                          "pass it through slimgpt.surgery.shrink_model first")
+    return write_pruned_folder(out_dir, model.config, type(model).__name__, model.save_pretrained, tokenizer,
+                               metadata, overwrite, _source_folder(model.config))
+
+
+def write_pruned_folder(out_dir: str | Path, config: Any, model_class: str, write_weights: Callable[[Path], None],
+                        tokenizer: Any, metadata: dict, overwrite: bool = False,
+                        source: Path | None = None) -> Path:
+    """The atomic folder writer behind :func:`save_pruned`, for callers that write the weights
+    themselves (:mod:`slimgpt.streaming` writes safetensors shards layer by layer): ``write_weights``
+    gets the temporary folder and must write config.json and the weights into it; ``source`` is
+    the model folder that must not be overwritten."""
     out = Path(out_dir).expanduser().resolve()
-    _check_target(out, model, overwrite)
+    _check_target(out, source, overwrite)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        config_cls = type(model.config).__name__
-        model.config.auto_map = {
-            "AutoConfig": f"configuration_slimgpt.{config_cls}",
-            "AutoModelForCausalLM": f"modeling_slimgpt.{type(model).__name__}",
+        config.auto_map = {
+            "AutoConfig": f"configuration_slimgpt.{type(config).__name__}",
+            "AutoModelForCausalLM": f"modeling_slimgpt.{model_class}",
         }
-        model.save_pretrained(tmp)
+        write_weights(tmp)
         for name in _CODE_FILES:
             shutil.copy2(Path(slim_modeling.__file__).parent / name, tmp / name)
         if tokenizer is not None:
@@ -83,15 +94,14 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None,
     return model, tokenizer
 
 
-def _source_folder(model: PreTrainedModel) -> Path | None:
-    name = getattr(model.config, "_name_or_path", "") or ""
+def _source_folder(config: Any) -> Path | None:
+    name = getattr(config, "_name_or_path", "") or ""
     path = Path(name).expanduser()
     return path.resolve() if name and path.is_dir() else None
 
 
-def _check_target(out: Path, model: PreTrainedModel, overwrite: bool) -> None:
+def _check_target(out: Path, source: Path | None, overwrite: bool) -> None:
     """Refuse targets that would overwrite a result, or the model being pruned, by accident."""
-    source = _source_folder(model)
     if source is not None:
         if out == source or out.is_relative_to(source):
             raise ConfigError(f"output folder {out} is inside the source model folder {source}; choose another")

@@ -218,3 +218,28 @@ def _move_tensors(src: nn.Module, dst: nn.Module) -> None:
     left = [n for n, t in [*dst.named_parameters(), *dst.named_buffers()] if t.device.type == "meta"]
     if left:
         raise RuntimeError(f"surgery bug: tensors left on the meta device: {left[:5]}")
+
+
+# ---- one layer at a time (streaming and checkpointed runs: slimgpt.streaming) --------------------
+
+
+def shrink_layer(adapter: ModelAdapter, index: int, plan: LayerPlan) -> None:
+    """Cut decoder layer ``index`` in place to ``plan``, exactly as :func:`shrink_model` cuts it.
+
+    For pipelines that finish layers one at a time and must not keep the full-size layer (a
+    streamed model has only one layer in memory). Works on the meta device too (shapes only).
+    """
+    cuts = _validated_cuts(adapter, {index: plan})
+    with torch.no_grad():
+        _cut_layer(adapter, adapter.layers[index], *cuts[index])
+
+
+def slim_config(model: PreTrainedModel) -> tuple[object, type]:
+    """(slim config, slim model class) for ``model`` whose layers are already cut (weights may be on
+    the meta device): the config.json a saved folder gets, without building the slim model."""
+    model_type = model.config.model_type
+    if model_type not in SLIM_CLASSES:
+        raise ModelError(f"no slim format for architecture '{model_type}' yet "
+                         f"(supported: {', '.join(sorted(SLIM_CLASSES))})")
+    config_cls, model_cls = SLIM_CLASSES[model_type]
+    return _slim_config(model, config_cls, model_cls.__name__, layer_shapes(model)), model_cls

@@ -1,0 +1,95 @@
+"""Exports of pruned models for engines that do not run the slimgpt format.
+
+The slimgpt format (per-layer head/channel counts, :mod:`slimgpt.modeling`) loads in transformers
+and peft. Other engines need one of:
+
+================  ======================================  ===============================================
+``--to``          what                                    runs in
+================  ======================================  ===============================================
+``gguf``          llama.cpp ``deci`` architecture          llama.cpp / llama-cpp-python, keeps the speed-up
+                  (per-layer head and FFN counts)         (checked against PyTorch logits, opt-in test)
+``padded``        stock Llama/Qwen2 folder, removed        anything that serves the original architecture
+                  heads/channels zero-filled back          (transformers, vLLM, TGI, llama.cpp converter);
+                                                          same outputs, *no* speed-up
+``onnx``          ``torch.onnx`` (dynamo) graph            onnxruntime; input_ids → logits, no KV cache
+================  ======================================  ===============================================
+
+vLLM cannot load the slim format or the ``deci`` GGUF as a pruned model: its Llama/Qwen2 code reads
+one head count per model, so the padded export is the way to serve there.
+
+Every export is written next to its target under a temporary name and renamed into place at the
+end (:func:`atomic_path`), so an interrupted export never leaves a half-written file where a good
+one was.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from slimgpt.errors import ConfigError
+
+FORMATS = ("gguf", "padded", "onnx")
+
+
+@contextmanager
+def atomic_path(target: str | Path, overwrite: bool = False, folder: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` (a fresh folder, or a file name when ``folder`` is
+    False); on success it replaces ``target`` (the old one is deleted only after the rename), on
+    error it is removed. Refuses an existing ``target`` unless ``overwrite``."""
+    out = Path(target).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output {out} exists; pass --overwrite or choose another")
+    if out.exists() and out.is_dir() != folder:
+        kind = "a folder" if out.is_dir() else "a file"
+        raise ConfigError(f"output {out} exists and is {kind}; choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    work = tmp if folder else tmp / out.name
+    try:
+        yield work
+        _swap(work, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Rename ``new`` onto ``out``; an existing ``out`` is moved aside first and restored if the
+    rename fails."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+def export(model: Any, tokenizer: Any, fmt: str, out: str | Path, overwrite: bool = False,
+           **options: Any) -> Path:
+    """Write ``model`` (slim or stock Llama/Qwen2) in format ``fmt``; returns the written path."""
+    writers: dict[str, Callable[..., Path]]
+    from slimgpt.export.gguf import export_gguf
+    from slimgpt.export.onnx import export_onnx
+    from slimgpt.export.padded import export_padded
+
+    writers = {"gguf": export_gguf, "padded": export_padded, "onnx": export_onnx}
+    if fmt not in writers:
+        raise ConfigError(f"unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}")
+    return writers[fmt](model, tokenizer, out, overwrite=overwrite, **options)
+
+
+__all__ = ["FORMATS", "atomic_path", "export"]
