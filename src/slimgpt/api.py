@@ -14,6 +14,7 @@ import torch
 from slimgpt import __version__
 from slimgpt.arch import get_adapter
 from slimgpt.config import PruneConfig
+from slimgpt.errors import ConfigError, SlimGPTError
 from slimgpt.driver import layer_spaces, run_layerwise
 from slimgpt.methods import make_method
 from slimgpt.methods.base import GlobalMethod, PruneContext, Timer
@@ -34,8 +35,14 @@ class PruneResult:
 def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: bool = True) -> PruneResult:
     """Prune ``cfg.model`` (or the given in-memory model) and, if ``cfg.out`` is set, save it.
 
-    The output folder is checked before any work and written atomically at the end.
+    The output folder is checked before any work and written atomically at the end. With
+    ``cfg.out``, a layer-wise run checkpoints every finished layer in ``OUT.partial/``
+    (:mod:`slimgpt.checkpoint`; ``cfg.resume`` continues from it). When the model would not fit in
+    ``cfg.max_memory`` (or the memory available), layers are streamed from disk one at a time
+    (:mod:`slimgpt.streaming`); then ``PruneResult.model`` is ``None`` (load ``out`` to use it).
     """
+    from slimgpt import streaming
+    from slimgpt.checkpoint import Checkpoint, StorageError, data_identity, run_settings, storage_error
     from slimgpt.data.calibration import sample_calibration
     from slimgpt.io import save_pruned
     from slimgpt.surgery import layer_shapes, parameter_count, shrink_model
@@ -47,8 +54,25 @@ def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: 
     cfg = cfg.resolved(device)
     seed_everything(cfg.seed)
     t_start = time.perf_counter()
+    method = make_method(cfg)
+    layerwise = not isinstance(method, GlobalMethod)
+    if not layerwise and (cfg.resume or cfg.max_memory or cfg.offload_activations):
+        raise ConfigError(f"--method {cfg.method} decides over the whole model at once: it cannot --resume, "
+                          "stream layers (--max-memory) or offload activations; drop those options")
+    stream = model is None and layerwise and streaming.wants_streaming(cfg, dtype)
+    if stream and cfg.out is None:
+        raise ConfigError("a streamed run (--max-memory) writes the model layer by layer and needs --out")
+    source_dir = streaming.local_model_folder(cfg.model) if model is None else None
+    ckpt = None
+    if cfg.out is not None and layerwise:
+        ckpt = Checkpoint.open(cfg.out, run_settings(cfg, device, dtype), cfg.resume,
+                               source_dir.resolve() if source_dir else None)
+    source = None
     if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=dtype, device="cpu")
+        if stream:
+            model, tokenizer, source = streaming.load_skeleton(cfg.model, dtype)
+        else:
+            model, tokenizer = load_model(cfg.model, dtype=dtype, device="cpu")
     else:
         model.to(dtype)
     adapter = get_adapter(model)
@@ -57,16 +81,19 @@ def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: 
 
     dense_params = parameter_count(model)
     spaces = layer_spaces(adapter)
-    method = make_method(cfg)
     mem = PeakMemory(device)
+    start = 0
+    io_seconds: dict[str, float] = {}
     with mem.track():
         t0 = time.perf_counter()
-        if isinstance(method, GlobalMethod):
+        if not layerwise:
             widths = None
             timer = Timer()
             ctx = PruneContext(model, adapter, calib, cfg, device, spaces, dense_params, timer, progress)
             plans = method.plan(ctx)
             seconds = dict(timer.seconds)
+            t1 = time.perf_counter()
+            pruned = shrink_model(model, plans)
         else:
             widths = solve_widths(spaces, dense_params, cfg.ratio, cfg.schedule, cfg.first_ratio)
             planned = removed_params(spaces, widths)
@@ -74,17 +101,56 @@ def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: 
                 "target: remove %.1f%% of %s parameters; planned %s (%.2f%%)",
                 100 * cfg.ratio, f"{dense_params:,}", f"{planned:,}", 100 * planned / dense_params,
             )
-            result = run_layerwise(
-                adapter, calib, method, widths, spaces, device, cfg.batch_size, cfg.propagate, progress=progress
-            )
-            plans, seconds = result.plans, result.seconds
-        t1 = time.perf_counter()
-        pruned = shrink_model(model, plans)
+            if stream:
+                assert ckpt is not None and source is not None
+                ckpt.bind(data_identity(calib, source_dir, model), adapter)
+                store: streaming.InMemoryStore = streaming.StreamingStore(
+                    adapter, source, dtype, ckpt, cfg.offload_activations)
+                store.warn_budget(cfg, streaming.parse_size(cfg.max_memory) if cfg.max_memory else None)
+            else:
+                if ckpt is not None:
+                    ckpt.bind(data_identity(calib, source_dir, model), adapter)
+                store = streaming.InMemoryStore(adapter, ckpt, cfg.offload_activations)
+            plans, seconds = {}, {}
+            try:
+                inputs = None
+                if ckpt is not None and ckpt.done:
+                    start = ckpt.done
+                    plans = ckpt.restore(adapter, materialize=not stream)
+                    if start < adapter.num_layers:
+                        inputs = ckpt.load_inputs(mmap=cfg.offload_activations is not None)
+                    log.info("resuming from %s: layers 0..%d are done", ckpt.folder, start - 1)
+                if start < adapter.num_layers:
+                    result = run_layerwise(
+                        adapter, calib, method, widths, spaces, device, cfg.batch_size, cfg.propagate,
+                        progress=progress, start_layer=start, inputs=inputs,
+                        on_layer_done=ckpt.commit if ckpt is not None else None, store=store,
+                    )
+                    plans.update(result.plans)
+                    seconds = result.seconds
+            except StorageError:
+                raise
+            except SlimGPTError:
+                if ckpt is not None:
+                    ckpt.discard()  # a resume would fail the same way: leave nothing behind
+                raise
+            except KeyboardInterrupt:
+                if ckpt is not None and ckpt.done:
+                    log.warning("interrupted: %d of %d layers are saved in %s; rerun the same command with "
+                                "--resume to continue", ckpt.done, adapter.num_layers, ckpt.folder)
+                raise
+            finally:
+                store.close()
+            io_seconds = store.seconds
+            t1 = time.perf_counter()
+            pruned = None if stream else shrink_model(model, {})  # every layer is cut already
         t_surgery = time.perf_counter() - t1
         t_prune = t1 - t0
-    pruned.eval()
-    pruned_params = parameter_count(pruned)
-    shapes = layer_shapes(pruned)
+    shaped = pruned if pruned is not None else model  # a streamed model: meta tensors in their final shapes
+    if pruned is not None:
+        pruned.eval()
+    pruned_params = parameter_count(shaped)
+    shapes = layer_shapes(shaped)
     layers = []
     for i, s in enumerate(spaces):
         st = plans[i].stats if i in plans else {}
@@ -113,13 +179,25 @@ def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: 
             "calibration_forward": secs.get("forward", 0.0), "hessian": secs.get("hessian", 0.0),
             "solver": secs.get("solver", 0.0), "surgery": t_surgery,
             "solver_over_forward": secs.get("solver", 0.0) / max(secs.get("forward", 1e-9), 1e-9),
+            "stream_read": io_seconds.get("load", 0.0), "checkpoint_write": io_seconds.get("write", 0.0),
         },
+        "streamed": stream,
+        "resumed_from_layer": start,
         "memory": mem.as_dict(),
         "layers": layers,
     }
     out = None
     if cfg.out is not None:
-        out = save_pruned(pruned, tokenizer, cfg.out, metadata=report, overwrite=cfg.overwrite)
+        try:
+            if stream:
+                assert ckpt is not None and source is not None
+                out = streaming.save_streamed(adapter, tokenizer, source, ckpt, cfg.out, report, cfg.overwrite, dtype)
+            else:
+                out = save_pruned(pruned, tokenizer, cfg.out, metadata=report, overwrite=cfg.overwrite)
+        except OSError as e:
+            raise storage_error(e, cfg.out, ckpt) from e
+        if ckpt is not None:
+            ckpt.finish()
     return PruneResult(pruned, tokenizer, report, out)
 
 

@@ -62,7 +62,9 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-group", type=int, default=1024, help="largest dynamic group size")
     p.add_argument("--propagate", default="pruned", help="pruned (paper) | original outputs to the next layer")
     p.add_argument("--data-dir", help="folder with wikitext-2-raw/ and calibration/ (default $SLIMGPT_DATA)")
-    p.add_argument("--ppl", action="store_true", help="also evaluate WikiText-2 perplexity before and after")
+    p.add_argument("--ppl", action="store_true", help="also evaluate WikiText-2 perplexity (seq 128) before and after")
+    p.add_argument("--ppl-windows", type=int,
+                   help="with --ppl: evaluate the first N windows (default: all on GPU, 128 on CPU)")
     p.add_argument("--blocks", type=int, help="blockpruner/shortgpt: remove N attention/MLP blocks instead of --ratio")
     p.add_argument("--depth-share", type=float, default=0.5, help="slimgpt+blockpruner: share of removed params taken by blocks")
 
@@ -88,18 +90,20 @@ def cmd_prune(a: argparse.Namespace) -> int:
     dense_ppl = None
     if a.ppl:
         from slimgpt.evaluation.perplexity import perplexity
+        from slimgpt.utils import resolve_device
         from slimgpt.zoo import load_model
 
+        windows = a.ppl_windows or (None if resolve_device(cfg.device).type == "cuda" else 128)
         m, t = load_model(cfg.model)
-        dense_ppl = perplexity(m, t, "wikitext2", seqlen=128, data_dir=cfg.data_dir)
+        dense_ppl = perplexity(m, t, "wikitext2", seqlen=128, max_windows=windows, data_dir=cfg.data_dir)
         del m
     res = prune(cfg)
     print(format_layer_table(res.report))
     if a.ppl:
-        from slimgpt.evaluation.perplexity import perplexity
-
-        pruned_ppl = perplexity(res.model, res.tokenizer, "wikitext2", seqlen=128, data_dir=cfg.data_dir)
-        print(f"WikiText-2 perplexity (seq 128): dense {dense_ppl['ppl']:.2f} → pruned {pruned_ppl['ppl']:.2f}")
+        pruned_ppl = perplexity(res.model, res.tokenizer, "wikitext2", seqlen=128, max_windows=windows,
+                                data_dir=cfg.data_dir)
+        print(f"WikiText-2 perplexity (seq 128, {pruned_ppl['windows']} windows): "
+              f"dense {dense_ppl['ppl']:.2f} → pruned {pruned_ppl['ppl']:.2f}")
     print(f"saved to {res.out} (reload: AutoModelForCausalLM.from_pretrained('{res.out}') after `import slimgpt`)")
     return 0
 

@@ -33,7 +33,7 @@ class LayerSpace:
 
     @property
     def n_rep(self) -> int:
-        return self.num_heads // self.num_kv_heads
+        return self.num_heads // self.num_kv_heads if self.num_kv_heads else 0
 
     @property
     def params(self) -> int:

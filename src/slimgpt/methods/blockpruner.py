@@ -269,7 +269,7 @@ def removal_plans(adapter: ModelAdapter, blocks: list[int]) -> dict[int, LayerPl
             layer = adapter.layers[b // 2]
             plan = plans.setdefault(b // 2, LayerPlan())
             out = adapter.attention(layer).o if b % 2 == 0 else adapter.mlp(layer).down
-            pass
+            out.weight.zero_()
             if out.bias is not None:
                 out.bias.zero_()
             if b % 2 == 0:

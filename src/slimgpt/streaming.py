@@ -1,0 +1,447 @@
+"""Pruning models larger than memory: the same layer-wise run with one decoder layer in memory.
+
+SlimGPT is layer-wise by construction (ALGORITHMS.md §6): layer ``i`` needs only its own weights
+and its inputs. So a model that does not fit is pruned by the *same* driver and method code, with
+a :class:`~slimgpt.driver.LayerStore` that changes where layers live:
+
+1. The model is built on the meta device (accelerate's ``init_empty_weights``): structure and
+   shapes, no weights. Embeddings, norm and head stay unloaded too.
+2. Layer 0's inputs: the embedding is loaded, the calibration windows embedded, the embedding freed.
+3. Layer ``i``: its tensors are read from the safetensors files (memory-mapped, copied out, the
+   mapping closed) and placed with ``set_module_tensor_to_device``; the method prunes it; it is cut
+   to its plan (:func:`slimgpt.surgery.shrink_layer`), written to the run's work folder
+   (:class:`~slimgpt.checkpoint.Checkpoint`, which also makes the run resumable) and sent back
+   to the meta device.
+4. The output folder is assembled from the per-layer files (hard links, no copy) plus a shard with
+   the embedding, final norm and head, config, tokenizer and modeling code, then renamed into place.
+
+Every step computes exactly what the in-memory path computes, so the two give bitwise-identical
+weights (``tests/test_streaming.py``). Peak memory is about one layer, the calibration
+activations (three copies: inputs, attention outputs, outputs; ``--offload-activations DIR`` keeps
+the inputs in memory-mapped files), the largest Hessian and its inverse, and the embedding
+while the first inputs are made and the output is written.
+
+Multi-GPU: the driver moves one layer at a time to ``--device``, so pruning never needs more than
+one GPU; a device map would only spread a model that is never whole in memory here. To *evaluate*
+a large pruned model across GPUs, load it with ``from_pretrained(out, device_map="auto")``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimgpt.arch.base import ModelAdapter
+from slimgpt.checkpoint import ActivationFiles, Checkpoint, layer_prefixes, set_tensor
+from slimgpt.driver import LayerStore, embed_batches
+from slimgpt.errors import ConfigError, ModelError
+from slimgpt.plan import LayerPlan
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+          "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """``4GiB``, ``512MiB``, ``8G`` (binary), ``8GB`` (decimal) or plain bytes → bytes."""
+    m = _SIZE.match(str(text))
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(f"--max-memory must be a positive size like 4GiB, 512MiB or 8e9 (bytes); got '{text}'")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def available_memory() -> int | None:
+    """Memory this process could still use: MemAvailable, capped by a cgroup limit if any."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+# ---- the source checkpoint ------------------------------------------------------------------------
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n < 100 * 2**20:
+            raise ValueError("bad header length")
+        return json.loads(f.read(n))
+
+
+def _itemsize(st_dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+            "U16": 2}.get(st_dtype, 1)
+
+
+def weights_bytes(folder: Path, dtype: torch.dtype) -> int | None:
+    """Size of the model's floating-point weights in ``dtype``, from the safetensors headers."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    try:
+        for f in files:
+            for k, v in _safetensors_header(f).items():
+                if k == "__metadata__":
+                    continue
+                n = 1
+                for d in v["shape"]:
+                    n *= d
+                total += n * (dtype.itemsize if v["dtype"] in ("F64", "F32", "F16", "BF16") else _itemsize(v["dtype"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: loading will say so in one line
+    return total
+
+
+class SourceWeights:
+    """The tensors of a local safetensors checkpoint, read a few at a time.
+
+    ``safe_open`` memory-maps the file; a tensor it returns is backed by the mapping, whose pages
+    count as resident once touched and stay so while the file is open. So every read copies the
+    tensors out (cast to the run's dtype, as ``from_pretrained(dtype=...)`` does) and closes the file.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        self.folder = folder
+        self.files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        index = folder / "model.safetensors.index.json"
+        try:
+            if index.is_file():
+                files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+            else:
+                files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise ModelError(f"{folder} has no .safetensors weights; --max-memory streams only safetensors "
+                                 "checkpoints (re-save the model with save_pretrained)")
+            for path in files:
+                with safe_open(str(path), "pt") as f:
+                    for k in f.keys():
+                        self.files[k] = path
+                        self.shapes[k] = tuple(f.get_slice(k).get_shape())
+        except ModelError:
+            raise
+        except Exception as e:  # SafetensorError, OSError, JSON errors: a corrupt or partial folder
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise ModelError(f"could not read the weights in {folder} ({type(e).__name__}: {first}); "
+                             "re-save the model with save_pretrained") from None
+
+    def check(self, names: dict[str, tuple[int, ...]]) -> None:
+        """Fail before any work if the model expects a tensor the files lack or shape differently."""
+        for name, shape in names.items():
+            if name not in self.shapes:
+                raise ModelError(f"{self.folder} has no tensor '{name}' that the model expects; streaming "
+                                 "needs checkpoint names equal to the model's (load it without --max-memory)")
+            if self.shapes[name] != tuple(shape):
+                raise ModelError(f"tensor '{name}' in {self.folder} has shape {list(self.shapes[name])}, the config "
+                                 f"implies {list(shape)}; the folder's config.json and weights do not match")
+
+    def load(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Copies of ``names`` in memory (floating tensors cast to ``dtype``)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for path, keys in by_file.items():
+            with safe_open(str(path), "pt") as f:
+                for k in keys:
+                    t = f.get_tensor(k)
+                    out[k] = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
+        return out
+
+
+def _expected_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """State-dict names and shapes, tied tensors once (under their first name, as save_pretrained)."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = tuple(t.shape)
+    return out
+
+
+def local_model_folder(name_or_path: str) -> Path | None:
+    """The local folder behind a zoo name or path (converting a zoo model once), else None."""
+    from slimgpt.zoo import resolve_model
+
+    path = Path(resolve_model(name_or_path))
+    return path if path.is_dir() else None
+
+
+def wants_streaming(cfg: Any, dtype: torch.dtype) -> bool:
+    """Stream when the model's weights plus calibration activations exceed ``--max-memory`` or,
+    without it, the memory available now."""
+    folder = local_model_folder(cfg.model)
+    if folder is None:
+        if cfg.max_memory is not None:
+            raise ConfigError(f"--max-memory streams weights from a local folder; '{cfg.model}' is not one "
+                              "(download it first, e.g. with huggingface-cli download)")
+        return False
+    weights = weights_bytes(folder, dtype)
+    if weights is None:
+        return False
+    hidden = _hidden_size(folder)
+    acts = 3 * cfg.nsamples * cfg.seqlen * hidden * dtype.itemsize
+    if cfg.max_memory is not None:
+        budget, what = parse_size(cfg.max_memory), f"--max-memory {cfg.max_memory}"
+    else:
+        avail = available_memory()
+        if avail is None:
+            return False
+        budget, what = int(0.9 * avail), f"the {_gib(avail)} available"
+    need = weights + acts
+    if need <= budget:
+        return False
+    log.info("the model needs about %s in memory (%s weights + %s activations), more than %s: "
+             "streaming one layer at a time from %s", _gib(need), _gib(weights), _gib(acts), what, folder)
+    return True
+
+
+def _hidden_size(folder: Path) -> int:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg)
+        return int(cfg.get("hidden_size", 0))
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
+def load_skeleton(name_or_path: str, dtype: torch.dtype) -> tuple[nn.Module, Any, SourceWeights]:
+    """(model on the meta device, tokenizer, its weights on disk); one-line ModelErrors as
+    :func:`slimgpt.zoo.load_model` gives for the same inputs."""
+    import slimgpt.modeling  # noqa: F401  (registers the slim types: pruned folders can be pruned again)
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from slimgpt.zoo import _first_line, resolve_model
+
+    path = resolve_model(name_or_path)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelError(f"--max-memory streams weights from a local folder; '{name_or_path}' is not one")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} has no config.json; give a folder written by save_pretrained or a zoo name")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    except Exception as e:
+        raise ModelError(f"could not build the model in {folder} ({_first_line(e)}); re-save it with save_pretrained") from e
+    model.tie_weights()
+    model.eval()
+    if (folder / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except Exception as e:
+            raise ModelError(f"could not read {folder / 'generation_config.json'} ({_first_line(e)}); fix or delete it") from e
+    source = SourceWeights(folder)
+    source.check(_expected_tensors(model))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ModelError(f"could not load the tokenizer of {path} ({_first_line(e)}); "
+                         "save it into the model folder with tokenizer.save_pretrained") from e
+    return model, tokenizer, source
+
+
+# ---- layer stores ---------------------------------------------------------------------------------
+
+
+class InMemoryStore(LayerStore):
+    """Layers stay in the model; each finished layer is cut to its plan at once (the same cut
+    :func:`~slimgpt.surgery.shrink_model` would make at the end) and checkpointed when a
+    :class:`Checkpoint` is given."""
+
+    def __init__(self, adapter: ModelAdapter, checkpoint: Checkpoint | None = None,
+                 offload_dir: str | Path | None = None) -> None:
+        self.adapter = adapter
+        self.checkpoint = checkpoint
+        self.offload = ActivationFiles(offload_dir) if offload_dir else None
+        self.seconds = {"load": 0.0, "write": 0.0}
+
+    def release(self, index: int, plan: LayerPlan) -> None:
+        from slimgpt.surgery import shrink_layer
+
+        shrink_layer(self.adapter, index, plan)
+        if self.checkpoint is not None:
+            t = time.perf_counter()
+            self.checkpoint.write_layer(index, self.adapter.layers[index], plan)
+            self.seconds["write"] += time.perf_counter() - t
+
+    def keep(self, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.offload.keep(index, hidden) if self.offload is not None else hidden
+
+    def close(self) -> None:
+        if self.offload is not None:
+            self.offload.close()
+
+
+class StreamingStore(InMemoryStore):
+    """Layer ``i`` is read from disk on :meth:`acquire` and, once cut and written to the
+    checkpoint, returned to the meta device on :meth:`release`."""
+
+    def __init__(self, adapter: ModelAdapter, source: SourceWeights, dtype: torch.dtype,
+                 checkpoint: Checkpoint, offload_dir: str | Path | None = None) -> None:
+        super().__init__(adapter, checkpoint, offload_dir)
+        self.source, self.dtype = source, dtype
+        self.prefixes = layer_prefixes(adapter)
+
+    @contextmanager
+    def _materialized(self, module: nn.Module):
+        """``module``'s tensors loaded for the duration; afterwards the very same meta tensors are
+        put back (so tied weights stay tied, e.g. the embedding and the head)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        names = {id(m): n for n, m in self.adapter.model.named_modules()}
+        prefix = names[id(module)] + "."
+        originals = {n: t for n, t in module.state_dict(keep_vars=True).items()}
+        t0 = time.perf_counter()
+        tensors = self.source.load([prefix + n for n in originals], self.dtype)
+        for n, t in tensors.items():
+            set_module_tensor_to_device(module, n.removeprefix(prefix), "cpu", value=t, clear_cache=False)
+        self.seconds["load"] += time.perf_counter() - t0
+        del tensors
+        try:
+            yield
+        finally:
+            for n, t in originals.items():
+                set_tensor(module, n, t)
+
+    def inputs(self, adapter: ModelAdapter, calib: torch.Tensor, batch_size: int,
+               offload: torch.device) -> list[torch.Tensor]:
+        with self._materialized(adapter.decoder.embed_tokens):
+            return embed_batches(adapter, calib, batch_size, offload)
+
+    def acquire(self, index: int) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        layer, prefix = self.adapter.layers[index], self.prefixes[index]
+        t0 = time.perf_counter()
+        tensors = self.source.load([prefix + n for n in layer.state_dict()], self.dtype)
+        for n, t in tensors.items():
+            set_module_tensor_to_device(layer, n.removeprefix(prefix), "cpu", value=t, clear_cache=False)
+        self.seconds["load"] += time.perf_counter() - t0
+
+    def release(self, index: int, plan: LayerPlan) -> None:
+        super().release(index, plan)
+        self.adapter.layers[index].to("meta")
+
+    def warn_budget(self, cfg: Any, budget: int | None) -> None:
+        """Warn when even the streamed run is likely to exceed ``budget`` bytes."""
+        if budget is None:
+            return
+        item = self.dtype.itemsize
+        layer = max(sum(_numel(self.source.shapes.get(p + n, ())) for n in lay.state_dict())
+                    for p, lay in zip(self.prefixes, self.adapter.layers)) * item
+        emb = _numel(tuple(self.adapter.decoder.embed_tokens.weight.shape)) * item
+        hidden = self.adapter.decoder.embed_tokens.weight.shape[1]
+        acts = 3 * cfg.nsamples * cfg.seqlen * hidden * item
+        widest = max(max(self.adapter.intermediate_size(lay), hidden) for lay in self.adapter.layers)
+        hess = 4 * widest * widest * 4  # H, its damped copy, the factor and the inverse, fp32
+        need = max(layer + acts + hess, emb + acts // 3) + GiB // 2  # + the Python/torch runtime
+        if need > budget:
+            log.warning("--max-memory %s is below the estimated need of the streamed run (%s: one layer %s, "
+                        "activations %s, Hessians %s); lower --nsamples/--seqlen or add --offload-activations DIR",
+                        cfg.max_memory, _gib(need), _gib(layer), _gib(acts), _gib(hess))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ---- assembling the output --------------------------------------------------------------------------
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _data_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - header
+
+
+def save_streamed(adapter: ModelAdapter, tokenizer: Any, source: SourceWeights, checkpoint: Checkpoint,
+                  out: str | Path, metadata: dict, overwrite: bool, dtype: torch.dtype) -> Path:
+    """Write the pruned model from the checkpoint's layer files, atomically (see the module docstring).
+
+    Shards: one per decoder layer (hard links to the finished layer files) and a last one with
+    everything else; ``model.safetensors.index.json`` maps names to shards as transformers expects.
+    """
+    from safetensors.torch import save_file
+
+    from slimgpt.io import write_pruned_folder
+    from slimgpt.surgery import slim_config
+
+    model = adapter.model
+    config, model_cls = slim_config(model)
+    head = [n for n in _expected_tensors(model) if not n.startswith(tuple(layer_prefixes(adapter)))]
+    n = checkpoint.num_layers
+
+    def write_weights(tmp: Path) -> None:
+        from safetensors import safe_open
+
+        total = n + 1
+        weight_map: dict[str, str] = {}
+        size = 0
+        for i in range(n):
+            name = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            _link_or_copy(checkpoint.layer_path(i), tmp / name)
+            with safe_open(str(tmp / name), "pt") as f:
+                weight_map.update(dict.fromkeys(f.keys(), name))
+            size += _data_bytes(tmp / name)
+        name = f"model-{total:05d}-of-{total:05d}.safetensors"
+        tensors = source.load(head, dtype)
+        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        del tensors
+        weight_map.update(dict.fromkeys(head, name))
+        size += _data_bytes(tmp / name)
+        index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+
+    return write_pruned_folder(out, config, model_cls.__name__, write_weights, tokenizer, metadata, overwrite,
+                               source.folder.resolve())
