@@ -24,6 +24,7 @@ from slimgpt.finetune import (
     collate,
     evaluate_loss,
     finetune,
+    load_adapter,
     lora_targets,
     merge_lora,
     save_finetuned,
@@ -213,8 +214,10 @@ def test_finetune_api_saves_adapter_that_reloads(pruned_dir: Path, text_file: Pa
         ref = res.model(IDS).logits
     base, _ = load_pruned(pruned_dir)
     reloaded = PeftModel.from_pretrained(base, res.out).eval()
+    again, tok = load_adapter(res.out)  # the base folder comes from adapter_config.json
     with torch.no_grad():
         assert torch.allclose(reloaded(IDS).logits, ref, atol=1e-6)
+        assert torch.allclose(again(IDS).logits, ref, atol=1e-6) and tok is not None
     with pytest.raises(Exception, match="exists; pass --overwrite"):
         finetune(cfg, progress=False)
 
@@ -236,6 +239,7 @@ def test_cli_merge_and_errors(pruned_dir: Path, text_file: Path, tmp_path: Path,
     report = json.loads((tmp_path / "run.json").read_text())
     assert [h["step"] for h in report["history"]] == [0, 1, 2]
 
+    capsys.readouterr()
     assert main(["finetune", str(pruned_dir), "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x"),
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()

@@ -14,8 +14,8 @@ import torch
 from slimgpt import __version__
 from slimgpt.arch import get_adapter
 from slimgpt.config import PruneConfig
-from slimgpt.errors import ConfigError, SlimGPTError
 from slimgpt.driver import layer_spaces, run_layerwise
+from slimgpt.errors import ConfigError, SlimGPTError
 from slimgpt.methods import make_method
 from slimgpt.methods.base import GlobalMethod, PruneContext, Timer
 from slimgpt.schedule import removed_params, solve_widths
@@ -59,6 +59,8 @@ def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: 
     if not layerwise and (cfg.resume or cfg.max_memory or cfg.offload_activations):
         raise ConfigError(f"--method {cfg.method} decides over the whole model at once: it cannot --resume, "
                           "stream layers (--max-memory) or offload activations; drop those options")
+    if cfg.resume and cfg.out is None:
+        raise ConfigError("--resume continues the run checkpointed beside --out; give the same --out")
     stream = model is None and layerwise and streaming.wants_streaming(cfg, dtype)
     if stream and cfg.out is None:
         raise ConfigError("a streamed run (--max-memory) writes the model layer by layer and needs --out")
@@ -68,6 +70,8 @@ def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: 
         ckpt = Checkpoint.open(cfg.out, run_settings(cfg, device, dtype), cfg.resume,
                                source_dir.resolve() if source_dir else None)
     source = None
+    if source_dir is not None:
+        _check_architecture(source_dir)  # before loading gigabytes of weights
     if model is None:
         if stream:
             model, tokenizer, source = streaming.load_skeleton(cfg.model, dtype)
@@ -101,25 +105,23 @@ def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: 
                 "target: remove %.1f%% of %s parameters; planned %s (%.2f%%)",
                 100 * cfg.ratio, f"{dense_params:,}", f"{planned:,}", 100 * planned / dense_params,
             )
+            if ckpt is not None:
+                ckpt.bind(data_identity(calib, source_dir, model), adapter)  # same data and model to resume
             if stream:
                 assert ckpt is not None and source is not None
-                ckpt.bind(data_identity(calib, source_dir, model), adapter)
                 store: streaming.InMemoryStore = streaming.StreamingStore(
                     adapter, source, dtype, ckpt, cfg.offload_activations)
                 store.warn_budget(cfg, streaming.parse_size(cfg.max_memory) if cfg.max_memory else None)
             else:
-                if ckpt is not None:
-                    ckpt.bind(data_identity(calib, source_dir, model), adapter)
                 store = streaming.InMemoryStore(adapter, ckpt, cfg.offload_activations)
-            plans, seconds = {}, {}
+            plans, seconds, inputs = {}, {}, None
+            if ckpt is not None and ckpt.done:
+                start = ckpt.done
+                plans = ckpt.restore(adapter, materialize=not stream)
+                if start < adapter.num_layers:
+                    inputs = ckpt.load_inputs(mmap=cfg.offload_activations is not None)
+                log.info("resuming from %s: layers 0..%d are done", ckpt.folder, start - 1)
             try:
-                inputs = None
-                if ckpt is not None and ckpt.done:
-                    start = ckpt.done
-                    plans = ckpt.restore(adapter, materialize=not stream)
-                    if start < adapter.num_layers:
-                        inputs = ckpt.load_inputs(mmap=cfg.offload_activations is not None)
-                    log.info("resuming from %s: layers 0..%d are done", ckpt.folder, start - 1)
                 if start < adapter.num_layers:
                     result = run_layerwise(
                         adapter, calib, method, widths, spaces, device, cfg.batch_size, cfg.propagate,
@@ -199,6 +201,24 @@ def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: 
         if ckpt is not None:
             ckpt.finish()
     return PruneResult(pruned, tokenizer, report, out)
+
+
+def _check_architecture(folder: Path) -> None:
+    """Refuse an architecture without an adapter from its config.json alone."""
+    import json
+
+    from slimgpt.arch import ADAPTERS
+    from slimgpt.errors import ModelError
+
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "?")
+    except (OSError, ValueError, AttributeError):
+        return  # missing or unreadable: loading says so in one line
+    if model_type not in ADAPTERS:
+        raise ModelError(
+            f"architecture '{model_type}' is not supported yet (supported: {', '.join(sorted(ADAPTERS))}); "
+            "add an adapter in src/slimgpt/arch/"
+        )
 
 
 def format_layer_table(report: dict[str, Any]) -> str:

@@ -183,6 +183,9 @@ def set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     if leaf in mod._buffers:
         mod._buffers[leaf] = tensor
         return
+    if isinstance(tensor, nn.Parameter):  # the very object (keeps ties such as embedding = head)
+        mod._parameters[leaf] = tensor
+        return
     old = mod._parameters.get(leaf)
     mod._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else False)
 

@@ -6,11 +6,9 @@ Any :class:`~slimgpt.errors.SlimGPTError` becomes one line on stderr and exit co
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from slimgpt.config import CPU_NSAMPLES, CPU_SEQLEN, DEFAULT_MODEL, GPU_NSAMPLES, GPU_SEQLEN, PruneConfig
 from slimgpt.errors import ConfigError, SlimGPTError
@@ -67,6 +65,16 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="with --ppl: evaluate the first N windows (default: all on GPU, 128 on CPU)")
     p.add_argument("--blocks", type=int, help="blockpruner/shortgpt: remove N attention/MLP blocks instead of --ratio")
     p.add_argument("--depth-share", type=float, default=0.5, help="slimgpt+blockpruner: share of removed params taken by blocks")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run checkpointed in OUT.partial/ (same options required)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="e.g. 4GiB: if the model would not fit, stream it one layer at a time from disk "
+                        "(default: stream only when it exceeds the memory available)")
+    p.add_argument("--offload-activations", metavar="DIR",
+                   help="keep calibration activations between layers in memory-mapped files in DIR")
+    from slimgpt.commands_eval import add_prune_eval_args  # --eval TASKS, --report
+
+    add_prune_eval_args(p)
 
 
 def config_from_args(a: argparse.Namespace) -> PruneConfig:
@@ -76,6 +84,7 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
         device=a.device, dtype=a.dtype, head_score=a.head_score, ffn_groups=a.ffn_groups, min_group=a.min_group,
         max_group=a.max_group, propagate=a.propagate, data_dir=a.data_dir, overwrite=a.overwrite,
         blocks=a.blocks, depth_share=a.depth_share,
+        resume=a.resume, max_memory=a.max_memory, offload_activations=a.offload_activations,
     )
 
 
@@ -87,7 +96,10 @@ def cmd_prune(a: argparse.Namespace) -> int:
     if cfg.out is None:
         raise ConfigError("--out is required: the folder to write the pruned model to")
     cfg.validate()
-    dense_ppl = None
+    from slimgpt.commands_eval import after_prune, check_prune_eval_args
+
+    check_prune_eval_args(a)
+    dense_ppl = pruned_ppl = None
     if a.ppl:
         from slimgpt.evaluation.perplexity import perplexity
         from slimgpt.utils import resolve_device
@@ -100,78 +112,36 @@ def cmd_prune(a: argparse.Namespace) -> int:
     res = prune(cfg)
     print(format_layer_table(res.report))
     if a.ppl:
+        if res.model is None:  # streamed: the pruned model was never whole in memory
+            from slimgpt.io import load_pruned
+
+            res.model, _ = load_pruned(res.out)
         pruned_ppl = perplexity(res.model, res.tokenizer, "wikitext2", seqlen=128, max_windows=windows,
                                 data_dir=cfg.data_dir)
         print(f"WikiText-2 perplexity (seq 128, {pruned_ppl['windows']} windows): "
               f"dense {dense_ppl['ppl']:.2f} → pruned {pruned_ppl['ppl']:.2f}")
+    after_prune(a, res, dense_ppl, pruned_ppl)
     print(f"saved to {res.out} (reload: AutoModelForCausalLM.from_pretrained('{res.out}') after `import slimgpt`)")
     return 0
 
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="pruned folder, zoo name, local folder or hub id")
-    p.add_argument("--ppl", default="wikitext2", help="perplexity data set: wikitext2 or a text file ('' to skip)")
-    p.add_argument("--seqlen", default="128", help="comma-separated window lengths (paper: 128; also 2048)")
-    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick runs)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--baseline", help="dense model to compare against (default: the pruned folder's source model)")
-    p.add_argument("--no-baseline", action="store_true", help="do not evaluate the source model")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--data-dir")
-    p.add_argument("--json", help="write the results here as JSON")
+# `slimgpt eval` (and bench, report) live in slimgpt.commands_eval.
 
 
-def source_model(path: str) -> str | None:
-    """The model a pruned folder was made from, as recorded in its slimgpt.json."""
-    meta = Path(path) / "slimgpt.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("config", {}).get("model")
-    return None
+class _UsageError(Exception):
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{prog}: error: {message} (see {prog} --help)")
 
 
-@command("eval", add_eval_args)
-def cmd_eval(a: argparse.Namespace) -> int:
-    from slimgpt.evaluation.perplexity import perplexity
-    from slimgpt.surgery import parameter_count
-    from slimgpt.utils import resolve_device, resolve_dtype
-    from slimgpt.zoo import load_model
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line (like every other user error), not usage + error."""
 
-    try:
-        seqlens = [int(s) for s in a.seqlen.split(",") if s]
-    except ValueError:
-        raise ConfigError(f"--seqlen must be comma-separated integers; got '{a.seqlen}'") from None
-    device = resolve_device(a.device)
-    dtype = resolve_dtype(a.dtype, device)
-    models = [("pruned" if source_model(a.model) else "model", a.model)]
-    base = a.baseline or source_model(a.model)
-    if base and not a.no_baseline:
-        models.insert(0, ("dense", base))
-    rows, results = [], []
-    for label, name in models:
-        model, tok = load_model(name, dtype=dtype, device=device)
-        entry = {"label": label, "model": name, "params": parameter_count(model), "ppl": {}}
-        for s in seqlens:
-            if a.ppl:
-                r = perplexity(model, tok, a.ppl, seqlen=s, batch_size=a.batch_size,
-                               max_windows=a.max_windows, data_dir=a.data_dir)
-                entry["ppl"][str(s)] = r
-        results.append(entry)
-        cells = " | ".join(f"{entry['ppl'][str(s)]['ppl']:.2f}" for s in seqlens if str(s) in entry["ppl"])
-        rows.append(f"| {label} | {name} | {entry['params']:,} | {cells} |")
-        del model
-    head = " | ".join(f"{a.ppl} PPL (seq {s})" for s in seqlens)
-    print(f"| | model | params | {head} |\n|---|---|---|" + "---|" * len(seqlens))
-    print("\n".join(rows))
-    if results and results[0]["ppl"]:
-        print(f"protocol: {next(iter(results[0]['ppl'].values())).get('protocol', '')}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=2, default=str))
-    return 0
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(self.prog, message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slimgpt", description="Structured pruning of LLMs (SlimGPT, BlockPruner)")
+    p = _Parser(prog="slimgpt", description="Structured pruning of LLMs (SlimGPT, BlockPruner)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     _load_plugins()
@@ -186,7 +156,8 @@ def _load_plugins() -> None:
     """Import modules that add subcommands (bench, report, finetune, export, ...), if present."""
     import importlib
 
-    for mod in ("slimgpt.cli_extra", "slimgpt.commands_compare", "slimgpt.commands_finetune_export"):
+    for mod in ("slimgpt.cli_extra", "slimgpt.commands_compare", "slimgpt.commands_finetune_export",
+                "slimgpt.commands_eval"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -195,7 +166,11 @@ def _load_plugins() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.DEBUG)

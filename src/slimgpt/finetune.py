@@ -443,6 +443,9 @@ def finetune(cfg: FinetuneConfig, model: Any = None, tokenizer: Any = None,
         eval_info["source"] = cfg.eval_data
 
     peft_model = add_lora(model, cfg)
+    if Path(cfg.model).expanduser().is_dir():  # adapter_config.json must find the base from anywhere
+        for adapter_config in peft_model.peft_config.values():
+            adapter_config.base_model_name_or_path = str(Path(cfg.model).expanduser().resolve())
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     t0 = time.perf_counter()
     history = train_lora(peft_model, train, val, cfg, pad_id, device, progress)
@@ -476,6 +479,24 @@ def merge_lora(peft_model: Any) -> nn.Module:
     return merged
 
 
+def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """``(PeftModel, tokenizer)`` from an adapter folder written by :func:`finetune` without merge:
+    the base (pruned) model is the one recorded in ``adapter_config.json``."""
+    folder = Path(path).expanduser()
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        raise ModelError(f"{folder} has no adapter_config.json; give a folder written by slimgpt finetune")
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ConfigError("loading a LoRA adapter needs peft: pip install 'slimgpt[finetune]'") from None
+    from slimgpt.zoo import load_model
+
+    base_path = json.loads(config.read_text()).get("base_model_name_or_path")
+    base, tokenizer = load_model(base_path, device=device)
+    return PeftModel.from_pretrained(base, folder).eval(), tokenizer
+
+
 def save_finetuned(model: Any, tokenizer: Any, out: str | Path, metadata: dict[str, Any],
                    overwrite: bool = False) -> Path:
     """Adapters (a PeftModel) → adapter folder (+ tokenizer, ``slimgpt_finetune.json``); a merged
@@ -503,5 +524,5 @@ def save_finetuned(model: Any, tokenizer: Any, out: str | Path, metadata: dict[s
 
 
 __all__ = ["Example", "FinetuneConfig", "FinetuneResult", "add_lora", "alpaca_examples", "build_examples",
-           "evaluate_loss", "finetune", "lora_targets", "merge_lora", "save_finetuned", "text_examples",
+           "evaluate_loss", "finetune", "load_adapter", "lora_targets", "merge_lora", "save_finetuned", "text_examples",
            "train_lora"]

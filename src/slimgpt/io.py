@@ -7,6 +7,7 @@ A saved folder is an ordinary transformers checkpoint plus two things:
     configuration_slimgpt.py    copies of slimgpt/modeling/*, so any process loads the folder with
     modeling_slimgpt.py         AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
     model.safetensors           weights (no pickle); removed blocks are zero-sized tensors
+                                (a streamed run writes model-0000k-of-0000N.safetensors + index)
     generation_config.json, tokenizer files
     slimgpt.json                the caller's metadata (method, ratios, calibration, ...)
 

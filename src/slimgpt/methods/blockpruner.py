@@ -234,6 +234,7 @@ def block_search(
             "removed_ratio": removed_params / dense_params,
             "runner_up": None if runner_up is None else block_name(runner_up),
             "runner_up_ppl": None if runner_up is None else math.exp(cand[order[1]] / tokens),
+            "candidates": {block_name(b): round(math.exp(min(c / tokens, 700)), 4) for b, c in zip(present, cand)},
         })
         log.info("removed block %s: calibration ppl %.3f, %.2f%% of parameters removed",
                  block_name(best), ppl, 100 * removed_params / dense_params)

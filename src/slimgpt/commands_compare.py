@@ -1,0 +1,51 @@
+"""``slimgpt compare``: all registered methods at matched parameter counts (see :mod:`slimgpt.compare`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from slimgpt.cli import command
+from slimgpt.config import CPU_NSAMPLES, CPU_SEQLEN, DEFAULT_MODEL, GPU_NSAMPLES, GPU_SEQLEN, PruneConfig
+from slimgpt.errors import ConfigError
+
+
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"zoo name or folder (default {DEFAULT_MODEL})")
+    p.add_argument("--ratio", default="0.2,0.5", help="comma-separated shares of ALL parameters to remove")
+    p.add_argument("--methods", default="all", help="'all' (every registered method) or a comma list")
+    p.add_argument("--out", required=True, help="folder for compare.json and compare.md")
+    p.add_argument("--max-windows", type=int, help="perplexity on the first N windows only (quick runs)")
+    p.add_argument("--ppl", default="wikitext2", help="perplexity data set: wikitext2 or a text file")
+    p.add_argument("--ppl-seqlen", type=int, default=128, help="perplexity window length (paper: 128)")
+    p.add_argument("--tasks", help="zero-shot tasks for lm-eval, e.g. commonsense or boolq,piqa (default: none)")
+    p.add_argument("--task-limit", type=float, help="documents per task (smoke tests only)")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--calib", default="c4", help="calibration source for every method")
+    p.add_argument("--nsamples", type=int, help=f"calibration windows (default {GPU_NSAMPLES} GPU / {CPU_NSAMPLES} CPU)")
+    p.add_argument("--seqlen", type=int, help=f"calibration window length (default {GPU_SEQLEN} GPU / {CPU_SEQLEN} CPU)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
+    p.add_argument("--depth-share", type=float, default=0.5, help="slimgpt+blockpruner: share of removed params in blocks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--data-dir", help="folder with wikitext-2-raw/ and calibration/ (default $SLIMGPT_DATA)")
+
+
+@command("compare", add_compare_args)
+def cmd_compare(a: argparse.Namespace) -> int:
+    """Compare pruning methods at matched parameter counts (one Markdown + JSON table)."""
+    from slimgpt.compare import format_table, run_compare
+
+    if a.max_windows is not None and a.max_windows < 1:
+        raise ConfigError(f"--max-windows must be at least 1; got {a.max_windows}")
+    limit = a.task_limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)  # lm-eval reads an int as a document count, a float below 1 as a fraction
+    base = PruneConfig(model=a.model, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size,
+                       seed=a.seed, device=a.device, dtype=a.dtype, data_dir=a.data_dir, depth_share=a.depth_share)
+    result = run_compare(a.model, a.ratio, a.methods, a.out, base=base, ppl_dataset=a.ppl, ppl_seqlen=a.ppl_seqlen,
+                         max_windows=a.max_windows, tasks=a.tasks, task_limit=limit,
+                         eval_batch_size=a.eval_batch_size)
+    print(format_table(result))
+    print(f"written to {a.out}/compare.json and {a.out}/compare.md")
+    return 0

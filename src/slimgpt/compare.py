@@ -1,0 +1,283 @@
+"""``slimgpt compare``: every registered method at the same parameter count, one table.
+
+Fair comparison means equal *parameter counts*, not equal nominal ratios: depth methods can only
+remove whole layers or blocks. So, per target ratio, the depth methods run first, coarsest first
+(whole layers, then blocks); the first one's *achieved* ratio becomes the matched target of every
+method after it (blocks round to the nearest block, width methods land within a channel). Each row
+records the exact parameter count and its distance from the matched target, pruning time, peak
+memory and WikiText-2 perplexity (optionally zero-shot accuracies).
+
+The method list is read from :data:`slimgpt.methods.METHODS` at run time, so methods registered by
+other modules take part without changes here. A method that fails is recorded with its error and
+the run goes on; the JSON and Markdown are rewritten after every row, so a long run that is
+interrupted keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import time
+import traceback
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimgpt import __version__
+from slimgpt.config import PruneConfig
+from slimgpt.errors import ConfigError, SlimGPTError
+from slimgpt.utils import rss_bytes
+
+log = logging.getLogger(__name__)
+
+_DEPTH_ORDER = {"layer": 0, "block": 1}
+
+
+def parse_ratios(text: str | list[float]) -> list[float]:
+    """``"0.2,0.5"`` → ``[0.2, 0.5]``, each in (0, 1)."""
+    if isinstance(text, str):
+        try:
+            ratios = [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--ratio must be comma-separated numbers, e.g. 0.2,0.5; got '{text}'") from None
+    else:
+        ratios = [float(x) for x in text]
+    if not ratios or any(not 0 < r < 1 for r in ratios):
+        raise ConfigError(f"every --ratio must be in (0, 1); got {text}")
+    return ratios
+
+
+def resolve_methods(spec: str | list[str]) -> list[str]:
+    """``all`` (whatever METHODS holds now) or a comma list of registered names."""
+    from slimgpt.methods import METHODS
+
+    names = list(METHODS) if spec in ("all", ["all"]) else (spec.split(",") if isinstance(spec, str) else list(spec))
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise ConfigError(f"unknown method(s) {unknown or spec}; choose from {', '.join(METHODS)} or 'all'")
+    return list(dict.fromkeys(names))
+
+
+def depth_unit(name: str, cfg: PruneConfig) -> str | None:
+    """``"layer"``/``"block"`` for methods that remove whole blocks (their ``depth_unit``), else None."""
+    from slimgpt.methods import METHODS
+
+    try:
+        return getattr(METHODS[name](cfg), "depth_unit", None)
+    except Exception:  # a factory that cannot build with the shared settings fails later, in its row
+        return None
+
+
+def order_methods(names: list[str], cfg: PruneConfig) -> list[tuple[str, str | None]]:
+    """Depth methods first, coarsest first; the rest in registry order."""
+    units = [(n, depth_unit(n, cfg)) for n in names]
+    return sorted(units, key=lambda nu: _DEPTH_ORDER.get(nu[1], 2) if nu[1] else 2)
+
+
+def _eval_ppl(model: Any, tok: Any, dataset: str, seqlen: int, max_windows: int | None, data_dir: str | None,
+              batch_size: int, device: torch.device) -> dict[str, Any]:
+    from slimgpt.evaluation.perplexity import perplexity
+
+    t = time.perf_counter()
+    r = perplexity(model, tok, dataset, seqlen=seqlen, batch_size=batch_size, max_windows=max_windows,
+                   data_dir=data_dir, device=device, progress=False)
+    return {"ppl": r["ppl"], "windows": r["windows"], "tokens": r["tokens"], "seqlen": seqlen,
+            "eval_s": time.perf_counter() - t}
+
+
+def _eval_tasks(model: Any, tok: Any, tasks: str | None, limit: float | None, batch_size: int) -> dict[str, Any] | None:
+    if not tasks:
+        return None
+    try:
+        from slimgpt.evaluation.zeroshot import evaluate_tasks
+    except ImportError:
+        log.warning("zero-shot evaluation is not available (slimgpt.evaluation.zeroshot.evaluate_tasks); skipped")
+        return None
+    res = evaluate_tasks(model, tok, tasks, limit=limit, batch_size=batch_size)
+    keep = ("score", "metric", "acc", "acc_norm", "n")
+    return {"tasks": {k: {m: v.get(m) for m in keep} for k, v in res["tasks"].items()},
+            "average": res.get("average"), "average_metric": res.get("average_metric"), "limit": limit,
+            "eval_s": res.get("wall_time_s")}
+
+
+def run_compare(
+    model: str,
+    ratios: str | list[float],
+    methods: str | list[str] = "all",
+    out_dir: str | Path | None = None,
+    *,
+    base: PruneConfig | None = None,
+    ppl_dataset: str = "wikitext2",
+    ppl_seqlen: int = 128,
+    max_windows: int | None = None,
+    tasks: str | None = None,
+    task_limit: float | None = None,
+    eval_batch_size: int = 8,
+    loaded: tuple[Any, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prune ``model`` with every method at every ratio (matched parameter counts), evaluate,
+    write ``compare.json`` and ``compare.md`` to ``out_dir``; returns the JSON dict.
+
+    ``base`` carries the shared pruning settings (calibration, device, dtype, ...); each method
+    gets a copy with its own ``method`` and matched ``ratio``. ``loaded`` is an in-memory
+    ``(model, tokenizer)`` to use instead of loading ``model`` (tests).
+    """
+    from slimgpt.api import prune
+    from slimgpt.surgery import parameter_count
+    from slimgpt.utils import resolve_device, resolve_dtype
+    from slimgpt.zoo import load_model
+
+    ratio_list = parse_ratios(ratios)
+    names = resolve_methods(methods)
+    base = base or PruneConfig(model=model)
+    base = PruneConfig(**{f.name: getattr(base, f.name) for f in fields(PruneConfig)})
+    base.model, base.out, base.blocks = model, None, None
+    base.validate()
+    device = resolve_device(base.device)
+    dtype = resolve_dtype(base.dtype, device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    if loaded is None:
+        dense_model, tok = load_model(model, dtype=dtype, device="cpu")
+    else:
+        dense_model, tok = loaded
+        dense_model.to(dtype)
+    dense_model.eval()
+    dense_params = parameter_count(dense_model)
+    ordered = order_methods(names, base)
+
+    result: dict[str, Any] = {
+        "slimgpt_version": __version__, "model": model, "dense_params": dense_params,
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+        "settings": {**{k: v for k, v in base.to_dict().items() if k not in ("model", "out", "method", "ratio", "blocks")},
+                     "ppl_dataset": ppl_dataset, "ppl_seqlen": ppl_seqlen, "max_windows": max_windows,
+                     "tasks": tasks, "task_limit": task_limit},
+        "matching": "depth methods first (whole layers, then blocks); later methods target the first one's achieved ratio",
+        "methods": [n for n, _ in ordered],
+        "rows": [],
+    }
+
+    def write() -> None:
+        if out is not None:
+            (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+            (out / "compare.md").write_text(format_table(result) + "\n")
+
+    dense_model.to(device)
+    dense_row: dict[str, Any] = {"ratio": 0.0, "method": "dense", "params": dense_params, "removed_ratio": 0.0}
+    dense_row["ppl"] = _eval_ppl(dense_model, tok, ppl_dataset, ppl_seqlen, max_windows, base.data_dir,
+                                 eval_batch_size, device)
+    dense_row["zeroshot"] = _eval_tasks(dense_model, tok, tasks, task_limit, eval_batch_size)
+    dense_model.to("cpu")
+    result["rows"].append(dense_row)
+    write()
+
+    for ratio in ratio_list:
+        matched: float | None = None
+        matched_by: str | None = None
+        for name, unit in ordered:
+            target = matched if matched is not None else ratio
+            cfg = PruneConfig(**{**base.to_dict(), "method": name, "ratio": target})
+            row: dict[str, Any] = {"ratio": ratio, "method": name, "depth_unit": unit, "target_ratio": target,
+                                   "matched_to": matched_by}
+            log.info("compare: %s at ratio %.4f (nominal %.2f)", name, target, ratio)
+            rss0 = rss_bytes()
+            try:
+                res = prune(cfg, model=copy.deepcopy(dense_model), tokenizer=tok, progress=progress)
+            except Exception as e:  # one broken method must not lose the others' results
+                if not isinstance(e, SlimGPTError):
+                    log.error("compare: %s failed:\n%s", name, traceback.format_exc())
+                row["error"] = f"{type(e).__name__}: {e}"
+                result["rows"].append(row)
+                write()
+                continue
+            rep = res.report
+            pruned = rep["params"]["pruned"]
+            row.update({
+                "params": pruned, "removed_params": dense_params - pruned,
+                "removed_ratio": rep["params"]["removed_ratio"],
+                "prune_s": rep["time_s"]["prune_total"],
+                "peak_rss_mib": rep["memory"].get("peak_rss_mib"),
+                "peak_rss_over_start_mib": rep["memory"].get("peak_rss_mib", 0) - rss0 / 2**20,
+                "peak_cuda_mib": rep["memory"].get("peak_cuda_mib"),
+            })
+            if unit and matched is None:
+                matched, matched_by = row["removed_ratio"], name
+            row["off_target_params"] = pruned - round((1 - (matched if matched is not None else ratio)) * dense_params)
+            search = rep["method"].get("search")
+            if isinstance(search, dict):
+                row["search"] = {k: search[k] for k in ("removed", "removed_layers", "evaluations", "search_s")
+                                 if k in search}
+            model = res.model.to(device)
+            try:
+                row["ppl"] = _eval_ppl(model, tok, ppl_dataset, ppl_seqlen, max_windows, base.data_dir,
+                                       eval_batch_size, device)
+                row["zeroshot"] = _eval_tasks(model, tok, tasks, task_limit, eval_batch_size)
+            except SlimGPTError as e:
+                row["error"] = f"evaluation: {e}"
+            del res, model
+            gc.collect()
+            result["rows"].append(row)
+            write()
+    return result
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The comparison as Markdown: one row per (ratio, method)."""
+    s = result["settings"]
+    rows = [r for r in result["rows"]]
+    task_names: list[str] = []
+    for r in rows:
+        for t in ((r.get("zeroshot") or {}).get("tasks") or {}):
+            if t not in task_names:
+                task_names.append(t)
+    ppl_label = f"{s['ppl_dataset']} PPL (seq {s['ppl_seqlen']})"
+    head = ["ratio", "method", "params", "removed", "Δ params vs matched", ppl_label,
+            *task_names, *(["zero-shot avg"] if task_names else []), "prune s", "peak RSS MiB"]
+    cuda = any(r.get("peak_cuda_mib") for r in rows)
+    if cuda:
+        head.append("peak CUDA MiB")
+    lines = [
+        f"Model {result['model']} ({result['dense_params']:,} parameters), {result['device']} {result['dtype']}; "
+        f"calibration {s['calib']} {s['nsamples'] or 'default'}×{s['seqlen'] or 'default'}; "
+        f"perplexity on {'the first ' + str(s['max_windows']) if s['max_windows'] else 'all'} windows.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        if "error" in r and "params" not in r:
+            lines.append(f"| {r['ratio']:.2f} | {r['method']} | error: {r['error'][:120]} |" + " |" * (len(head) - 3))
+            continue
+        zs = r.get("zeroshot") or {}
+        accs = []
+        for t in task_names:
+            score = ((zs.get("tasks") or {}).get(t) or {}).get("score")
+            accs.append(_fmt(None if score is None else 100 * score, ".2f"))
+        if task_names:
+            avg = zs.get("average")
+            accs.append(_fmt(None if avg is None else 100 * avg, ".2f"))
+        cells = [
+            "dense" if r["method"] == "dense" else f"{r['ratio']:.2f}", r["method"], f"{r['params']:,}",
+            f"{r['removed_ratio']:.2%}", _fmt(r.get("off_target_params"), "+,d"),
+            _fmt((r.get("ppl") or {}).get("ppl"), ".2f"), *accs,
+            _fmt(r.get("prune_s"), ".1f"), _fmt(r.get("peak_rss_mib"), ".0f"),
+        ]
+        if cuda:
+            cells.append(_fmt(r.get("peak_cuda_mib"), ".0f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Matching: {result['matching']}."]
+    if task_names:
+        lines.append("Zero-shot: accuracy in %, acc_norm where the task reports it, else acc (lm-eval).")
+    return "\n".join(lines)

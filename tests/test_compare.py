@@ -1,0 +1,86 @@
+"""`slimgpt compare` on a tiny model: matched parameter counts, table output, registry pick-up."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from slimgpt.compare import format_table, order_methods, parse_ratios, resolve_methods, run_compare
+from slimgpt.config import PruneConfig
+from slimgpt.errors import ConfigError
+from slimgpt.methods import METHODS
+from slimgpt.methods.base import GlobalMethod
+from slimgpt.surgery import parameter_count
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    rnd = random.Random(0)
+    f = tmp_path / "text.txt"
+    f.write_text("\n\n".join(" ".join(f"t{rnd.randrange(3, 128)}" for _ in range(200)) for _ in range(30)))
+    return str(f)
+
+
+class _Broken(GlobalMethod):
+    name = "broken"
+
+    def plan(self, ctx):
+        raise RuntimeError("boom")
+
+
+def test_compare_matches_parameter_counts(tiny_llama_gqa, tiny_tokenizer, text_file, tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "broken", lambda cfg: _Broken())
+    dense = parameter_count(tiny_llama_gqa)
+    base = PruneConfig(model="tiny", calib=text_file, nsamples=8, seqlen=32, batch_size=4)
+    out = tmp_path / "cmp"
+    res = run_compare("tiny", "0.3", "slimgpt,broken,blockpruner", out, base=base, ppl_dataset=text_file,
+                      ppl_seqlen=32, max_windows=4, loaded=(tiny_llama_gqa, tiny_tokenizer), progress=False)
+    assert res["methods"] == ["blockpruner", "slimgpt", "broken"]  # depth first
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["dense"]["params"] == dense and rows["dense"]["ppl"]["windows"] == 4
+    bp, sg = rows["blockpruner"], rows["slimgpt"]
+    assert sg["target_ratio"] == bp["removed_ratio"] and sg["matched_to"] == "blockpruner"
+    assert bp["off_target_params"] == 0
+    per_channel = 3 * 64  # gate/up rows + down column of one channel
+    assert abs(sg["params"] - bp["params"]) <= per_channel
+    assert abs(bp["removed_ratio"] - 0.3) < 0.1
+    assert "boom" in rows["broken"]["error"]
+    for r in (bp, sg):
+        assert r["ppl"]["ppl"] > 1 and r["prune_s"] > 0 and r["peak_rss_mib"] > 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["dense", "blockpruner", "slimgpt", "broken"]
+    md = (out / "compare.md").read_text()
+    assert md.strip() == format_table(saved).strip()
+    assert f"{bp['params']:,}" in md and f"{sg['params']:,}" in md and "boom" in md
+
+
+def test_all_takes_whatever_the_registry_holds(monkeypatch):
+    monkeypatch.setitem(METHODS, "latecomer", lambda cfg: _Broken())
+    names = resolve_methods("all")
+    assert "latecomer" in names and names == list(METHODS)
+    ordered = [n for n, _ in order_methods(names, PruneConfig())]
+    assert ordered.index("shortgpt") < ordered.index("blockpruner") < ordered.index("slimgpt")
+    with pytest.raises(ConfigError):
+        resolve_methods("slimgpt,nope")
+    assert parse_ratios("0.2, 0.5") == [0.2, 0.5]
+    with pytest.raises(ConfigError):
+        parse_ratios("0.2,1.5")
+
+
+def test_cli_compare(tiny_llama, tiny_tokenizer, text_file, tmp_path, monkeypatch):
+    import slimgpt.zoo as zoo
+    from slimgpt.cli import main
+
+    monkeypatch.setattr(zoo, "load_model", lambda name, dtype=None, device="cpu": (tiny_llama, tiny_tokenizer))
+    out = tmp_path / "c"
+    rc = main(["compare", "tiny", "--ratio", "0.25", "--methods", "shortgpt,slimgpt", "--out", str(out),
+               "--calib", text_file, "--nsamples", "4", "--seqlen", "32", "--ppl", text_file, "--ppl-seqlen", "32",
+               "--max-windows", "2"])
+    assert rc == 0
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    sg = [r for r in rows if r["method"] == "shortgpt"][0]
+    assert len(sg["search"]["removed_layers"]) == 1  # 25 % of the tiny model is one of its 4 layers
+    assert [r["method"] for r in rows] == ["dense", "shortgpt", "slimgpt"]
+    assert main(["compare", "tiny", "--methods", "nope", "--out", str(out)]) == 2

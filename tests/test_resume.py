@@ -1,0 +1,158 @@
+"""--resume: a run killed after layer k (SIGKILL, no chance to clean up) and resumed must give
+bitwise the weights of an uninterrupted run, in memory and streamed, and across the two; the output
+folder appears only when complete; resuming with other settings is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimgpt.checkpoint import KILL_ENV, Checkpoint
+from slimgpt.cli import main
+from test_streaming import RUN, assert_same_weights, calib_text, run_cli, save_tiny, tree_digest
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(model folder, calibration file, uninterrupted in-memory result)."""
+    src = save_tiny(tmp_path / "src")
+    calib = calib_text(tmp_path / "calib.txt")
+    ref = tmp_path / "ref"
+    assert main(["prune", str(src), "--out", str(ref), "--calib", str(calib), *RUN]) == 0
+    return src, calib, ref
+
+
+def killed(src: Path, calib: Path, out: Path, after: int, *extra: str) -> None:
+    """Run the CLI in a subprocess that SIGKILLs itself right after committing layer ``after``."""
+    r = run_cli("prune", str(src), "--out", str(out), "--calib", str(calib), *RUN, *extra,
+                env={KILL_ENV: str(after)})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert not out.exists()  # the output appears only when complete
+    state = json.loads((Checkpoint.folder_for(out) / "state.json").read_text())
+    assert state["done"] == after + 1
+
+
+def resume(src: Path, calib: Path, out: Path, *extra: str) -> None:
+    assert main(["prune", str(src), "--out", str(out), "--calib", str(calib), *RUN, *extra, "--resume"]) == 0
+    assert not Checkpoint.folder_for(out).exists()  # cleaned up once the output is in place
+
+
+def test_killed_in_memory_run_resumes_identically(setup, tmp_path: Path) -> None:
+    src, calib, ref = setup
+    before = tree_digest(src)
+    out = tmp_path / "out"
+    killed(src, calib, out, 1)
+    work = Checkpoint.folder_for(out)
+    assert sorted(p.name for p in work.iterdir()) == ["inputs-00002", "layer-00000.safetensors",
+                                                      "layer-00001.safetensors", "state.json"]
+    # debris of a kill in the middle of layer 2's writes must not matter
+    (work / "layer-00002.safetensors.tmp").write_bytes(b"half a layer")
+    (work / "inputs-00003.tmp").mkdir()
+    resume(src, calib, out)
+    assert_same_weights(ref, out)
+    assert tree_digest(src) == before
+
+
+def test_checkpoints_do_not_depend_on_how_layers_were_held(setup, tmp_path: Path, monkeypatch) -> None:
+    """Streamed → resumed in memory, and in memory → resumed streamed: the same weights."""
+    src, calib, ref = setup
+    a, b = tmp_path / "a", tmp_path / "b"
+    killed(src, calib, a, 0, "--max-memory", "1KiB")
+    resume(src, calib, a)
+    assert_same_weights(ref, a)
+    _partial_run(src, calib, b, monkeypatch, after=2)
+    resume(src, calib, b, "--max-memory", "1KiB")
+    assert_same_weights(ref, b)
+
+
+def test_kill_after_last_layer_resumes_to_assembly_only(setup, tmp_path: Path, monkeypatch) -> None:
+    src, calib, ref = setup
+    out = tmp_path / "out"
+    killed(src, calib, out, 3, "--max-memory", "1KiB")
+
+    def no_layers(*a, **k):
+        raise AssertionError("all layers were done; nothing should be pruned again")
+
+    monkeypatch.setattr("slimgpt.api.run_layerwise", no_layers)
+    resume(src, calib, out, "--max-memory", "1KiB")
+    assert_same_weights(ref, out)
+
+
+def _partial_run(src: Path, calib: Path, out: Path, monkeypatch, after: int = 1) -> None:
+    """An in-process run interrupted (KeyboardInterrupt) after committing layer ``after``."""
+    commit = Checkpoint.commit
+
+    def interrupt(self, index, plan, hidden):
+        commit(self, index, plan, hidden)
+        if index == after:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Checkpoint, "commit", interrupt)
+        assert main(["prune", str(src), "--out", str(out), "--calib", str(calib), *RUN]) == 130
+    assert Checkpoint.folder_for(out).is_dir() and not out.exists()
+
+
+def last_line(capsys) -> str:
+    """The error line; it must be the only one mentioning an error and carry no traceback."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [ln for ln in lines if "error" in ln.lower()] == lines[-1:] and lines[-1].startswith("slimgpt: error:")
+    assert not any("Traceback" in ln for ln in lines)
+    return lines[-1]
+
+
+def test_resume_with_other_settings_is_refused(setup, tmp_path: Path, monkeypatch, capsys) -> None:
+    src, calib, ref = setup
+    out = tmp_path / "out"
+    _partial_run(src, calib, out, monkeypatch)
+    work = Checkpoint.folder_for(out)
+    saved = tree_digest(work)
+    capsys.readouterr()
+    args = ["prune", str(src), "--out", str(out), "--calib", str(calib), *RUN]
+    assert main([*args, "--ratio", "0.4", "--resume"]) == 2
+    err = last_line(capsys)
+    assert "ratio: 0.3 → 0.4" in err and "--resume" in err
+    other = calib_text(tmp_path / "other.txt", seed=1)
+    assert main(["prune", str(src), "--out", str(out), "--calib", str(other), *RUN, "--resume"]) == 2
+    err = last_line(capsys)
+    assert "calib" in err
+    assert main(args) == 2  # no --resume: refuse rather than silently discard finished layers
+    err = last_line(capsys)
+    assert "add --resume" in err
+    assert tree_digest(work) == saved  # refusals leave the checkpoint as it was
+    resume(src, calib, out)
+    assert_same_weights(ref, out)
+
+
+def test_resume_without_checkpoint_starts_fresh(setup, tmp_path: Path) -> None:
+    src, calib, ref = setup
+    resume(src, calib, tmp_path / "out")
+    assert_same_weights(ref, tmp_path / "out")
+
+
+def test_corrupt_checkpoint_is_refused(setup, tmp_path: Path, monkeypatch, capsys) -> None:
+    src, calib, _ = setup
+    out = tmp_path / "out"
+    _partial_run(src, calib, out, monkeypatch)
+    (Checkpoint.folder_for(out) / "state.json").write_text("{not json")
+    capsys.readouterr()
+    assert main(["prune", str(src), "--out", str(out), "--calib", str(calib), *RUN, "--resume"]) == 2
+    err = last_line(capsys)
+    assert "not a usable slimgpt checkpoint" in err and "delete it" in err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_activation_files_round_trip(tmp_path: Path, dtype: torch.dtype) -> None:
+    from slimgpt.checkpoint import read_tensors, write_tensors
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 5, 7, generator=g).to(dtype), torch.randn(1, 5, 7, generator=g).to(dtype)]
+    xs[0][0, 0, 0] = float("inf")
+    specs = write_tensors(tmp_path / "acts", xs)
+    for mmap in (False, True):
+        back = read_tensors(tmp_path / "acts", specs, mmap)
+        assert all(b.dtype == dtype and torch.equal(a, b) for a, b in zip(xs, back))
