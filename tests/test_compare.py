@@ -84,3 +84,24 @@ def test_cli_compare(tiny_llama, tiny_tokenizer, text_file, tmp_path, monkeypatc
     assert len(sg["search"]["removed_layers"]) == 1  # 25 % of the tiny model is one of its 4 layers
     assert [r["method"] for r in rows] == ["dense", "shortgpt", "slimgpt"]
     assert main(["compare", "tiny", "--methods", "nope", "--out", str(out)]) == 2
+
+
+def test_zero_shot_columns(tiny_llama, tiny_tokenizer, text_file, tmp_path, monkeypatch):
+    import slimgpt.evaluation.zeroshot as zs
+
+    calls = []
+
+    def fake(model, tok, tasks, limit=None, batch_size=8, **kw):
+        calls.append((tasks, limit))
+        score = 0.5 + 0.01 * len(calls)
+        return {"tasks": {"piqa": {"score": score, "metric": "acc_norm", "acc": 0.4, "acc_norm": score, "n": 3}},
+                "average": score, "average_metric": "acc_norm", "wall_time_s": 0.1}
+
+    monkeypatch.setattr(zs, "evaluate_tasks", fake)
+    base = PruneConfig(model="tiny", calib=text_file, nsamples=4, seqlen=32)
+    res = run_compare("tiny", [0.25], "shortgpt", tmp_path, base=base, ppl_dataset=text_file, ppl_seqlen=32,
+                      max_windows=2, tasks="piqa", task_limit=3, loaded=(tiny_llama, tiny_tokenizer), progress=False)
+    assert calls == [("piqa", 3), ("piqa", 3)]  # dense and the pruned model
+    assert res["rows"][1]["zeroshot"]["tasks"]["piqa"]["score"] == pytest.approx(0.52)
+    md = (tmp_path / "compare.md").read_text()
+    assert "| piqa | zero-shot avg |" in md and "| 52.00 | 52.00 |" in md

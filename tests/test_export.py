@@ -295,19 +295,21 @@ def test_gguf_half_precision_and_atomic_write(bpe_tokenizer, tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(os.environ.get("SLIMGPT_LLAMACPP") != "1", reason="set SLIMGPT_LLAMACPP=1 (needs llama-cpp-python)")
-@pytest.mark.parametrize("kind", ["llama", "llama_gqa"])
+@pytest.mark.parametrize("kind", list(MODELS))
 def test_llamacpp_logits_match_pytorch(kind: str, bpe_tokenizer, tmp_path: Path) -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
     cfg_cls, model_cls, kw = MODELS[kind]
     model = build_tiny(cfg_cls, model_cls, vocab_size=VOCAB, **kw)
     slim = slim_model(kind, plans=gguf_plans(model), vocab_size=VOCAB)
     path = export(slim, bpe_tokenizer, "gguf", tmp_path / "m.gguf")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    # f32 KV cache (type 0): the default f16 cache alone costs ~1e-3 on these logits
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+                          type_k=0, type_v=0)
     ids = [5, 17, 99, 3, 64, 21, 7, 110, 42, 8]
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)])
     ref = logits(slim, torch.tensor([ids]))[0].numpy()
-    assert np.allclose(got, ref, atol=1e-3), np.abs(got - ref).max()
+    assert np.allclose(got, ref, atol=1e-4), np.abs(got - ref).max()
 
 
 # ---- ONNX -------------------------------------------------------------------------------------------
@@ -323,3 +325,36 @@ def test_onnx_matches_pytorch(tiny_tokenizer, tmp_path: Path) -> None:
     for ids in (IDS, torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(0))):
         got = session.run(None, {"input_ids": ids.numpy()})[0]
         assert np.allclose(got, logits(slim, ids).numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SLIMGPT_LLAMACPP") != "1", reason="set SLIMGPT_LLAMACPP=1 (needs llama-cpp-python)")
+def test_llamacpp_real_model(tmp_path: Path) -> None:
+    """SmolLM2-135M cut by hand (no calibration needed): layer 0 without attention, layer 5 without
+    MLP, every layer with its own head and channel counts; llama.cpp must tokenise like the HF
+    tokenizer and reproduce the logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from slimgpt.zoo import load_model
+
+    model, tok = load_model("smollm2-135m")
+    rng = random.Random(0)
+    plans = {}
+    for i in range(model.config.num_hidden_layers):
+        groups = sorted(rng.sample(range(3), rng.randint(1, 3)))
+        per = rng.randint(1, 3)
+        heads = [] if i == 0 else [g * 3 + h for g in groups for h in range(per)]
+        channels = [] if i == 5 else sorted(rng.sample(range(1536), rng.randint(100, 1500)))
+        plans[i] = LayerPlan(kept_heads=heads, kept_channels=channels)
+    zero_pruned(model, plans)
+    slim = shrink_model(model, plans)
+    slim.config._name_or_path = str(Path.home() / ".cache/slimgpt/models/smollm2-135m")
+    path = export(slim, tok, "gguf", tmp_path / "m.gguf")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, type_k=0, type_v=0)
+    text = "The 3 capitals: Paris, Berlin and Rome. It's 2024; prices rose 12.5%!"
+    ids = tok(text)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    ref = logits(slim, torch.tensor([ids]))[0].numpy()
+    assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9

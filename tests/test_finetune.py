@@ -47,7 +47,11 @@ def pruned(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture
 def pruned_dir(tiny_llama_gqa, tiny_tokenizer, tmp_path: Path) -> Path:
-    return save_pruned(pruned(tiny_llama_gqa), tiny_tokenizer, tmp_path / "pruned", {"config": {"model": "dense"}})
+    """Like a folder pruned from a zoo model: its config still names the GGUF the weights were
+    dequantised from, so transformers attaches a GGUF quantizer on load (which blocks saving)."""
+    slim = pruned(tiny_llama_gqa)
+    slim.config.quantization_config = {"quant_method": "gguf", "gguf_file": "model.gguf", "dequantize": False}
+    return save_pruned(slim, tiny_tokenizer, tmp_path / "pruned", {"config": {"model": "dense"}})
 
 
 @pytest.fixture

@@ -156,3 +156,27 @@ def test_activation_files_round_trip(tmp_path: Path, dtype: torch.dtype) -> None
     for mmap in (False, True):
         back = read_tensors(tmp_path / "acts", specs, mmap)
         assert all(b.dtype == dtype and torch.equal(a, b) for a, b in zip(xs, back))
+
+
+def test_work_folder_without_a_commit_is_restarted(setup, tmp_path: Path) -> None:
+    """Killed between writing layer 0 and committing it: nothing finished, so no --resume needed."""
+    src, calib, ref = setup
+    out = tmp_path / "out"
+    work = Checkpoint.folder_for(out)
+    work.mkdir()
+    (work / "layer-00000.safetensors").write_bytes(b"written, never committed")
+    (work / "state.json.tmp").write_text("{")
+    assert main(["prune", str(src), "--out", str(out), "--calib", str(calib), *RUN]) == 0
+    assert_same_weights(ref, out)
+
+
+def test_foreign_folder_named_like_a_work_folder_is_left_alone(setup, tmp_path: Path, capsys) -> None:
+    src, calib, _ = setup
+    out = tmp_path / "out"
+    work = Checkpoint.folder_for(out)
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["prune", str(src), "--out", str(out), "--calib", str(calib), *RUN, "--resume"]) == 2
+    assert "is not a slimgpt work folder" in last_line(capsys)
+    assert (work / "notes.txt").read_text() == "mine" and not out.exists()

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -213,6 +214,12 @@ class Checkpoint:
         folder = cls.folder_for(out)
         if source is not None and (folder == source or folder.is_relative_to(source) or source.is_relative_to(folder)):
             raise ConfigError(f"the work folder {folder} would overlap the source model {source}; choose another --out")
+        if folder.exists() and not (folder / "state.json").exists():
+            ours = folder.is_dir() and all(re.fullmatch(r"(layer-\d+\.safetensors|inputs-\d+)(\.tmp)?|state\.json\.tmp",
+                                                        p.name) for p in folder.iterdir())
+            if not ours:
+                raise ConfigError(f"{folder} exists and is not a slimgpt work folder; move it or choose another --out")
+            shutil.rmtree(folder)  # stopped before its first commit: nothing finished to keep
         if not folder.exists():
             if resume:
                 log.info("nothing to resume in %s; starting from layer 0", folder)

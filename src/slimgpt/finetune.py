@@ -431,6 +431,7 @@ def finetune(cfg: FinetuneConfig, model: Any = None, tokenizer: Any = None,
         model, tokenizer = load_model(cfg.model, dtype=torch.float32, device=device)
     if tokenizer is None:
         raise ModelError(f"{cfg.model} has no tokenizer; save one into the model folder")
+    _drop_gguf_quantizer(model)
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
@@ -469,6 +470,15 @@ def finetune(cfg: FinetuneConfig, model: Any = None, tokenizer: Any = None,
         meta = {**_source_metadata(cfg.model), **report, "finetune_history": history}
         out = save_finetuned(result_model, tokenizer, cfg.out, meta, cfg.overwrite)
     return FinetuneResult(result_model, tokenizer, history, report, out)
+
+
+def _drop_gguf_quantizer(model: Any) -> None:
+    """Zoo models were dequantised from GGUF to floats, but their config still names the GGUF
+    quantizer, which transformers attaches on load and which makes ``save_pretrained`` refuse to
+    write. The weights are plain tensors: detach it, as :func:`slimgpt.zoo.convert` does."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "gguf":
+        model.hf_quantizer = None
 
 
 def merge_lora(peft_model: Any) -> nn.Module:
@@ -511,6 +521,7 @@ def save_finetuned(model: Any, tokenizer: Any, out: str | Path, metadata: dict[s
                 tokenizer.save_pretrained(tmp)
             (tmp / "slimgpt_finetune.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
         return Path(out).expanduser().resolve()
+    _drop_gguf_quantizer(model)
     if model.config.model_type.startswith("slimgpt_"):
         from slimgpt.io import save_pruned
 

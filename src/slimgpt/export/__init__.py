@@ -3,19 +3,25 @@
 The slimgpt format (per-layer head/channel counts, :mod:`slimgpt.modeling`) loads in transformers
 and peft. Other engines need one of:
 
-================  ======================================  ===============================================
-``--to``          what                                    runs in
-================  ======================================  ===============================================
-``gguf``          llama.cpp ``deci`` architecture          llama.cpp / llama-cpp-python, keeps the speed-up
-                  (per-layer head and FFN counts)         (checked against PyTorch logits, opt-in test)
-``padded``        stock Llama/Qwen2 folder, removed        anything that serves the original architecture
-                  heads/channels zero-filled back          (transformers, vLLM, TGI, llama.cpp converter);
-                                                          same outputs, *no* speed-up
-``onnx``          ``torch.onnx`` (dynamo) graph            onnxruntime; input_ids → logits, no KV cache
-================  ======================================  ===============================================
+==========  ===========================================  ==========================================
+``--to``    what                                         loads in
+==========  ===========================================  ==========================================
+``gguf``    llama.cpp ``deci`` architecture: per-layer   llama.cpp / llama-cpp-python (logits
+            head and FFN counts, keeps the speed-up      checked in the opt-in test
+                                                         ``SLIMGPT_LLAMACPP=1``); ollama and LM
+                                                         Studio run llama.cpp underneath
+``padded``  stock Llama/Qwen2 folder, removed heads /    transformers without custom code (tested);
+            channels zero-filled back: same outputs,     llama.cpp's ``convert_hf_to_gguf.py``
+            *no* speed-up                                converts it; vLLM/TGI read it as the stock
+                                                         architecture (not run here: no GPU)
+``onnx``    ``torch.onnx`` (dynamo) graph, input_ids →   onnxruntime (tested)
+            logits, no KV cache
+==========  ===========================================  ==========================================
 
-vLLM cannot load the slim format or the ``deci`` GGUF as a pruned model: its Llama/Qwen2 code reads
-one head count per model, so the padded export is the way to serve there.
+vLLM cannot serve the slim format or the ``deci`` GGUF as a pruned model: its Llama/Qwen2 code has
+one query-head count per model (its ``DeciLMForCausalLM`` path takes Nemotron's ``block_configs``,
+which vary key/value groups and FFN multipliers rounded to multiples of 256, never query heads). The padded export is the way to
+serve there, at the dense model's cost.
 
 Every export is written next to its target under a temporary name and renamed into place at the
 end (:func:`atomic_path`), so an interrupted export never leaves a half-written file where a good
