@@ -115,6 +115,9 @@ def test_padded_folder_loads_with_plain_transformers(tiny_tokenizer, tmp_path: P
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
     assert "auto_map" not in config and not any(k.startswith("layer_") for k in config)
     assert not list(out.glob("*.py")) and (out / "tokenizer.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only mode
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
     subprocess.run([sys.executable, "-c", CHILD_PADDED, str(out), str(tmp_path / "res.pt")],

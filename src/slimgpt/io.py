@@ -18,6 +18,7 @@ place at the end, so an interrupted run never leaves a half-written model where 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -59,6 +60,9 @@ def write_pruned_folder(out_dir: str | Path, config: Any, model_class: str, writ
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp is owner-only; a saved model is meant to be shared
     try:
         config.auto_map = {
             "AutoConfig": f"configuration_slimgpt.{type(config).__name__}",

@@ -207,6 +207,10 @@ def convert(name: str, force: bool = False) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         model.hf_quantizer = None  # otherwise save_pretrained refuses a GGUF-loaded model
+        # the weights are now plain floats: a leftover quantization_config would make transformers
+        # attach a GGUF quantizer on every later load (and refuse to save what it loaded)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         del model

@@ -30,6 +30,7 @@ one was.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -55,6 +56,9 @@ def atomic_path(target: str | Path, overwrite: bool = False, folder: bool = True
         raise ConfigError(f"output {out} exists and is {kind}; choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; an export is meant to be shared
     work = tmp if folder else tmp / out.name
     try:
         yield work
