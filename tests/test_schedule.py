@@ -57,8 +57,16 @@ def test_bad_targets_are_clear():
         solve_widths(sp, total, 1.0)
     with pytest.raises(ConfigError, match="only"):
         solve_widths(sp, total, 0.6)
-    with pytest.raises(ConfigError, match="cannot be reached"):
-        solve_widths(sp, total, 0.45, "log", first_ratio=0.0)
+
+
+def test_steep_schedule_raises_first_ratio_instead_of_clipping():
+    sp = spaces(30)
+    total = int(1.27 * sum(s.params for s in sp))
+    widths = solve_widths(sp, total, 0.5, "linear")  # mean layer ratio 0.635 needs a deep end > 1 from r0 = 0.2
+    ratios = [w.ratio for w in widths]
+    assert max(ratios) <= 1.0 and ratios[-1] == pytest.approx(1.0)
+    assert ratios[0] > 0.635 / 3.2  # the first ratio was raised
+    assert abs(removed_params(sp, widths) - 0.5 * total) <= sp[0].per_channel / 2
 
 
 def test_schedule_file(tmp_path):

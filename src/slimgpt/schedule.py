@@ -11,11 +11,15 @@ lands within one channel of the target.
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slimgpt.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("log", "linear", "uniform", "log-decrease", "linear-decrease")
 
@@ -153,26 +157,29 @@ def solve_widths(
     if not 0 <= first <= 1:
         raise ConfigError(f"--first-ratio must be within [0, 1], got {first}")
 
-    def widths_for(last: float) -> list[LayerWidth]:
+    def widths_for(first: float, last: float) -> list[LayerWidth]:
         return [round_layer(s, r) for s, r in zip(spaces, schedule_ratios(schedule, n, first, last))]
 
-    # The free end may exceed 1: layers whose ratio clips at 1 lose both blocks entirely. This
-    # keeps every target reachable for steep schedules (linear at 50 %) instead of refusing.
-    lo, hi = (0.0, 50.0)
-    if removed_params(spaces, widths_for(hi)) < target:
-        most = removed_params(spaces, widths_for(hi)) / total_params
-        raise ConfigError(
-            f"--ratio {target_ratio} cannot be reached with the {schedule} schedule and first ratio "
-            f"{first:.3f} (at most {most:.3f}); raise --first-ratio, lower --ratio, or use --schedule uniform"
-        )
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if removed_params(spaces, widths_for(mid)) < target:
-            lo = mid
-        else:
-            hi = mid
-    a, b = widths_for(lo), widths_for(hi)
-    best = min((a, b), key=lambda w: abs(removed_params(spaces, w) - target))
+    def bisect(make: Callable[[float], list[LayerWidth]], lo: float, hi: float) -> list[LayerWidth]:
+        """The widths, monotone in the free parameter, whose removed count is nearest the target."""
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if removed_params(spaces, make(mid)) < target:
+                lo = mid
+            else:
+                hi = mid
+        return min((make(lo), make(hi)), key=lambda w: abs(removed_params(spaces, w) - target))
+
+    # Solve the free (deep) end within [0, 1]. If even a deep end of 1 is not enough (steep
+    # schedules at high targets, e.g. linear at 50 %), keep it at 1 and raise the first ratio
+    # instead, rather than letting the curve clip at 1 and delete whole layers.
+    if removed_params(spaces, widths_for(first, 1.0)) >= target:
+        best = bisect(lambda last: widths_for(first, last), 0.0, 1.0)
+    else:
+        if removed_params(spaces, widths_for(1.0, 1.0)) < target:
+            raise ConfigError(f"--ratio {target_ratio} cannot be reached; lower --ratio")
+        log.info("%s schedule: raising the first ratio above %.3f to reach the target", schedule, first)
+        best = bisect(lambda f: widths_for(f, 1.0), first, 1.0)
     return _fine_tune(best, spaces, target)
 
 
