@@ -11,10 +11,9 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
-from conftest import build_tiny
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import build_tiny
 from slimgpt.api import prune
 from slimgpt.arch import get_adapter
 from slimgpt.config import PruneConfig
@@ -232,8 +231,8 @@ def test_hybrid_width_pass_runs_on_the_depth_pruned_model(tiny_qwen2, tiny_token
     that model with the schedule solved over the remaining blocks."""
     from slimgpt.data.calibration import get_calibration
     from slimgpt.driver import run_layerwise
-    from slimgpt.plan import LayerPlan
     from slimgpt.methods.slimgpt import SlimGPT
+    from slimgpt.plan import LayerPlan
     from slimgpt.schedule import LayerWidth, solve_widths
     from slimgpt.surgery import shrink_model
 
