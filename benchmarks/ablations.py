@@ -10,7 +10,9 @@ Every run prunes a deep copy of the dense model loaded once, to ``--ratio`` (def
 scores WikiText-2 perplexity (seq 128 on the first 64 windows by default). The paper calibrates on
 256 × 2048 C4 tokens and evaluates the full test set on LLaMA-7B; here the defaults are 32 × 256
 calibration tokens on SmolLM2-135M, so absolute numbers are not comparable to the paper, only the
-directions. Finished runs are cached in ``<out>/ablation_runs.json`` keyed by their full settings,
+directions. Each variant runs once per calibration seed (``--seeds``, default 0,1,2: on this
+small model the calibration draw alone moves 50 % PPL by a third), the table shows every seed and
+the geometric mean, and a direction "holds" only when it holds on every seed. Finished runs are cached in ``<out>/ablation_runs.json`` keyed by their full settings,
 so runs shared between studies (the 32 × 256 C4 log-schedule SlimGPT run is in every one) are
 computed once and an interrupted study resumes. Each study writes ``ablation_<study>.json`` and
 ``.md`` with the sizes, the numbers and whether each of the paper's directions holds.
@@ -53,17 +55,14 @@ BASE: dict[str, Any] = {"calib": "c4", "schedule": "log", "head_score": "gcd", "
 # --------------------------------------------------------------------------- studies
 def table5(a: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     """Paper Table 5: remove DGS (fixed FFN group 128), then also GCD (head scores from the initial
-    H⁻¹). The paper's '-GCD' row is cumulative; '-GCD only' isolates it, gcd-exact is our
-    exact-recomputation variant of GCD, and a second seed gives the noise scale."""
+    H⁻¹). The paper's '-GCD' row is cumulative; '-GCD only' isolates it, and gcd-exact is our
+    exact joint-OBS variant of the GCD head score."""
     return [
         ("SlimGPT", {}),
         ("-DGS", {"ffn_groups": "128"}),
         ("-DGS -GCD (paper's '-GCD')", {"ffn_groups": "128", "head_score": "initial"}),
         ("-GCD only", {"head_score": "initial"}),
         ("gcd-exact", {"head_score": "gcd-exact"}),
-        ("SlimGPT, seed 1 (noise)", {"seed": 1}),
-        ("-GCD only, seed 1", {"head_score": "initial", "seed": 1}),
-        ("-DGS, seed 1", {"ffn_groups": "128", "seed": 1}),
     ]
 
 
@@ -185,21 +184,9 @@ class Runner:
             self._save()
         return self.cache[key]
 
-    def seed_spread(self) -> float | None:
-        """max/min PPL of the full method over seeds 0 and 1, if both runs are cached."""
+    def run(self, overrides: dict[str, Any], seed: int) -> dict[str, Any]:
         a = self.a
-        ppl = []
-        for seed in (0, 1):
-            fields = {**BASE, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": seed}
-            r = self.cache.get(run_key(a.model, a.ratio, fields, a.ppl_seqlen, a.max_windows))
-            if r is None:
-                return None
-            ppl.append(r["ppl"])
-        return max(ppl) / min(ppl)
-
-    def run(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        a = self.a
-        fields = {**BASE, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed, **overrides}
+        fields = {**BASE, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": seed, **overrides}
         key = run_key(a.model, a.ratio, fields, a.ppl_seqlen, a.max_windows)
         if key not in self.cache and self.cache_path.is_file():  # finished by a parallel study?
             self.cache.update(json.loads(self.cache_path.read_text()))
@@ -227,111 +214,105 @@ class Runner:
         del res
         self.cache[key] = entry
         self._save()
-        log.info("%s: ppl %.2f (%.0f s)", overrides or "base", entry["ppl"], entry["wall_s"])
+        log.info("%s seed %d: ppl %.2f (%.0f s)", overrides or "base", seed, entry["ppl"], entry["wall_s"])
         return entry
 
 
 # --------------------------------------------------------------------------- directions
-def _ppl(rows: dict[str, dict[str, Any]], label: str) -> float:
-    return rows[label]["ppl"]
+def combine(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One variant over calibration seeds: the geometric mean PPL (perplexities multiply, and one
+    exploding seed should not swamp the others) and the per-seed runs."""
+    ppls = [r["ppl"] for r in runs.values()]
+    geo = math.exp(sum(math.log(min(x, 1e300)) for x in ppls) / len(ppls))
+    first = next(iter(runs.values()))
+    return {"ppl": geo, "ppl_by_seed": {s: r["ppl"] for s, r in runs.items()}, "params": first["params"],
+            "removed_ratio": first["removed_ratio"], "prune_s": sum(r["prune_s"] for r in runs.values()) / len(runs),
+            "runs": runs}
 
 
-def directions(study: str, rows: dict[str, dict[str, Any]], a: argparse.Namespace,
-               spread: float | None = None) -> list[str]:
-    """Whether each of the paper's claims for the study holds here (lower PPL = better).
-
-    ``spread`` is the seed-to-seed PPL ratio of the full method (max/min over two calibration
-    draws); a difference smaller than that is flagged as within calibration noise.
-    """
+def directions(study: str, rows: dict[str, dict[str, Any]], a: argparse.Namespace) -> list[str]:
+    """Whether each of the paper's claims for the study holds here (lower PPL = better): on the
+    geometric mean over seeds, and on how many seeds separately."""
     out: list[str] = []
 
-    def check(claim: str, better: float, worse: float, detail: str) -> None:
-        ok = better < worse
-        verdict = "holds" if ok else "does not hold"
-        ratio = max(better, worse) / min(better, worse)
-        if spread is not None and ratio < spread:
-            verdict += f", but within the seed-to-seed spread (×{ratio:.2f} < ×{spread:.2f})"
-        out.append(f"- {claim}: **{verdict}** ({detail})")
-
-    def seeds(label: str) -> str:
-        return f"{label}, seed 1"
+    def check(claim: str, better: str, worse: str, note: str = "") -> None:
+        b, w = rows[better], rows[worse]
+        wins = sum(b["ppl_by_seed"][s] < w["ppl_by_seed"][s] for s in b["ppl_by_seed"] if s in w["ppl_by_seed"])
+        n = len(b["ppl_by_seed"])
+        ok = b["ppl"] < w["ppl"]
+        verdict = "holds" if ok and wins == n else "mixed" if ok or wins else "does not hold"
+        out.append(f"- {claim}: **{verdict}** (geo-mean {b['ppl']:.2f} vs {w['ppl']:.2f}; better on {wins}/{n} "
+                   f"seeds{'; ' + note if note else ''})")
 
     if study == "table5":
-        s, dgs, both, gcd = (_ppl(rows, k) for k in ("SlimGPT", "-DGS", "-DGS -GCD (paper's '-GCD')", "-GCD only"))
-        check("GCD better than initial H⁻¹ head scores (on top of -DGS, as the paper)", dgs, both,
-              f"{dgs:.2f} with GCD vs {both:.2f} without")
-        check("GCD better than initial H⁻¹ head scores (DGS kept)", s, gcd, f"{s:.2f} vs {gcd:.2f}")
-        check("DGS at least as good as fixed group 128", s, dgs, f"{s:.2f} vs {dgs:.2f}")
-        s1 = rows.get("SlimGPT, seed 1 (noise)", {}).get("ppl")
-        for label, claim in (("-GCD only", "GCD better than initial H⁻¹ (DGS kept), seed 1"),
-                             ("-DGS", "DGS at least as good as fixed group 128, seed 1")):
-            if s1 is not None and seeds(label) in rows:
-                other = _ppl(rows, seeds(label))
-                check(claim, s1, other, f"{s1:.2f} vs {other:.2f}")
-        check("gcd-exact (exact joint OBS head error) better than the paper's GCD score",
-              _ppl(rows, "gcd-exact"), s, f"{_ppl(rows, 'gcd-exact'):.2f} vs {s:.2f}")
-        if s1 is not None:
-            out.append(f"- seed-to-seed spread of the full method (calibration draw): {s:.2f} vs {s1:.2f} "
-                       f"(×{max(s, s1) / min(s, s1):.2f})")
+        check("GCD better than initial H⁻¹ head scores, on top of -DGS as in the paper", "-DGS",
+              "-DGS -GCD (paper's '-GCD')")
+        check("GCD better than initial H⁻¹ head scores, DGS kept", "SlimGPT", "-GCD only")
+        check("DGS at least as good as a fixed FFN group of 128", "SlimGPT", "-DGS")
+        check("(ours) gcd-exact better than the paper's GCD score", "gcd-exact", "SlimGPT")
     elif study == "table6":
-        inc = min(_ppl(rows, "log"), _ppl(rows, "linear"))
-        uni = _ppl(rows, "uniform")
-        dec = min(_ppl(rows, "log-decrease"), _ppl(rows, "linear-decrease"))
-        check("increasing schedules better than uniform (best of log/linear)", inc, uni,
-              f"best increasing {inc:.2f} vs uniform {uni:.2f}")
-        check("uniform better than decreasing schedules (best of log/linear-decrease)", uni, dec,
-              f"uniform {uni:.2f} vs best decreasing {dec:.2f}")
-        check("log better than linear (the paper's best PPL)", _ppl(rows, "log"), _ppl(rows, "linear"),
-              f"{_ppl(rows, 'log'):.2f} vs {_ppl(rows, 'linear'):.2f}")
-        dead = [r["layer"] for r in rows["linear"]["layers"] if r["params_kept"] == 0]
-        if dead:
-            out.append(f"- linear: to remove 50% with a first-layer ratio of mean/3.2, the schedule has to reach 1.0; "
-                       f"layers {dead} are removed entirely, which is what breaks it")
+        check("increasing (log) better than uniform", "log", "uniform")
+        check("increasing (linear) better than uniform", "linear", "uniform")
+        check("uniform better than decreasing (log-decrease)", "uniform", "log-decrease")
+        check("uniform better than decreasing (linear-decrease)", "uniform", "linear-decrease")
+        check("log better than linear (the paper's best PPL)", "log", "linear")
+        for name in ("linear", "linear-decrease"):
+            first = next(iter(rows[name]["runs"].values()))
+            dead = [r["layer"] for r in first["layers"] if r["params_kept"] == 0]
+            if dead:
+                out.append(f"- {name}: to remove 50% of all parameters the straight line must reach a ratio of 1.0, "
+                           f"so layers {dead} are removed entirely; that, not the slope, is what breaks it")
     elif study == "fig3":
-        for title, labels in (("more calibration samples → lower PPL",
-                               [f"samples {n} × {a.seqlen}" for n in a.fig3_samples]),
-                              ("longer calibration sequences → lower PPL",
-                               [f"seqlen {a.nsamples} × {s}" for s in a.fig3_seqlens])):
-            vals = [_ppl(rows, k) for k in labels]
+        for title, labels in (("more calibration samples", [f"samples {n} × {a.seqlen}" for n in a.fig3_samples]),
+                              ("longer calibration sequences", [f"seqlen {a.nsamples} × {s}" for s in a.fig3_seqlens])):
+            vals = [rows[k]["ppl"] for k in labels]
             mono = all(x > y for x, y in zip(vals, vals[1:]))
-            out.append(f"- {title}, at every step: **{'holds' if mono else 'does not hold'}** "
+            out.append(f"- {title} → lower PPL at every step (geo-mean): **{'holds' if mono else 'does not hold'}** "
                        f"({' → '.join(f'{v:.2f}' for v in vals)})")
-            check(title + " (largest vs smallest)", vals[-1], vals[0], f"{vals[0]:.2f} vs {vals[-1]:.2f}")
+            check(f"{title}: largest better than smallest", labels[-1], labels[0])
+            check(f"{title}: largest better than the default (32 × 256)", labels[-1], labels[len(labels) // 2])
     elif study == "table14":
-        c4, wiki = _ppl(rows, "C4"), _ppl(rows, "Wikipedia (exllamav3 wiki.utf8)")
-        inst = _ppl(rows, "instruction-style (GSM8K Q&A as Alpaca records)")
-        check("pre-training text (C4) gives better WikiText-2 PPL than instruction data", c4, inst,
-              f"C4 {c4:.2f} vs instruction-style {inst:.2f}")
-        out.append(f"- Wikipedia calibration: {wiki:.2f} (same domain as WikiText-2, so not a fair competitor)")
-        zs = {k: v.get("zeroshot", {}).get("average") for k, v in rows.items()}
-        if all(v is not None for v in zs.values()):
-            inst_zs = zs["instruction-style (GSM8K Q&A as Alpaca records)"]
-            out.append(f"- instruction data keeps more zero-shot accuracy than C4: "
-                       f"**{'holds' if inst_zs > zs['C4'] else 'does not hold'}** "
-                       f"({100 * inst_zs:.2f} vs {100 * zs['C4']:.2f})")
+        check("pre-training text (C4) gives better WikiText-2 PPL than instruction-style data", "C4",
+              "instruction-style (GSM8K Q&A as Alpaca records)")
+        check("C4 better than TinyStories (narrow, simple text)", "C4", "TinyStories (exllamav3 tiny.utf8)")
+        check("C4 vs Wikipedia (same domain as WikiText-2, so Wikipedia should win)",
+              "Wikipedia (exllamav3 wiki.utf8)", "C4")
+    base = rows.get("SlimGPT") or rows.get("log") or rows.get("C4") or rows.get(f"samples {a.nsamples} × {a.seqlen}")
+    if base and len(base["ppl_by_seed"]) > 1:
+        v = list(base["ppl_by_seed"].values())
+        out.append(f"- calibration-draw noise: the default run alone spans {min(v):.2f}–{max(v):.2f} PPL over seeds "
+                   f"{', '.join(map(str, base['ppl_by_seed']))} (×{max(v) / min(v):.2f})")
     return out
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2f}" if x < 1e5 else f"{x:.3g}"
 
 
 def markdown(study: str, rows: dict[str, dict[str, Any]], dense: dict[str, Any], a: argparse.Namespace,
              notes: list[str]) -> str:
-    zs = any("zeroshot" in r for r in rows.values())
-    head = "| variant | params (M) | removed | WikiText-2 PPL | prune s |" + (" zero-shot avg |" if zs else "")
+    seeds = a.seeds
+    zs = any("zeroshot" in r for run in rows.values() for r in run["runs"].values())
+    seed_cols = "".join(f" PPL seed {s} |" for s in seeds)
     lines = [
         f"## {study}: SlimGPT ablation on {a.model} at {a.ratio:.0%}",
         "",
-        f"Calibration {a.nsamples} × {a.seqlen} tokens of C4 unless the variant says otherwise, seed {a.seed}; "
-        f"WikiText-2 perplexity at seq {a.ppl_seqlen} on the first {dense['windows']} windows; "
-        f"CPU, {a.threads} torch thread(s).",
+        f"Calibration {a.nsamples} × {a.seqlen} tokens of C4 unless the variant says otherwise, calibration seeds "
+        f"{', '.join(map(str, seeds))}; WikiText-2 perplexity at seq {a.ppl_seqlen} on the first {dense['windows']} "
+        f"windows; CPU, {a.threads} torch thread(s).",
         "",
-        head,
-        "|---|---:|---:|---:|---:|" + ("---:|" if zs else ""),
-        f"| dense | {dense['params'] / 1e6:.2f} | 0 | {dense['ppl']:.2f} | - |" + (" - |" if zs else ""),
+        f"| variant | params (M) | removed |{seed_cols} PPL geo-mean | prune s |",
+        "|---|---:|---:|" + "---:|" * len(seeds) + "---:|---:|",
+        f"| dense | {dense['params'] / 1e6:.2f} | 0 |" + " |" * len(seeds) + f" {dense['ppl']:.2f} | - |",
     ]
     for label, r in rows.items():
-        cell = f" {100 * r['zeroshot']['average']:.2f} |" if zs and "zeroshot" in r else (" - |" if zs else "")
-        ppl = f"{r['ppl']:.2f}" if math.isfinite(r["ppl"]) else "inf"
-        lines.append(f"| {label} | {r['params'] / 1e6:.2f} | {r['removed_ratio']:.2%} | {ppl} | "
-                     f"{r['prune_s']:.0f} |{cell}")
+        cells = "".join(f" {_fmt(r['ppl_by_seed'][s])} |" for s in seeds)
+        lines.append(f"| {label} | {r['params'] / 1e6:.2f} | {r['removed_ratio']:.2%} |{cells} **{_fmt(r['ppl'])}** "
+                     f"| {r['prune_s']:.0f} |")
+    if zs:
+        lines += ["", "Zero-shot average (seed " + str(seeds[0]) + "): " + ", ".join(
+            f"{k} {100 * r['runs'][seeds[0]]['zeroshot']['average']:.2f}" for k, r in rows.items()
+            if "zeroshot" in r["runs"][seeds[0]])]
     lines += ["", "Paper's directions on this model:", *notes, ""]
     return "\n".join(lines)
 
@@ -343,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2", help="calibration seeds; PPL is reported per seed and geo-mean")
     ap.add_argument("--ppl-seqlen", type=int, default=128)
     ap.add_argument("--max-windows", type=int, default=64)
     ap.add_argument("--fig3-samples", default="8,16,32,64")
@@ -355,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "slimgpt" / "calibration")
     a = ap.parse_args(argv)
+    a.seeds = [int(x) for x in a.seeds.split(",")]
     a.fig3_samples = [int(x) for x in a.fig3_samples.split(",")]
     a.fig3_seqlens = [int(x) for x in a.fig3_seqlens.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -368,13 +350,16 @@ def main(argv: list[str] | None = None) -> None:
     for study in (list(STUDIES) if a.study == "all" else [a.study]):
         variants = STUDIES[study](a)
         rows: dict[str, dict[str, Any]] = {}
+        for seed in a.seeds:  # seed-major: a partial run still has whole seeds
+            for label, overrides in variants:
+                log.info("%s: %s, seed %d", study, label, seed)
+                runner.run(overrides, seed)
         for label, overrides in variants:
-            log.info("%s: %s", study, label)
-            rows[label] = runner.run(overrides)
-        notes = directions(study, rows, a, runner.seed_spread())
+            rows[label] = combine({seed: runner.run(overrides, seed) for seed in a.seeds})
+        notes = directions(study, rows, a)
         md = markdown(study, rows, dense, a, notes)
         meta = {"study": study, "model": a.model, "ratio": a.ratio, "nsamples": a.nsamples, "seqlen": a.seqlen,
-                "seed": a.seed, "ppl_seqlen": a.ppl_seqlen, "max_windows": a.max_windows, "threads": a.threads,
+                "seeds": a.seeds, "ppl_seqlen": a.ppl_seqlen, "max_windows": a.max_windows, "threads": a.threads,
                 "torch": torch.__version__, "command": " ".join(sys.argv), "dense": dense}
         (a.out / f"ablation_{study}.json").write_text(
             json.dumps({"meta": meta, "rows": rows, "directions": notes}, indent=1, default=str))

@@ -361,3 +361,15 @@ def test_llamacpp_real_model(tmp_path: Path) -> None:
     ref = logits(slim, torch.tensor([ids]))[0].numpy()
     assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+def test_padded_refuses_models_with_added_output_biases(tiny_llama_gqa):
+    """FLAP adds o_proj/down_proj biases; a stock folder would silently drop them."""
+    from slimgpt.errors import ModelError
+    from slimgpt.export.padded import stock_config
+    from slimgpt.surgery import shrink_model
+
+    slim = shrink_model(tiny_llama_gqa, {})
+    slim.config.down_proj_bias = True
+    with pytest.raises(ModelError, match="biases"):
+        stock_config(slim)

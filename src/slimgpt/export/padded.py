@@ -45,6 +45,10 @@ def stock_config(model: PreTrainedModel) -> Any:
     model_type = model.config.model_type
     if model_type not in STOCK:
         raise ModelError(f"padded export supports Llama and Qwen2 models, not '{model_type}'")
+    if getattr(model.config, "o_proj_bias", False) or getattr(model.config, "down_proj_bias", False):
+        # FLAP's bias compensation adds o_proj/down_proj biases that stock Llama/Qwen2 cannot hold
+        raise ModelError("this model has o_proj/down_proj biases (FLAP) that a stock architecture cannot hold; "
+                         "use --to gguf or the slim folder")
     config_cls, model_cls = STOCK[model_type]
     fields = model.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", *LAYER_FIELDS):
