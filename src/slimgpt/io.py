@@ -75,7 +75,7 @@ def write_pruned_folder(out_dir: str | Path, config: Any, model_class: str, writ
             tokenizer.save_pretrained(tmp)
         info = {"format_version": FORMAT_VERSION, **metadata}
         (tmp / "slimgpt.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-        _replace(tmp, out)
+        replace_path(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -118,18 +118,21 @@ def _check_target(out: Path, source: Path | None, overwrite: bool) -> None:
         raise ConfigError(f"output path {out} exists and is not a folder; choose another")
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and deleted only after
-    the new folder is in place (and restored if the rename fails)."""
+def replace_path(new: Path, out: Path) -> None:
+    """Rename ``new`` (a folder or a file) onto ``out``; an existing ``out`` is moved aside first,
+    deleted only after the new one is in place, and restored if the rename fails."""
     if not out.exists():
-        tmp.rename(out)
+        new.rename(out)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     old.rmdir()
     out.rename(old)
     try:
-        tmp.rename(out)
+        new.rename(out)
     except BaseException:
         old.rename(out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from slimgpt.errors import ConfigError
+from slimgpt.io import replace_path
 
 FORMATS = ("gguf", "padded", "onnx")
 
@@ -62,30 +63,10 @@ def atomic_path(target: str | Path, overwrite: bool = False, folder: bool = True
     work = tmp if folder else tmp / out.name
     try:
         yield work
-        _swap(work, out)
+        replace_path(work, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _swap(new: Path, out: Path) -> None:
-    """Rename ``new`` onto ``out``; an existing ``out`` is moved aside first and restored if the
-    rename fails."""
-    if not out.exists():
-        new.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    out.rename(old)
-    try:
-        new.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
 
 
 def export(model: Any, tokenizer: Any, fmt: str, out: str | Path, overwrite: bool = False,
