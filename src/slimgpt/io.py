@@ -75,6 +75,9 @@ def write_pruned_folder(out_dir: str | Path, config: Any, model_class: str, writ
             tokenizer.save_pretrained(tmp)
         info = {"format_version": FORMAT_VERSION, **metadata}
         (tmp / "slimgpt.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        for f in tmp.iterdir():  # safetensors writes owner-only files; a saved model is meant to be shared
+            if f.is_file() and not f.is_symlink():
+                f.chmod(0o666 & ~umask)
         replace_path(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
