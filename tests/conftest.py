@@ -69,3 +69,14 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def calib_file(tmp_path) -> str:
+    """A calibration text for ``tiny_tokenizer``: 30 paragraphs of 200 random words ``tN``."""
+    import random
+
+    rnd = random.Random(0)
+    f = tmp_path / "calib.txt"
+    f.write_text("\n\n".join(" ".join(f"t{rnd.randrange(3, 128)}" for _ in range(200)) for _ in range(30)))
+    return str(f)

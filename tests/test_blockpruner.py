@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -30,14 +29,6 @@ DEV = torch.device("cpu")
 def calib_ids(n=8, seqlen=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 128, (n, seqlen), generator=g)
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    rnd = random.Random(0)
-    f = tmp_path / "calib.txt"
-    f.write_text("\n\n".join(" ".join(f"t{rnd.randrange(3, 128)}" for _ in range(200)) for _ in range(30)))
-    return str(f)
 
 
 def skipped(model, blocks):

@@ -4,7 +4,6 @@ computations, their budgets, and the shrink/save/reload path, on tiny models."""
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
@@ -233,14 +232,6 @@ def test_shrunk_equals_zeroed_full_model(name, fixture, request):
     unshrunk = copy.deepcopy(model)
     pruned = shrink_model(model, plans)
     torch.testing.assert_close(logits(pruned), logits(unshrunk), atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    rnd = random.Random(0)
-    f = tmp_path / "calib.txt"
-    f.write_text("\n\n".join(" ".join(f"t{rnd.randrange(3, 128)}" for _ in range(200)) for _ in range(30)))
-    return str(f)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
@@ -22,14 +21,6 @@ DEV = torch.device("cpu")
 def calib_ids(n=16, seqlen=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 128, (n, seqlen), generator=g)
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    rnd = random.Random(0)
-    f = tmp_path / "calib.txt"
-    f.write_text("\n\n".join(" ".join(f"t{rnd.randrange(3, 128)}" for _ in range(200)) for _ in range(30)))
-    return str(f)
 
 
 def logits(model, ids=None):
