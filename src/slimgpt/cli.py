@@ -40,7 +40,9 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
                    help=f"zoo name, local Hugging Face folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--out", help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out once the new model is complete")
-    p.add_argument("--method", default="slimgpt", help="pruning method (default slimgpt)")
+    p.add_argument("--method", default="slimgpt",
+                   help="slimgpt (default) | blockpruner | shortgpt | slimgpt+blockpruner | magnitude | wanda-sp | "
+                   "flap | llm-pruner")
     p.add_argument("--ratio", type=ratio_arg, default=0.2, help="share of ALL parameters to remove, in (0, 1)")
     p.add_argument("--schedule", default="log",
                    help=f"per-layer ratio schedule: {'|'.join(SCHEDULES)} or a file of per-layer ratios")
@@ -90,6 +92,7 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
 
 @command("prune", add_prune_args)
 def cmd_prune(a: argparse.Namespace) -> int:
+    """Prune a model (SlimGPT by default, or --method ...) to a share of its parameters and save it."""
     from slimgpt.api import format_layer_table, prune
 
     cfg = config_from_args(a)
