@@ -313,7 +313,8 @@ def markdown(study: str, rows: dict[str, dict[str, Any]], dense: dict[str, Any],
         lines += ["", "Zero-shot average (seed " + str(seeds[0]) + "): " + ", ".join(
             f"{k} {100 * r['runs'][seeds[0]]['zeroshot']['average']:.2f}" for k, r in rows.items()
             if "zeroshot" in r["runs"][seeds[0]])]
-    lines += ["", "Paper's directions on this model:", *notes, ""]
+    lines += ["", "prune s: mean pruning time over seeds on a shared 2-core machine whose load varied between runs; "
+              "not comparable across rows.", "", "Paper's directions on this model:", *notes, ""]
     return "\n".join(lines)
 
 
