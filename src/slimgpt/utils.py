@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import resource
@@ -9,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -91,3 +93,15 @@ class PeakMemory:
         if self.device.type == "cuda":
             d["peak_cuda_mib"] = self.peak_cuda / 2**20
         return d
+
+
+def package_dir(module: str) -> Path | None:
+    """The folder of an installed package, found without importing it (the asset wheels'
+    imports pull dependencies that are not installed)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))

@@ -32,6 +32,7 @@ import torch
 
 from slimgpt.data.corpora import hub_reachable
 from slimgpt.errors import ModelError
+from slimgpt.utils import package_dir
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +115,9 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "slimgpt"
 
 
-def _package_dir(module: str) -> Path | None:
-    """The folder of an installed package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _package_dirs(entry: ZooEntry) -> list[Path]:
     """Folders of all the entry's packages; ModelError with the pip command if any is missing."""
-    dirs = [_package_dir(m) for m in entry.modules]
+    dirs = [package_dir(m) for m in entry.modules]
     missing = [p for p, d in zip(entry.packages, dirs) if d is None]
     if missing:
         raise ModelError(

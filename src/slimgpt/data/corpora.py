@@ -17,7 +17,6 @@ Data folders use the layout ``wikitext-2-raw/wiki.{test,train}.raw``, ``calibrat
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from slimgpt.errors import DataError
+from slimgpt.utils import package_dir
 
 WIKITEXT2_PROTOCOL = (
     "wikitext-2-raw-v1 rows (one a line, empty rows dropped), CRLF normalised, "
@@ -66,13 +66,10 @@ def sha256_text(text: str) -> str:
 
 def _wheel_dir() -> Path | None:
     """exllamav3's calibration folder, located without importing the package (it pulls CUDA code)."""
-    try:
-        spec = importlib.util.find_spec(_WHEEL_PACKAGE)
-    except (ImportError, ValueError):
+    root = package_dir(_WHEEL_PACKAGE)
+    if root is None:
         return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0]).joinpath(*_WHEEL_SUBDIR)
+    folder = root.joinpath(*_WHEEL_SUBDIR)
     return folder if folder.is_dir() else None
 
 

