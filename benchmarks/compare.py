@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="all")
     ap.add_argument("--nsamples", type=int, default=None, help="default: slimgpt prune's CPU/GPU default")
     ap.add_argument("--seqlen", type=int, default=None)
+    ap.add_argument("--search-nsamples", type=int, default=None,
+                    help="blockpruner: score candidates on the first N calibration windows (default: all)")
+    ap.add_argument("--search-dtype", default="auto")
     ap.add_argument("--max-windows", type=int, default=None, help="evaluate the first N windows only (default: all)")
     ap.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. commonsense (default: none)")
     ap.add_argument("--task-limit", type=int, default=None)
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.quick:
         a.nsamples, a.seqlen, a.max_windows = a.nsamples or 8, a.seqlen or 128, a.max_windows or 32
-    base = PruneConfig(model=a.model, nsamples=a.nsamples, seqlen=a.seqlen, device=a.device, data_dir=a.data_dir)
+    base = PruneConfig(model=a.model, nsamples=a.nsamples, seqlen=a.seqlen, device=a.device, data_dir=a.data_dir,
+                       search_nsamples=a.search_nsamples, search_dtype=a.search_dtype)
     result = run_compare(a.model, a.ratios, a.methods, a.out, base=base, max_windows=a.max_windows,
                          tasks=a.tasks, task_limit=a.task_limit)
     print(format_table(result))

@@ -261,3 +261,47 @@ def test_hybrid_width_pass_runs_on_the_depth_pruned_model(tiny_qwen2, tiny_token
     ids = calib_ids(2, 16, seed=4)
     with torch.no_grad():
         assert torch.equal(slim(ids).logits, res.model(ids).logits)
+
+
+def test_search_in_another_dtype_uses_a_cast_copy(tiny_llama_gqa):
+    """The bf16 search equals a search on a copy with every parameter cast (buffers such as RoPE
+    frequencies kept in fp32), and leaves the model as it was."""
+    from slimgpt.methods.blockpruner import resolve_search_dtype, search_adapter
+
+    model = tiny_llama_gqa
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ad = get_adapter(model)
+    spaces = layer_spaces(ad)
+    ids = calib_ids()
+    with search_adapter(ad, DEV, torch.bfloat16) as twin:
+        assert twin.model is not model and next(twin.model.parameters()).dtype == torch.bfloat16
+        got = block_search(twin, ids, spaces, DEV, n_blocks=2, batch_size=4, progress=False)
+    cast = copy.deepcopy(model)
+    for p in cast.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    ref = block_search(get_adapter(cast), ids, spaces, DEV, n_blocks=2, batch_size=4, progress=False)
+    assert got.removed == ref.removed
+    assert [s["candidates"] for s in got.steps] == [s["candidates"] for s in ref.steps]
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    with search_adapter(ad, DEV, torch.float32) as same:
+        assert same is ad
+    assert resolve_search_dtype("float32", torch.float32, DEV) == torch.float32
+    assert resolve_search_dtype("auto", torch.float16, torch.device("cuda")) == torch.float16
+    assert resolve_search_dtype("auto", torch.float32, DEV) in (torch.float32, torch.bfloat16)
+
+
+def test_search_subset_and_dtype_are_used_and_recorded(tiny_llama, tiny_tokenizer, calib_file, tmp_path):
+    cfg = PruneConfig(model="tiny", out=str(tmp_path / "bp"), method="blockpruner", blocks=2, calib=calib_file,
+                      nsamples=8, seqlen=32, batch_size=4, search_nsamples=3, search_dtype="float32")
+    res = prune(cfg, model=tiny_llama, tokenizer=tiny_tokenizer, progress=False)
+    search = res.report["method"]["search"]
+    assert search["calibration_tokens"] == 3 * 31
+    assert search["extra"]["search_windows"] == 3 and search["extra"]["search_dtype"] == "float32"
+    assert res.report["params"]["target_ratio"] is None and res.report["params"]["target_blocks"] == 2
+
+
+@pytest.mark.parametrize("kw", [{"search_dtype": "fp8"}, {"search_nsamples": 0}])
+def test_bad_search_settings_fail_early(kw):
+    with pytest.raises(ConfigError, match="--search"):
+        PruneConfig(method="blockpruner", **kw).validate()

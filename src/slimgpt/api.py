@@ -174,7 +174,8 @@ def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: 
         "calibration": calib_info,
         "params": {
             "dense": dense_params, "pruned": pruned_params,
-            "removed_ratio": 1 - pruned_params / dense_params, "target_ratio": cfg.ratio,
+            "removed_ratio": 1 - pruned_params / dense_params, "target_ratio": None if cfg.blocks else cfg.ratio,
+            "target_blocks": cfg.blocks,
         },
         "time_s": {
             "load": t_loaded - t_start, "prune_total": t_prune,
@@ -233,7 +234,8 @@ def format_layer_table(report: dict[str, Any]) -> str:
     p, t, m = report["params"], report["time_s"], report["memory"]
     rows.append("")
     rows.append(
-        f"parameters: {p['dense']:,} → {p['pruned']:,} (removed {p['removed_ratio']:.2%}, target {p['target_ratio']:.2%})"
+        f"parameters: {p['dense']:,} → {p['pruned']:,} (removed {p['removed_ratio']:.2%}, "
+        + (f"target {p['target_ratio']:.2%})" if p.get("target_ratio") is not None else f"{p['target_blocks']} blocks)")
     )
     rows.append(
         f"time: {t['prune_total']:.1f} s pruning (forward {t['calibration_forward']:.1f} s, Hessian {t['hessian']:.1f} s, "

@@ -67,6 +67,7 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="with --ppl: evaluate the first N windows (default: all on GPU, 128 on CPU)")
     p.add_argument("--blocks", type=int, help="blockpruner/shortgpt: remove N attention/MLP blocks instead of --ratio")
     p.add_argument("--depth-share", type=float, default=0.5, help="slimgpt+blockpruner: share of removed params taken by blocks")
+    add_search_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run checkpointed in OUT.partial/ (same options required)")
     p.add_argument("--max-memory", metavar="SIZE",
@@ -79,13 +80,22 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
     add_prune_eval_args(p)
 
 
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    """BlockPruner's search knobs (prune and compare)."""
+    p.add_argument("--search-dtype", default="auto",
+                   help="blockpruner search precision: auto (bf16 on CPUs with native bf16, else the model's) | float32 "
+                        "| bfloat16 | float16")
+    p.add_argument("--search-nsamples", type=int,
+                   help="blockpruner: score candidates on the first N calibration windows (default: all)")
+
+
 def config_from_args(a: argparse.Namespace) -> PruneConfig:
     return PruneConfig(
         model=a.model, out=a.out, method=a.method, ratio=a.ratio, schedule=a.schedule, first_ratio=a.first_ratio,
         calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size, damp=a.damp, seed=a.seed,
         device=a.device, dtype=a.dtype, head_score=a.head_score, ffn_groups=a.ffn_groups, min_group=a.min_group,
         max_group=a.max_group, propagate=a.propagate, data_dir=a.data_dir, overwrite=a.overwrite,
-        blocks=a.blocks, depth_share=a.depth_share,
+        blocks=a.blocks, depth_share=a.depth_share, search_dtype=a.search_dtype, search_nsamples=a.search_nsamples,
         resume=a.resume, max_memory=a.max_memory, offload_activations=a.offload_activations,
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slimgpt.cli import command
+from slimgpt.cli import add_search_args, command
 from slimgpt.config import CPU_NSAMPLES, CPU_SEQLEN, DEFAULT_MODEL, GPU_NSAMPLES, GPU_SEQLEN, PruneConfig
 from slimgpt.errors import ConfigError
 
@@ -25,6 +25,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, help=f"calibration window length (default {GPU_SEQLEN} GPU / {CPU_SEQLEN} CPU)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     p.add_argument("--depth-share", type=float, default=0.5, help="slimgpt+blockpruner: share of removed params in blocks")
+    add_search_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -42,7 +43,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
     if limit is not None and limit >= 1:
         limit = int(limit)  # lm-eval reads an int as a document count, a float below 1 as a fraction
     base = PruneConfig(model=a.model, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size,
-                       seed=a.seed, device=a.device, dtype=a.dtype, data_dir=a.data_dir, depth_share=a.depth_share)
+                       seed=a.seed, device=a.device, dtype=a.dtype, data_dir=a.data_dir, depth_share=a.depth_share,
+                       search_dtype=a.search_dtype, search_nsamples=a.search_nsamples)
     result = run_compare(a.model, a.ratio, a.methods, a.out, base=base, ppl_dataset=a.ppl, ppl_seqlen=a.ppl_seqlen,
                          max_windows=a.max_windows, tasks=a.tasks, task_limit=limit,
                          eval_batch_size=a.eval_batch_size)

@@ -45,6 +45,8 @@ class PruneConfig:
     overwrite: bool = False
     blocks: int | None = None  # blockpruner / shortgpt: remove this many blocks instead of --ratio
     depth_share: float = 0.5  # slimgpt+blockpruner: share of the removed parameters taken by whole blocks
+    search_dtype: str = "auto"  # blockpruner search precision (auto: bf16 on CPUs with native bf16)
+    search_nsamples: int | None = None  # blockpruner: score candidates on the first N calibration windows
     resume: bool = False  # continue the unfinished run checkpointed in OUT.partial/
     max_memory: str | None = None  # e.g. "4GiB": stream layers from disk when the model would not fit
     offload_activations: str | None = None  # folder for memory-mapped calibration activations
@@ -73,7 +75,11 @@ class PruneConfig:
             raise ConfigError(f"--head-score must be gcd, gcd-exact or initial; got '{self.head_score}'")
         if self.ffn_groups != "dynamic" and not (str(self.ffn_groups).isdigit() and int(self.ffn_groups) > 0):
             raise ConfigError(f"--ffn-groups must be 'dynamic' or a positive integer; got '{self.ffn_groups}'")
-        for name in ("nsamples", "seqlen", "batch_size", "min_group", "max_group"):
+        from slimgpt.methods.blockpruner import SEARCH_DTYPES
+
+        if self.search_dtype not in SEARCH_DTYPES:
+            raise ConfigError(f"--search-dtype must be one of {', '.join(SEARCH_DTYPES)}; got '{self.search_dtype}'")
+        for name in ("nsamples", "seqlen", "batch_size", "min_group", "max_group", "search_nsamples"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive; got {v}")

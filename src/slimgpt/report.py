@@ -331,6 +331,15 @@ def _layer_table(layers: list[dict[str, Any]], stats: dict[str, list[float]] | N
     return rows
 
 
+
+def _target(params: dict) -> str:
+    """``target 20.0%`` for a ratio run, ``target 12 blocks`` for ``--blocks``."""
+    if params.get("target_ratio") is not None:
+        return f"target {params['target_ratio']:.1%}"
+    if params.get("target_blocks"):
+        return f"target {params['target_blocks']} blocks"
+    return "target ?"
+
 def write_report(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -386,7 +395,7 @@ def write_report(
     md = [f"# Pruning report: {run_dir.name}", "", f"{title}.", ""]
     md += [
         f"- parameters: {params.get('dense', 0):,} → {params.get('pruned', 0):,} "
-        f"(target {params.get('target_ratio', 0):.1%}, removed {params.get('removed_ratio', 0):.2%})",
+        f"({_target(params)}, removed {params.get('removed_ratio', 0):.2%})",
         f"- schedule `{cfg.get('schedule')}`, calibration `{cfg.get('calib')}` "
         f"{cfg.get('nsamples')} × {cfg.get('seqlen')} tokens, seed {cfg.get('seed')}, "
         f"head score `{cfg.get('head_score')}`, FFN groups `{cfg.get('ffn_groups')}`",

@@ -21,7 +21,7 @@ from typing import Any
 from slimgpt.driver import run_layerwise
 from slimgpt.errors import ConfigError
 from slimgpt.methods.base import GlobalMethod, Method, PruneContext
-from slimgpt.methods.blockpruner import SearchResult, block_params, block_search, on_device, removal_plans
+from slimgpt.methods.blockpruner import SearchResult, block_params, removal_plans, run_search
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerSpace, LayerWidth, solve_widths
 
@@ -69,12 +69,7 @@ class SlimGPTBlockPruner(GlobalMethod):
         depth_target = self.depth_share * budget
         removed: list[int] = []
         if depth_target > 0:
-            with on_device(ctx.model, ctx.device):
-                self.result = block_search(
-                    adapter, ctx.calib, ctx.spaces, ctx.device, target_params=depth_target,
-                    dense_params=ctx.dense_params, batch_size=cfg.batch_size, timer=ctx.timer,
-                    progress=ctx.progress, allow_none=True,
-                )
+            self.result = run_search(ctx, target_params=depth_target, allow_none=True)
             removed = self.result.removed
         plans = removal_plans(adapter, removed)
         depth_removed = sum(block_params(ctx.spaces, b) for b in removed)
