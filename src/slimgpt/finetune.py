@@ -512,25 +512,26 @@ def save_finetuned(model: Any, tokenizer: Any, out: str | Path, metadata: dict[s
     """Adapters (a PeftModel) → adapter folder (+ tokenizer, ``slimgpt_finetune.json``); a merged
     slim model → a pruned-model folder (:func:`slimgpt.io.save_pruned`); a merged stock model →
     ``save_pretrained``. Atomic in every case."""
-    from slimgpt.export import atomic_path
-
     if hasattr(model, "peft_config"):
-        with atomic_path(out, overwrite) as tmp:
-            model.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            (tmp / "slimgpt_finetune.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-        return Path(out).expanduser().resolve()
+        return _save_folder(model, tokenizer, out, overwrite, "slimgpt_finetune.json", metadata)
     _drop_gguf_quantizer(model)
     if model.config.model_type.startswith("slimgpt_"):
         from slimgpt.io import save_pruned
 
         return save_pruned(model, tokenizer, out, metadata, overwrite=overwrite)
+    return _save_folder(model, tokenizer, out, overwrite, "slimgpt.json", metadata)
+
+
+def _save_folder(model: Any, tokenizer: Any, out: str | Path, overwrite: bool, meta_name: str,
+                 metadata: dict[str, Any]) -> Path:
+    """``save_pretrained`` of model and tokenizer plus a metadata JSON, written atomically."""
+    from slimgpt.export import atomic_path
+
     with atomic_path(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "slimgpt.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        (tmp / meta_name).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
     return Path(out).expanduser().resolve()
 
 

@@ -344,24 +344,30 @@ def target_from_config(ctx: PruneContext, unit: int = 1) -> tuple[int | None, fl
     return None, ctx.cfg.ratio * ctx.dense_params
 
 
-class BlockPruner(GlobalMethod):
-    """Iterative perplexity search over attention and MLP blocks (§7)."""
+class DepthMethod(GlobalMethod):
+    """A method that removes whole blocks: no settings of its own, and its search record
+    (a :class:`SearchResult` or a plain dict) saved under ``"search"`` in the run's JSON."""
 
-    name = "blockpruner"
-    depth_unit = "block"  # for `slimgpt compare`: achieved ratios come in whole blocks
+    depth_unit = "block"  # for `slimgpt compare`: achieved ratios come in whole blocks (or layers)
 
     def __init__(self) -> None:
-        self.result: SearchResult | None = None
+        self.result: SearchResult | dict[str, Any] | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> BlockPruner:
+    def from_config(cls, cfg: Any) -> DepthMethod:
         return cls()
 
     def config(self) -> dict:
         d: dict[str, Any] = {"name": self.name}
         if self.result is not None:
-            d["search"] = self.result.as_dict()
+            d["search"] = self.result.as_dict() if isinstance(self.result, SearchResult) else self.result
         return d
+
+
+class BlockPruner(DepthMethod):
+    """Iterative perplexity search over attention and MLP blocks (§7)."""
+
+    name = "blockpruner"
 
     def plan(self, ctx: PruneContext) -> dict[int, LayerPlan]:
         n_blocks, target = target_from_config(ctx)

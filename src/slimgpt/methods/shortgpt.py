@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import ConfigError
-from slimgpt.methods.base import GlobalMethod, PruneContext
-from slimgpt.methods.blockpruner import block_params, on_device, removal_plans, target_from_config
+from slimgpt.methods.base import PruneContext
+from slimgpt.methods.blockpruner import (
+    DepthMethod,
+    block_params,
+    on_device,
+    removal_plans,
+    target_from_config,
+)
 from slimgpt.plan import LayerPlan
 
 log = logging.getLogger(__name__)
@@ -54,24 +59,11 @@ def layers_for_target(order: list[int], sizes: list[int], target: float) -> int:
     return best
 
 
-class ShortGPT(GlobalMethod):
+class ShortGPT(DepthMethod):
     """Layer removal by Block Influence."""
 
     name = "shortgpt"
     depth_unit = "layer"  # for `slimgpt compare`: the coarsest granularity, run first
-
-    def __init__(self) -> None:
-        self.result: dict[str, Any] | None = None
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> ShortGPT:
-        return cls()
-
-    def config(self) -> dict:
-        d: dict[str, Any] = {"name": self.name}
-        if self.result is not None:
-            d["search"] = self.result
-        return d
 
     def plan(self, ctx: PruneContext) -> dict[int, LayerPlan]:
         n_blocks, target = target_from_config(ctx, unit=2)
