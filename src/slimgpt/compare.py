@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from slimgpt import __version__
-from slimgpt.config import PruneConfig
+from slimgpt.config import CPU_NSAMPLES, CPU_SEQLEN, GPU_NSAMPLES, GPU_SEQLEN, PruneConfig
 from slimgpt.errors import ConfigError, SlimGPTError
 from slimgpt.utils import rss_bytes
 
@@ -213,8 +213,9 @@ def run_compare(
             row["off_target_params"] = pruned - round((1 - (matched if matched is not None else ratio)) * dense_params)
             search = rep["method"].get("search")
             if isinstance(search, dict):
-                row["search"] = {k: search[k] for k in ("removed", "removed_layers", "evaluations", "search_s")
-                                 if k in search}
+                row["search"] = {k: search[k] for k in ("removed", "removed_layers", "evaluations", "search_s",
+                                                        "calibration_tokens") if k in search}
+                row["search"].update({k: v for k, v in (search.get("extra") or {}).items() if k.startswith("search_")})
             model = res.model.to(device)
             try:
                 row["ppl"] = _eval_ppl(model, tok, ppl_dataset, ppl_seqlen, max_windows, base.data_dir,
@@ -248,9 +249,12 @@ def format_table(result: dict[str, Any]) -> str:
     cuda = any(r.get("peak_cuda_mib") for r in rows)
     if cuda:
         head.append("peak CUDA MiB")
+    gpu = str(result["device"]).startswith("cuda")
+    nsamples = s["nsamples"] or (GPU_NSAMPLES if gpu else CPU_NSAMPLES)
+    seqlen = s["seqlen"] or (GPU_SEQLEN if gpu else CPU_SEQLEN)
     lines = [
         f"Model {result['model']} ({result['dense_params']:,} parameters), {result['device']} {result['dtype']}; "
-        f"calibration {s['calib']} {s['nsamples'] or 'default'}×{s['seqlen'] or 'default'}; "
+        f"calibration {s['calib']} {nsamples}×{seqlen}; "
         f"perplexity on {'the first ' + str(s['max_windows']) if s['max_windows'] else 'all'} windows.",
         "",
         "| " + " | ".join(head) + " |",
@@ -278,6 +282,13 @@ def format_table(result: dict[str, Any]) -> str:
             cells.append(_fmt(r.get("peak_cuda_mib"), ".0f"))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Matching: {result['matching']}."]
+    searched = [r for r in rows if (r.get("search") or {}).get("evaluations")]
+    if searched:
+        windows = s.get("search_nsamples") or nsamples
+        lines.append(f"Block searches score candidates on {windows} × {seqlen} calibration tokens "
+                     f"(search dtype {s.get('search_dtype', 'auto')}): "
+                     + "; ".join(f"{r['method']} at {r['ratio']:.2f}: {r['search']['evaluations']:,} evaluations "
+                                 f"in {r['search']['search_s']:.0f} s" for r in searched) + ".")
     if task_names:
         lines.append("Zero-shot: accuracy in %, acc_norm where the task reports it, else acc (lm-eval).")
     return "\n".join(lines)
