@@ -79,21 +79,6 @@ def test_unsupported_architecture_gpt2(env, capsys) -> None:
           "architecture 'gpt2' is not supported", "llama")
 
 
-def test_unsupported_architecture_gemma3(env, capsys) -> None:
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from slimgpt.arch import ADAPTERS
-
-    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    if cfg.model_type in ADAPTERS:
-        pytest.skip(f"{cfg.model_type} is supported now")
-    gemma = env["root"] / "gemma"
-    Gemma3ForCausalLM(cfg).save_pretrained(gemma)
-    fails(env, capsys, [str(gemma), "--out", str(env["out"]), "--calib", str(env["calib"]), *RUN, "--max-memory", "1G"],
-          f"architecture '{cfg.model_type}' is not supported")
-
-
 @pytest.mark.parametrize("stream", [[], ["--max-memory", "1KiB"]])
 def test_tokenizer_missing(env, capsys, stream) -> None:
     src = save_tiny(env["root"] / "notok", tokenizer=False)

@@ -71,7 +71,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="pruned folder (or any Llama/Qwen2 model folder / zoo name)")
+    p.add_argument("model", help="pruned folder (or any Llama/Qwen2/Gemma 3 model folder / zoo name)")
     p.add_argument("--to", required=True, choices=("gguf", "padded", "onnx"),
                    help="gguf: llama.cpp 'deci' file; padded: stock-architecture folder; onnx: onnxruntime folder")
     p.add_argument("--out", required=True, help="output file (gguf) or folder (padded, onnx)")

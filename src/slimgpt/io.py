@@ -2,7 +2,7 @@
 
 A saved folder is an ordinary transformers checkpoint plus two things:
 
-    config.json                 model_type slimgpt_llama / slimgpt_qwen2, per-layer size lists, and
+    config.json                 model_type slimgpt_llama / _qwen2 / _gemma3, per-layer size lists, and
                                 auto_map → the two copied files below
     configuration_slimgpt.py    copies of slimgpt/modeling/*, so any process loads the folder with
     modeling_slimgpt.py         AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
@@ -41,7 +41,7 @@ def save_pruned(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, met
     """Write ``model`` (a slim model from :func:`slimgpt.surgery.shrink_model`), ``tokenizer``
     (may be ``None``) and ``metadata`` to ``out_dir``; returns the absolute folder path."""
     model_type = model.config.model_type
-    if model_type not in ("slimgpt_llama", "slimgpt_qwen2"):
+    if model_type not in slim_modeling.SLIM_MODEL_TYPES:
         raise ModelError(f"save_pruned expects a shrunk model, got model_type '{model_type}'; "
                          "pass it through slimgpt.surgery.shrink_model first")
     return write_pruned_folder(out_dir, model.config, type(model).__name__, model.save_pretrained, tokenizer,

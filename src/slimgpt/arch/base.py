@@ -11,7 +11,7 @@ and the down_proj Hessian in the MLP block, and BlockPruner removes blocks one a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -51,9 +51,15 @@ class MlpLinears:
 @dataclass
 class LayerContext:
     """What a decoder layer needs besides hidden states, shared by all calibration batches
-    of one sequence length: rotary embeddings and the causal mask."""
+    of one sequence length: rotary embeddings and the causal mask.
+
+    Models whose layers differ in attention kind (Gemma 3: sliding-window layers with a local
+    rotary base, full layers with a global one) also fill ``by_type``, one set of keyword
+    arguments per ``config.layer_types`` entry; their adapter picks the layer's own.
+    """
 
     attn_kwargs: dict[str, Any]
+    by_type: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class ModelAdapter:
@@ -96,6 +102,11 @@ class ModelAdapter:
 
     def intermediate_size(self, layer: nn.Module) -> int:
         return self.mlp(layer).down.in_features
+
+    def attention_block_modules(self, layer: nn.Module) -> tuple[nn.Module, ...]:
+        """Every module whose weights :meth:`attention_block` reads (its outputs are cached
+        for as long as none of them changes)."""
+        return layer.self_attn, layer.input_layernorm
 
     # ---- running the model block by block ------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

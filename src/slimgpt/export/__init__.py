@@ -8,11 +8,11 @@ and peft. Other engines need one of:
 ==========  ===========================================  ==========================================
 ``gguf``    llama.cpp ``deci`` architecture: per-layer   llama.cpp / llama-cpp-python (logits
             head and FFN counts, keeps the speed-up      checked in the opt-in test
-                                                         ``SLIMGPT_LLAMACPP=1``); ollama and LM
+            (Llama/Qwen2; Gemma 3 is refused)            ``SLIMGPT_LLAMACPP=1``); ollama and LM
                                                          Studio run llama.cpp underneath
-``padded``  stock Llama/Qwen2 folder, removed heads /    transformers without custom code (tested);
-            channels zero-filled back: same outputs,     llama.cpp's ``convert_hf_to_gguf.py``
-            *no* speed-up                                converts it; vLLM/TGI read it as the stock
+``padded``  stock Llama/Qwen2/Gemma 3 folder, removed    transformers without custom code (tested);
+            heads / channels zero-filled back: same      llama.cpp's ``convert_hf_to_gguf.py``
+            outputs, *no* speed-up                       converts it; vLLM/TGI read it as the stock
                                                          architecture (not run here: no GPU)
 ``onnx``    ``torch.onnx`` (dynamo) graph, input_ids →   onnxruntime (tested)
             logits, no KV cache
@@ -71,7 +71,8 @@ def atomic_path(target: str | Path, overwrite: bool = False, folder: bool = True
 
 def export(model: Any, tokenizer: Any, fmt: str, out: str | Path, overwrite: bool = False,
            **options: Any) -> Path:
-    """Write ``model`` (slim or stock Llama/Qwen2) in format ``fmt``; returns the written path."""
+    """Write ``model`` (slim or stock Llama/Qwen2/Gemma 3) in format ``fmt``; returns the written path.
+    Gemma 3 has no GGUF mapping (``deci`` lacks its norms and sliding windows): a one-line ModelError."""
     writers: dict[str, Callable[..., Path]]
     from slimgpt.export.gguf import export_gguf
     from slimgpt.export.onnx import export_onnx

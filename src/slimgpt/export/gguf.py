@@ -207,6 +207,9 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, dtype: str = "f32", pre: 
     if dtype not in DTYPES:
         raise ConfigError(f"unknown GGUF type '{dtype}'; choose one of: {', '.join(DTYPES)}")
     config = model.config
+    if "gemma3" in config.model_type:
+        raise ModelError("GGUF export cannot express Gemma 3: llama.cpp's 'deci' architecture has no post-attention/"
+                         "post-feedforward norms, q/k norms or sliding-window layers; use the slim folder or --to padded")
     if not config.model_type.endswith(("llama", "qwen2")):
         raise ModelError(f"GGUF export supports Llama and Qwen2 models, not '{config.model_type}'")
     if getattr(config, "use_sliding_window", False):

@@ -1,5 +1,5 @@
-"""Padded export: a stock ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` folder with the original
-shapes, removed heads and channels filled back in as zeros.
+"""Padded export: a stock ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Gemma3ForCausalLM`` folder
+with the original shapes, removed heads and channels filled back in as zeros.
 
 Any engine that serves the original architecture (transformers without custom code, vLLM, TGI,
 llama.cpp's ``convert_hf_to_gguf.py``) then runs the pruned model: same outputs, but none of the
@@ -9,7 +9,8 @@ slim format and the ``deci`` GGUF cannot go (vLLM reads one head count per model
 Why zeros reproduce the pruned model exactly: a padded query head has zero q rows and zero o_proj
 columns, so whatever it attends to, it adds nothing; a padded key/value head is read only by
 padded query heads; a padded channel has zero gate/up rows (and biases) and zero down columns, and
-``act(0) * 0 = 0``. The original geometry comes from the slim config's stock fields
+``act(0) * 0 = 0``. (Gemma 3's norms act on the block outputs or per head over ``head_dim``, so
+they see the same values.) The original geometry comes from the slim config's stock fields
 (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``), which keep the
 unpruned model's values (:mod:`slimgpt.modeling.configuration_slimgpt`).
 
@@ -27,7 +28,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from slimgpt.errors import ModelError
 from slimgpt.modeling.configuration_slimgpt import LAYER_FIELDS
@@ -37,6 +46,8 @@ STOCK = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "slimgpt_qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "slimgpt_gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
 }
 
 
@@ -44,9 +55,9 @@ def stock_config(model: PreTrainedModel) -> Any:
     """The unpruned model's stock config: the slim config minus its per-layer lists and auto_map."""
     model_type = model.config.model_type
     if model_type not in STOCK:
-        raise ModelError(f"padded export supports Llama and Qwen2 models, not '{model_type}'")
+        raise ModelError(f"padded export supports Llama, Qwen2 and Gemma 3 models, not '{model_type}'")
     if getattr(model.config, "o_proj_bias", False) or getattr(model.config, "down_proj_bias", False):
-        # FLAP's bias compensation adds o_proj/down_proj biases that stock Llama/Qwen2 cannot hold
+        # FLAP's bias compensation adds o_proj/down_proj biases that the stock architectures cannot hold
         raise ModelError("this model has o_proj/down_proj biases (FLAP) that a stock architecture cannot hold; "
                          "use --to gguf or the slim folder")
     config_cls, model_cls = STOCK[model_type]
@@ -139,7 +150,7 @@ def to_padded(model: PreTrainedModel) -> PreTrainedModel:
     if config.tie_word_embeddings:
         padded.tie_weights()
     source_buffers = dict(model.named_buffers())
-    for name, buf in list(padded.named_buffers()):  # rotary inv_freq (not in the state dict)
+    for name, buf in list(padded.named_buffers()):  # rotary inv_freq, Gemma's embed_scale (not in the state dict)
         if buf.device.type == "meta":
             owner, _, key = name.rpartition(".")
             padded.get_submodule(owner)._buffers[key] = source_buffers[name].clone()

@@ -69,7 +69,7 @@ class LayerRunner:
 
     # ---- activations ---------------------------------------------------------------------
     def _attn_version(self) -> int:
-        mods = (self.layer.self_attn, self.layer.input_layernorm)
+        mods = self.adapter.attention_block_modules(self.layer)
         return sum(p._version for m in mods for p in m.parameters())
 
     def _check(self, t: torch.Tensor, what: str) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""The slimgpt saved format: Llama / Qwen2 with per-layer head and channel counts.
+"""The slimgpt saved format: Llama / Qwen2 / Gemma 3 (text) with per-layer head and channel counts.
 
-Importing this package registers the two model types with transformers' Auto classes, so that
+Importing this package registers the slim model types with transformers' Auto classes, so that
 ``AutoModelForCausalLM.from_pretrained(folder)`` works in-process without ``trust_remote_code``.
 Saved folders also carry copies of ``configuration_slimgpt.py`` and ``modeling_slimgpt.py`` (see
 :mod:`slimgpt.io`), so processes without slimgpt load them with ``trust_remote_code=True``.
@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from slimgpt.modeling.configuration_slimgpt import SlimLlamaConfig, SlimQwen2Config
-from slimgpt.modeling.modeling_slimgpt import SlimLlamaForCausalLM, SlimQwen2ForCausalLM
+from slimgpt.modeling.configuration_slimgpt import SlimGemma3Config, SlimLlamaConfig, SlimQwen2Config
+from slimgpt.modeling.modeling_slimgpt import (
+    SlimGemma3ForCausalLM,
+    SlimLlamaForCausalLM,
+    SlimQwen2ForCausalLM,
+)
 
 #: stock model_type → (slim config class, slim model class)
 SLIM_CLASSES = {
@@ -19,7 +23,12 @@ SLIM_CLASSES = {
     "slimgpt_llama": (SlimLlamaConfig, SlimLlamaForCausalLM),
     "qwen2": (SlimQwen2Config, SlimQwen2ForCausalLM),
     "slimgpt_qwen2": (SlimQwen2Config, SlimQwen2ForCausalLM),
+    "gemma3_text": (SlimGemma3Config, SlimGemma3ForCausalLM),
+    "slimgpt_gemma3": (SlimGemma3Config, SlimGemma3ForCausalLM),
 }
+
+#: model_type of every slim config (what a shrunk model's config says)
+SLIM_MODEL_TYPES = frozenset(config_cls.model_type for config_cls, _ in SLIM_CLASSES.values())
 
 
 def register() -> None:
@@ -31,5 +40,5 @@ def register() -> None:
 
 register()
 
-__all__ = ["SLIM_CLASSES", "SlimLlamaConfig", "SlimLlamaForCausalLM", "SlimQwen2Config",
-           "SlimQwen2ForCausalLM", "register"]
+__all__ = ["SLIM_CLASSES", "SLIM_MODEL_TYPES", "SlimGemma3Config", "SlimGemma3ForCausalLM", "SlimLlamaConfig",
+           "SlimLlamaForCausalLM", "SlimQwen2Config", "SlimQwen2ForCausalLM", "register"]

@@ -1,4 +1,4 @@
-"""Configurations of structurally pruned Llama / Qwen2 models (the slimgpt saved format).
+"""Configurations of structurally pruned Llama / Qwen2 / Gemma 3 models (the slimgpt saved format).
 
 Stock configs describe every decoder layer with one ``num_attention_heads`` /
 ``num_key_value_heads`` / ``intermediate_size``. Pruning leaves each layer with its own sizes, so
@@ -22,12 +22,12 @@ processes that never imported slimgpt: it may import only torch and transformers
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, Qwen2Config
+from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 
 LAYER_FIELDS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
 
 
-def _complete_layer_lists(cfg: LlamaConfig | Qwen2Config) -> None:
+def _complete_layer_lists(cfg: LlamaConfig | Qwen2Config | Gemma3TextConfig) -> None:
     """Fill missing per-layer lists with the stock sizes and check that the lists describe a
     model the modelling code can build (raises ``ValueError`` otherwise)."""
     n = cfg.num_hidden_layers
@@ -78,4 +78,20 @@ class SlimQwen2Config(Qwen2Config):
         _complete_layer_lists(self)
 
 
-__all__ = ["SlimLlamaConfig", "SlimQwen2Config"]
+class SlimGemma3Config(Gemma3TextConfig):
+    """``Gemma3TextConfig`` (text-only Gemma 3) with per-layer head and channel counts."""
+
+    model_type = "slimgpt_gemma3"
+
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _complete_layer_lists(self)
+
+
+__all__ = ["SlimGemma3Config", "SlimLlamaConfig", "SlimQwen2Config"]

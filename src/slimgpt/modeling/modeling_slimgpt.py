@@ -1,4 +1,4 @@
-"""Llama / Qwen2 whose decoder layers each have their own head and channel counts.
+"""Llama / Qwen2 / Gemma 3 (text) whose decoder layers each have their own head and channel counts.
 
 Only constructors differ from the stock classes: every layer ``i`` is built with
 ``config.layer_num_attention_heads[i]`` query heads, ``layer_num_key_value_heads[i]`` key/value
@@ -12,8 +12,11 @@ Removed blocks keep zero-sized linears (so checkpoints and parameter names stay 
 - 0 channels: the stock MLP already returns exactly zero (``down_proj`` sums over nothing).
 - 0 heads: the attention returns ``o_proj`` of an empty input (zero, or ``o_proj.bias``) and still
   writes a ``(batch, 1, seq, 1)`` zero placeholder into the KV cache: the cache reads the sequence
-  length from layer 0 (and counts a tensor without elements as length 0), so without it positions
+  length from layer 0 (and counts a tensor without elements as length 0), and a hybrid cache
+  (Gemma 3) reads mask sizes from the first sliding and the first full layer, so without it positions
   and masks go wrong during incremental decoding. It costs one number per token and layer.
+- Gemma 3 adds a norm on each block's output before the residual add; RMSNorm of zero is zero, so
+  removed blocks still add nothing there.
 
 This file is copied beside every saved model for ``trust_remote_code=True``: it may import only
 torch, transformers and its sibling ``configuration_slimgpt``.
@@ -24,9 +27,19 @@ from __future__ import annotations
 import warnings
 
 from torch import nn
-from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+from transformers import Gemma3ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.gemma3.modeling_gemma3 import (
+    Gemma3Attention,
+    Gemma3DecoderLayer,
+    Gemma3MLP,
+    Gemma3PreTrainedModel,
+    Gemma3RMSNorm,
+    Gemma3RotaryEmbedding,
+    Gemma3TextModel,
+    Gemma3TextScaledWordEmbedding,
+)
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -46,7 +59,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2RotaryEmbedding,
 )
 
-from .configuration_slimgpt import SlimLlamaConfig, SlimQwen2Config
+from .configuration_slimgpt import SlimGemma3Config, SlimLlamaConfig, SlimQwen2Config
 
 # ---- shared constructors ------------------------------------------------------------------------
 
@@ -79,7 +92,7 @@ def _init_attention(attn: nn.Module, config, layer_idx: int, qkv_bias: bool, o_b
     attn.o_proj = _linear(heads * d, config.hidden_size, o_bias or getattr(config, "o_proj_bias", False))
 
 
-def _init_mlp(mlp: nn.Module, config, layer_idx: int, bias: bool) -> None:
+def _init_mlp(mlp: nn.Module, config, layer_idx: int, bias: bool, act: str | None = None) -> None:
     nn.Module.__init__(mlp)
     mlp.config = config
     mlp.hidden_size = config.hidden_size
@@ -87,7 +100,7 @@ def _init_mlp(mlp: nn.Module, config, layer_idx: int, bias: bool) -> None:
     mlp.gate_proj = _linear(mlp.hidden_size, mlp.intermediate_size, bias)
     mlp.up_proj = _linear(mlp.hidden_size, mlp.intermediate_size, bias)
     mlp.down_proj = _linear(mlp.intermediate_size, mlp.hidden_size, bias or getattr(config, "down_proj_bias", False))
-    mlp.act_fn = ACT2FN[config.hidden_act]
+    mlp.act_fn = ACT2FN[act or config.hidden_act]
 
 
 def _init_layer(layer: nn.Module, config, layer_idx: int, attn_cls, mlp_cls, norm_cls) -> None:
@@ -99,10 +112,11 @@ def _init_layer(layer: nn.Module, config, layer_idx: int, attn_cls, mlp_cls, nor
     layer.post_attention_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
 
 
-def _init_decoder(model: nn.Module, config, layer_cls, norm_cls, rotary_cls) -> None:
+def _init_decoder(model: nn.Module, config, layer_cls, norm_cls, rotary_cls, embed_cls=nn.Embedding,
+                  **embed_kwargs) -> None:
     model.padding_idx = config.pad_token_id
     model.vocab_size = config.vocab_size
-    model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, model.padding_idx)
+    model.embed_tokens = embed_cls(config.vocab_size, config.hidden_size, model.padding_idx, **embed_kwargs)
     model.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
     model.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
     model.rotary_emb = rotary_cls(config=config)
@@ -211,7 +225,67 @@ class SlimQwen2ForCausalLM(Qwen2ForCausalLM):
         self.post_init()
 
 
+# ---- Gemma 3 (text) -------------------------------------------------------------------------------
+# Four norms per layer, q_norm / k_norm over head_dim (kept whatever the head count), scaled
+# embeddings, query_pre_attn_scalar and sliding-window layers: the stock forward handles all of it,
+# including the hybrid KV cache, where a 0-head layer's placeholder counts tokens like any other.
+
+
+class SlimGemma3Attention(_HeadlessAttention, Gemma3Attention):
+    def __init__(self, config: SlimGemma3Config, layer_idx: int):
+        _init_attention(self, config, layer_idx, config.attention_bias, config.attention_bias)
+        self.scaling = config.query_pre_attn_scalar**-0.5
+        self.is_causal = not config.use_bidirectional_attention
+        self.layer_type = config.layer_types[layer_idx]
+        self.is_sliding = self.layer_type == "sliding_attention"
+        self.sliding_window = config.sliding_window if self.is_sliding else None
+        self.attn_logit_softcapping = config.attn_logit_softcapping
+        self.q_norm = Gemma3RMSNorm(dim=config.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = Gemma3RMSNorm(dim=config.head_dim, eps=config.rms_norm_eps)
+
+
+class SlimGemma3MLP(Gemma3MLP):
+    def __init__(self, config: SlimGemma3Config, layer_idx: int):
+        _init_mlp(self, config, layer_idx, bias=False, act=config.hidden_activation)
+
+
+class SlimGemma3DecoderLayer(Gemma3DecoderLayer):
+    def __init__(self, config: SlimGemma3Config, layer_idx: int):
+        _init_layer(self, config, layer_idx, SlimGemma3Attention, SlimGemma3MLP, Gemma3RMSNorm)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.pre_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class SlimGemma3TextModel(Gemma3TextModel):
+    config_class = SlimGemma3Config
+    config: SlimGemma3Config
+    _no_split_modules = ["SlimGemma3DecoderLayer"]
+
+    def __init__(self, config: SlimGemma3Config):
+        Gemma3PreTrainedModel.__init__(self, config)
+        _init_decoder(self, config, SlimGemma3DecoderLayer, Gemma3RMSNorm, Gemma3RotaryEmbedding,
+                      Gemma3TextScaledWordEmbedding, embed_scale=config.hidden_size**0.5)
+        self.post_init()
+
+
+class SlimGemma3ForCausalLM(Gemma3ForCausalLM):
+    config_class = SlimGemma3Config
+    config: SlimGemma3Config
+    _no_split_modules = ["SlimGemma3DecoderLayer"]
+
+    def __init__(self, config: SlimGemma3Config):
+        Gemma3PreTrainedModel.__init__(self, config)
+        self.model = SlimGemma3TextModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
 __all__ = [
+    "SlimGemma3ForCausalLM",
+    "SlimGemma3TextModel",
     "SlimLlamaForCausalLM",
     "SlimLlamaModel",
     "SlimQwen2ForCausalLM",
