@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task-limit", type=int, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in OUT/compare.json")
     ap.add_argument("--quick", action="store_true", help="8×128 calibration and 32 evaluation windows")
     ap.add_argument("--out", default=str(OUT), help="folder for compare.json / compare.md")
     a = ap.parse_args(argv)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     base = PruneConfig(model=a.model, nsamples=a.nsamples, seqlen=a.seqlen, device=a.device, data_dir=a.data_dir,
                        search_nsamples=a.search_nsamples, search_dtype=a.search_dtype)
     result = run_compare(a.model, a.ratios, a.methods, a.out, base=base, max_windows=a.max_windows,
-                         tasks=a.tasks, task_limit=a.task_limit)
+                         tasks=a.tasks, task_limit=a.task_limit, resume=a.resume)
     print(format_table(result))
     return 0
 

@@ -105,3 +105,26 @@ def test_zero_shot_columns(tiny_llama, tiny_tokenizer, text_file, tmp_path, monk
     assert res["rows"][1]["zeroshot"]["tasks"]["piqa"]["score"] == pytest.approx(0.52)
     md = (tmp_path / "compare.md").read_text()
     assert "| piqa | zero-shot avg |" in md and "| 52.00 | 52.00 |" in md
+
+
+def test_resume_keeps_finished_rows_and_refuses_other_settings(tiny_llama, tiny_tokenizer, text_file, tmp_path,
+                                                               monkeypatch):
+    import slimgpt.api
+
+    base = PruneConfig(model="tiny", calib=text_file, nsamples=8, seqlen=32, batch_size=4)
+    out = tmp_path / "cmp"
+    kw = dict(base=base, ppl_dataset=text_file, ppl_seqlen=32, max_windows=4, progress=False)
+    first = run_compare("tiny", "0.3", "shortgpt,magnitude", out, loaded=(tiny_llama, tiny_tokenizer), **kw)
+    calls = []
+    real = slimgpt.api.prune
+    monkeypatch.setattr(slimgpt.api, "prune", lambda cfg, **k: calls.append(cfg.method) or real(cfg, **k))
+    again = run_compare("tiny", "0.3", "shortgpt,magnitude,wanda-sp", out, loaded=(tiny_llama, tiny_tokenizer),
+                        resume=True, **kw)
+    assert calls == ["wanda-sp"]  # only the new method ran
+    assert again["rows"][:3] == first["rows"]
+    wanda = again["rows"][3]
+    assert wanda["target_ratio"] == first["rows"][1]["removed_ratio"] and wanda["matched_to"] == "shortgpt"
+    other = PruneConfig(model="tiny", calib=text_file, nsamples=4, seqlen=32, batch_size=4)
+    with pytest.raises(ConfigError, match="--resume: .* another settings"):
+        run_compare("tiny", "0.3", "magnitude", out, loaded=(tiny_llama, tiny_tokenizer), resume=True,
+                    **{**kw, "base": other})

@@ -26,6 +26,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     p.add_argument("--depth-share", type=float, default=0.5, help="slimgpt+blockpruner: share of removed params in blocks")
     add_search_args(p)
+    p.add_argument("--resume", action="store_true", help="keep the rows already in OUT/compare.json (same settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -47,7 +48,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
                        search_dtype=a.search_dtype, search_nsamples=a.search_nsamples)
     result = run_compare(a.model, a.ratio, a.methods, a.out, base=base, ppl_dataset=a.ppl, ppl_seqlen=a.ppl_seqlen,
                          max_windows=a.max_windows, tasks=a.tasks, task_limit=limit,
-                         eval_batch_size=a.eval_batch_size)
+                         eval_batch_size=a.eval_batch_size, resume=a.resume)
     print(format_table(result))
     print(f"written to {a.out}/compare.json and {a.out}/compare.md")
     return 0

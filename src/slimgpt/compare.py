@@ -120,13 +120,15 @@ def run_compare(
     eval_batch_size: int = 8,
     loaded: tuple[Any, Any] | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Prune ``model`` with every method at every ratio (matched parameter counts), evaluate,
     write ``compare.json`` and ``compare.md`` to ``out_dir``; returns the JSON dict.
 
     ``base`` carries the shared pruning settings (calibration, device, dtype, ...); each method
     gets a copy with its own ``method`` and matched ``ratio``. ``loaded`` is an in-memory
-    ``(model, tokenizer)`` to use instead of loading ``model`` (tests).
+    ``(model, tokenizer)`` to use instead of loading ``model`` (tests). With ``resume``, rows
+    already in ``out_dir/compare.json`` (same model and settings, no error) are kept, not rerun.
     """
     from slimgpt.api import prune
     from slimgpt.surgery import parameter_count
@@ -165,17 +167,21 @@ def run_compare(
         "rows": [],
     }
 
+    done = _finished_rows(out, result, resume)
+
     def write() -> None:
         if out is not None:
             (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
             (out / "compare.md").write_text(format_table(result) + "\n")
 
-    dense_model.to(device)
-    dense_row: dict[str, Any] = {"ratio": 0.0, "method": "dense", "params": dense_params, "removed_ratio": 0.0}
-    dense_row["ppl"] = _eval_ppl(dense_model, tok, ppl_dataset, ppl_seqlen, max_windows, base.data_dir,
-                                 eval_batch_size, device)
-    dense_row["zeroshot"] = _eval_tasks(dense_model, tok, tasks, task_limit, eval_batch_size)
-    dense_model.to("cpu")
+    dense_row = done.get((0.0, "dense"))
+    if dense_row is None:
+        dense_model.to(device)
+        dense_row = {"ratio": 0.0, "method": "dense", "params": dense_params, "removed_ratio": 0.0}
+        dense_row["ppl"] = _eval_ppl(dense_model, tok, ppl_dataset, ppl_seqlen, max_windows, base.data_dir,
+                                     eval_batch_size, device)
+        dense_row["zeroshot"] = _eval_tasks(dense_model, tok, tasks, task_limit, eval_batch_size)
+        dense_model.to("cpu")
     result["rows"].append(dense_row)
     write()
 
@@ -187,6 +193,13 @@ def run_compare(
             cfg = PruneConfig(**{**base.to_dict(), "method": name, "ratio": target})
             row: dict[str, Any] = {"ratio": ratio, "method": name, "depth_unit": unit, "target_ratio": target,
                                    "matched_to": matched_by}
+            if (ratio, name) in done:
+                row = done[(ratio, name)]
+                log.info("compare: %s at ratio %.2f already in %s; kept", name, ratio, out)
+                if unit and matched is None:
+                    matched, matched_by = row["removed_ratio"], name
+                result["rows"].append(row)
+                continue
             log.info("compare: %s at ratio %.4f (nominal %.2f)", name, target, ratio)
             rss0 = rss_bytes()
             try:
@@ -228,6 +241,20 @@ def run_compare(
             result["rows"].append(row)
             write()
     return result
+
+
+def _finished_rows(out: Path | None, result: dict[str, Any], resume: bool) -> dict[tuple[float, str], dict]:
+    """Rows of an earlier run in ``out`` to keep, by ``(ratio, method)``; an earlier run made with
+    other settings is refused rather than mixed in."""
+    path = out / "compare.json" if out is not None else None
+    if not resume or path is None or not path.is_file():
+        return {}
+    prev = json.loads(path.read_text())
+    now = json.loads(json.dumps(result, default=str))
+    for key in ("model", "dense_params", "device", "dtype", "settings"):
+        if prev.get(key) != now.get(key):
+            raise ConfigError(f"--resume: {path} was made with another {key}; drop --resume or choose another --out")
+    return {(r["ratio"], r["method"]): r for r in prev.get("rows", []) if "error" not in r}
 
 
 def _fmt(x: Any, spec: str) -> str:
