@@ -305,3 +305,46 @@ def test_search_subset_and_dtype_are_used_and_recorded(tiny_llama, tiny_tokenize
 def test_bad_search_settings_fail_early(kw):
     with pytest.raises(ConfigError, match="--search"):
         PruneConfig(method="blockpruner", **kw).validate()
+
+
+def test_interrupted_search_resumes_to_the_same_result(tiny_llama_gqa, tiny_tokenizer, calib_file, tmp_path,
+                                                       monkeypatch):
+    import slimgpt.methods.blockpruner as bp
+
+    def cfg(out, resume=False):
+        return PruneConfig(model="tiny", out=str(out), method="blockpruner", blocks=3, calib=calib_file, nsamples=8,
+                           seqlen=32, batch_size=4, search_dtype="float32", resume=resume)
+
+    whole = prune(cfg(tmp_path / "whole"), model=copy.deepcopy(tiny_llama_gqa), tokenizer=tiny_tokenizer,
+                  progress=False)
+    out = tmp_path / "cut"
+    journal = bp.SearchJournal.for_out(out)
+    real, calls = bp.sweep, []
+
+    def dies_in_round_3(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(bp, "sweep", dies_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        prune(cfg(out), model=copy.deepcopy(tiny_llama_gqa), tokenizer=tiny_tokenizer, progress=False)
+    assert not out.exists() and len(json.loads(journal.read_text())["removed"]) == 2
+    with pytest.raises(ConfigError, match="--resume"):  # not silently restarted or mixed
+        prune(cfg(out), model=copy.deepcopy(tiny_llama_gqa), tokenizer=tiny_tokenizer, progress=False)
+    other = cfg(out, resume=True)
+    other.seed = 1
+    with pytest.raises(ConfigError, match="other settings"):
+        prune(other, model=copy.deepcopy(tiny_llama_gqa), tokenizer=tiny_tokenizer, progress=False)
+    calls.clear()
+    monkeypatch.setattr(bp, "sweep", lambda *a: calls.append(1) or real(*a))
+    res = prune(cfg(out, resume=True), model=copy.deepcopy(tiny_llama_gqa), tokenizer=tiny_tokenizer, progress=False)
+    assert len(calls) == 1  # only the third round was searched
+    a, b = res.report["method"]["search"], whole.report["method"]["search"]
+    assert a["removed"] == b["removed"] and a["steps"] == b["steps"] and a["evaluations"] == b["evaluations"]
+    assert a["block_passes"] == b["block_passes"]
+    assert not journal.exists() and out.is_dir()
+    ids = calib_ids(2, 16, seed=5)
+    with torch.no_grad():
+        assert torch.equal(res.model(ids).logits, whole.model(ids).logits)

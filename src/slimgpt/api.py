@@ -56,9 +56,11 @@ def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: 
     t_start = time.perf_counter()
     method = make_method(cfg)
     layerwise = not isinstance(method, GlobalMethod)
-    if not layerwise and (cfg.resume or cfg.max_memory or cfg.offload_activations):
-        raise ConfigError(f"--method {cfg.method} decides over the whole model at once: it cannot --resume, "
-                          "stream layers (--max-memory) or offload activations; drop those options")
+    resumable = layerwise or getattr(method, "resumable", False)
+    if not layerwise and ((cfg.resume and not resumable) or cfg.max_memory or cfg.offload_activations):
+        raise ConfigError(f"--method {cfg.method} decides over the whole model at once: it cannot "
+                          f"{'' if resumable else '--resume, '}stream layers (--max-memory) or offload activations; "
+                          "drop those options")
     if cfg.resume and cfg.out is None:
         raise ConfigError("--resume continues the run checkpointed beside --out; give the same --out")
     stream = model is None and layerwise and streaming.wants_streaming(cfg, dtype)
@@ -94,6 +96,11 @@ def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: 
             widths = None
             timer = Timer()
             ctx = PruneContext(model, adapter, calib, cfg, device, spaces, dense_params, timer, progress)
+            if cfg.out is not None and resumable:
+                from slimgpt.methods.blockpruner import SearchJournal
+
+                key = {**run_settings(cfg, device, dtype), **data_identity(calib, source_dir, model)}
+                ctx.journal = SearchJournal(SearchJournal.for_out(cfg.out), key, cfg.resume)
             plans = method.plan(ctx)
             seconds = dict(timer.seconds)
             t1 = time.perf_counter()
@@ -201,6 +208,8 @@ def prune(cfg: PruneConfig, model: Any = None, tokenizer: Any = None, progress: 
             raise storage_error(e, cfg.out, ckpt) from e
         if ckpt is not None:
             ckpt.finish()
+        if not layerwise and ctx.journal is not None:
+            ctx.journal.discard()
     return PruneResult(pruned, tokenizer, report, out)
 
 

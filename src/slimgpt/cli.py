@@ -69,7 +69,7 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth-share", type=float, default=0.5, help="slimgpt+blockpruner: share of removed params taken by blocks")
     add_search_args(p)
     p.add_argument("--resume", action="store_true",
-                   help="continue the unfinished run checkpointed in OUT.partial/ (same options required)")
+                   help="continue the unfinished run checkpointed in OUT.partial/ (blockpruner: OUT.search.json); same options required")
     p.add_argument("--max-memory", metavar="SIZE",
                    help="e.g. 4GiB: if the model would not fit, stream it one layer at a time from disk "
                         "(default: stream only when it exceeds the memory available)")

@@ -13,6 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -162,6 +163,7 @@ class PruneContext:
         self.model, self.adapter, self.calib, self.cfg = model, adapter, calib, cfg
         self.device, self.spaces, self.dense_params = device, spaces, dense_params
         self.timer, self.progress = timer, progress
+        self.journal: Any = None  # a methods.blockpruner.SearchJournal when the run can be resumed
 
 
 class GlobalMethod(ABC):

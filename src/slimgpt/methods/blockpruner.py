@@ -25,6 +25,10 @@ bf16 matrix units (AMX / AVX512-BF16; 2-3× faster here, and the paper searched 
 and the model's own dtype elsewhere; ``--search-nsamples N`` scores on the first N calibration
 windows only. Both are recorded with the result; ``--search-dtype float32`` is the exact search.
 
+**Resume.** With ``--out``, each finished round is journalled in ``OUT.search.json`` (removal order,
+records, counters, and a fingerprint of the settings and calibration windows); ``--resume`` replays
+it and searches on from the next round, with the same result as an uninterrupted run.
+
 Parameter accounting uses each block's removable parameters (attention: q/k/v/o; MLP:
 gate/up/down) as surgery removes them; norms and biases left in place are not counted as removed.
 """
@@ -32,12 +36,15 @@ gate/up/down) as surgery removes them; norms and biases left in place are not co
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -205,6 +212,42 @@ class SearchResult:
         return d
 
 
+class SearchJournal:
+    """The search's progress on disk, one atomic rewrite per finished round (see the module
+    docstring); ``key`` fingerprints everything that decides the result."""
+
+    def __init__(self, path: str | Path, key: dict[str, Any], resume: bool) -> None:
+        self.path, self.key = Path(path), json.loads(json.dumps(key, default=str))
+        if self.path.exists() and not resume:
+            raise ConfigError(f"{self.path} holds an unfinished block search for this --out; add --resume to "
+                              "continue it, or delete it to start over")
+
+    @staticmethod
+    def for_out(out: str | Path) -> Path:
+        out = Path(out).expanduser().resolve()
+        return out.with_name(out.name + ".search.json")
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{self.path} is not a readable search journal ({e}); delete it and run again") from None
+        if state.get("key") != self.key:
+            raise ConfigError(f"cannot --resume {self.path}: it was started with other settings or calibration "
+                              "data; rerun with the same options, or delete it to start over")
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"key": self.key, **state}, default=str))
+        os.replace(tmp, self.path)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def block_search(
     adapter: ModelAdapter,
     calib: torch.Tensor,
@@ -218,6 +261,7 @@ def block_search(
     timer: Timer | None = None,
     progress: bool = True,
     allow_none: bool = False,
+    journal: SearchJournal | None = None,
 ) -> SearchResult:
     """Iteratively remove the block whose removal gives the lowest calibration perplexity.
 
@@ -225,6 +269,7 @@ def block_search(
     removed parameters are nearest to it (the search runs until the target is reached or passed
     and drops the last step if the step before was nearer; down to no removal only with
     ``allow_none``). Ties in perplexity go to the earlier block, so the result is deterministic.
+    A ``journal`` records every round and, when it holds rounds already, the search continues from them.
     """
     total = 2 * adapter.num_layers
     sizes = [block_params(spaces, b) for b in range(total)]
@@ -246,11 +291,17 @@ def block_search(
 
     removed: list[int] = []
     steps: list[dict[str, Any]] = []
-    removed_params = 0
     dense_ppl = math.nan
-    evaluations, scratch = 0, 0
+    evaluations, scratch, earlier_s = 0, 0, 0.0
+    state = journal.load() if journal is not None else None
+    if state is not None:
+        removed, steps, dense_ppl = state["removed"], state["steps"], state["dense_ppl"]
+        evaluations, scratch, earlier_s = state["evaluations"], state["scratch"], state["search_s"]
+        chain.block_passes, chain.head_passes = state["block_passes"], state["head_passes"]
+        log.info("resuming the block search from %s: %d rounds done", journal.path, len(removed))
+    removed_params = sum(sizes[b] for b in removed)
     t0 = time.perf_counter()
-    bar = tqdm(desc="blockpruner: blocks removed", total=n_blocks, disable=not progress)
+    bar = tqdm(desc="blockpruner: blocks removed", total=n_blocks, initial=len(removed), disable=not progress)
     while True:
         if n_blocks is not None and len(removed) >= n_blocks:
             break
@@ -281,6 +332,10 @@ def block_search(
                  block_name(best), ppl, 100 * removed_params / dense_params)
         bar.update(1)
         bar.set_postfix(block=block_name(best), ppl=f"{ppl:.2f}")
+        if journal is not None:
+            journal.save({"removed": removed, "steps": steps, "dense_ppl": dense_ppl, "evaluations": evaluations,
+                          "scratch": scratch, "search_s": earlier_s + time.perf_counter() - t0,
+                          "block_passes": chain.block_passes, "head_passes": chain.head_passes})
     bar.close()
 
     if target_params is not None and len(removed) > (0 if allow_none else 1):
@@ -293,7 +348,7 @@ def block_search(
     res = SearchResult(
         removed=removed, steps=steps, dense_ppl=dense_ppl, evaluations=evaluations,
         block_passes=chain.block_passes / n_batches, block_passes_from_embedding=float(scratch),
-        search_s=time.perf_counter() - t0, calibration_tokens=tokens,
+        search_s=earlier_s + time.perf_counter() - t0, calibration_tokens=tokens,
     )
     res.extra["head_passes"] = chain.head_passes / n_batches
     log.info("block search: %d candidate evaluations in %d rounds, %.0f block passes (%.0f from the embedding), "
@@ -308,7 +363,8 @@ def run_search(ctx: PruneContext, **kw: Any) -> SearchResult:
     dtype = resolve_search_dtype(cfg.search_dtype, next(ctx.model.parameters()).dtype, ctx.device)
     with search_adapter(ctx.adapter, ctx.device, dtype) as adapter:
         res = block_search(adapter, calib, ctx.spaces, ctx.device, dense_params=ctx.dense_params,
-                           batch_size=cfg.batch_size, timer=ctx.timer, progress=ctx.progress, **kw)
+                           batch_size=cfg.batch_size, timer=ctx.timer, progress=ctx.progress,
+                           journal=ctx.journal, **kw)
     res.extra.update(search_dtype=str(dtype).removeprefix("torch."), search_windows=int(calib.shape[0]))
     return res
 
@@ -368,6 +424,7 @@ class BlockPruner(DepthMethod):
     """Iterative perplexity search over attention and MLP blocks (§7)."""
 
     name = "blockpruner"
+    resumable = True  # the search journals its rounds (SearchJournal)
 
     def plan(self, ctx: PruneContext) -> dict[int, LayerPlan]:
         n_blocks, target = target_from_config(ctx)

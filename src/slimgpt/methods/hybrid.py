@@ -42,6 +42,7 @@ class SlimGPTBlockPruner(GlobalMethod):
     (SlimGPT) for the rest."""
 
     name = "slimgpt+blockpruner"
+    resumable = True  # the block search journals its rounds; the width pass is redone on resume
 
     def __init__(self, width: Method, depth_share: float = 0.5) -> None:
         if not 0 <= depth_share <= 1:
