@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +35,7 @@ from slimgpt.methods.slimgpt import SlimGPT
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerWidth
 from slimgpt.surgery import layer_shapes, parameter_count, shrink_model
-from test_io import CHILD
+from test_io import load_without_slimgpt
 
 DEV = torch.device("cpu")
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
@@ -185,12 +182,7 @@ def test_slimgpt_prune_save_and_reload(tiny_tokenizer, calib_file, tmp_path: Pat
     assert tok("t5 t17")["input_ids"] == [5, 17]
 
     # a process that never imports slimgpt: the copied modelling files alone
-    torch.save((IDS, MASK), tmp_path / "ids.pt")
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    subprocess.run([sys.executable, "-c", CHILD, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "res.pt")],
-                   check=True, env=env, cwd=tmp_path, timeout=300)
-    child = torch.load(tmp_path / "res.pt")
+    child = load_without_slimgpt(out, IDS, MASK, tmp_path)
     assert "transformers_modules" in child["cls"]
     assert torch.equal(child["logits"], ref)
     kw = dict(attention_mask=MASK, max_new_tokens=8, min_new_tokens=8, do_sample=False)

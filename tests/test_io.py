@@ -74,16 +74,21 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def load_without_slimgpt(folder: Path, ids: torch.Tensor, mask: torch.Tensor, tmp_path: Path) -> dict:
+    """Run :data:`CHILD` on ``folder`` in a fresh process that never imports slimgpt; its results."""
+    torch.save((ids, mask), tmp_path / "ids.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    subprocess.run([sys.executable, "-c", CHILD, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "res.pt")],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
+    return torch.load(tmp_path / "res.pt")
+
+
 def test_reload_without_slimgpt_via_remote_code(tiny_llama_gqa, tiny_tokenizer, tmp_path: Path) -> None:
     slim = pruned(tiny_llama_gqa, seed=5)
     ref = logits(slim)
     out = save_pruned(slim, tiny_tokenizer, tmp_path / "model", {})
-    torch.save((IDS, MASK), tmp_path / "ids.pt")
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    subprocess.run([sys.executable, "-c", CHILD, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "res.pt")],
-                   check=True, env=env, cwd=tmp_path, timeout=300)
-    res = torch.load(tmp_path / "res.pt")
+    res = load_without_slimgpt(out, IDS, MASK, tmp_path)
     assert "transformers_modules" in res["cls"]  # the copied modelling file, not slimgpt's
     assert torch.equal(res["logits"], ref)
     assert torch.equal(res["tokens"], slim.generate(IDS, **GENERATE))
