@@ -186,3 +186,24 @@ def test_eval_ppl_cli_matches_hand_computed(tiny_folder: Path, tmp_path: Path) -
         logp = torch.log_softmax(model(windows).logits.double(), -1)
     nll = -logp[:, :-1].gather(-1, windows[:, 1:, None]).sum()
     assert entry["ppl"]["8"]["ppl"] == pytest.approx(math.exp(float(nll) / (n * 7)), rel=1e-5)
+
+
+def test_help_shows_defaults_and_required_out(capsys) -> None:
+    """``--out`` is required (usage line and a one-line error), and defaults show in --help."""
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
+    assert "--out OUT" in text.split("\n\n")[0] and "[--out OUT]" not in text  # required in the usage line
+    assert main(["prune", "--ratio", "0.2"]) == 2
+    assert "--out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "(default: 128)" in capsys.readouterr().out  # --seqlen
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "(default: 512)" in capsys.readouterr().out  # --new-tokens
+
+
+def test_report_of_missing_folder_says_so(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err

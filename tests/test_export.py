@@ -118,6 +118,8 @@ def test_padded_folder_loads_with_plain_transformers(tiny_tokenizer, tmp_path: P
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only mode
+    for f in out.iterdir():  # safetensors writes 0600; every export file is as readable as the others
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
     subprocess.run([sys.executable, "-c", CHILD_PADDED, str(out), str(tmp_path / "res.pt")],
@@ -318,10 +320,12 @@ def test_llamacpp_logits_match_pytorch(kind: str, bpe_tokenizer, tmp_path: Path)
 # ---- ONNX -------------------------------------------------------------------------------------------
 
 
-def test_onnx_matches_pytorch(tiny_tokenizer, tmp_path: Path) -> None:
+def test_onnx_matches_pytorch(tiny_tokenizer, tmp_path: Path, capfd) -> None:
     ort = pytest.importorskip("onnxruntime")
     slim = slim_model("qwen2", 1)
     out = export(slim, tiny_tokenizer, "onnx", tmp_path / "onnx")
+    printed = capfd.readouterr()
+    assert len((printed.out + printed.err).splitlines()) < 10  # the exporter's INFO flood stays out of the terminal
     assert (out / "model.onnx").is_file() and (out / "tokenizer.json").is_file()
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input_ids"]

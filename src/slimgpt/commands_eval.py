@@ -90,7 +90,9 @@ def ppl_table(entries: list[dict[str, Any]]) -> str:
     seqlens = sorted({int(s) for e in entries for s in e.get("ppl", {})})
     if not seqlens:
         return ""
-    dataset = next(iter(entries[0]["ppl"].values()))["dataset"]["name"] if entries[0].get("ppl") else "ppl"
+    from slimgpt.evaluation.perplexity import dataset_label
+
+    dataset = dataset_label(next(iter(entries[0]["ppl"].values()))["dataset"]["name"]) if entries[0].get("ppl") else "ppl"
     head = " | ".join(f"{dataset} PPL (seq {s})" for s in seqlens)
     rows = [f"| | model | params | {head} |", "|---|---|---:|" + "---:|" * len(seqlens)]
     for e in entries:
@@ -179,7 +181,9 @@ def add_task_args(p: argparse.ArgumentParser, flag: str) -> None:
 # --------------------------------------------------------------------------- slimgpt eval
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="pruned folder, zoo name, local folder or hub id")
-    p.add_argument("--ppl", default="wikitext2", help="perplexity data set: wikitext2 or a text file ('' to skip)")
+    p.add_argument("--ppl", nargs="?", const="auto", default=None,
+                   help="perplexity data set: auto (WikiText-2 when available, else a named held-out text) | wikitext2 "
+                        "| wiki | c4 | FILE (default: auto when no --tasks are given; not evaluated with --tasks alone)")
     p.add_argument("--seqlen", default="128", help="comma-separated window lengths (paper: 128; also 2048)")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick runs)")
     add_task_args(p, "--tasks")
@@ -202,8 +206,17 @@ def cmd_eval(a: argparse.Namespace) -> int:
         seqlens = [int(s) for s in a.seqlen.split(",") if s]
     except ValueError:
         raise ConfigError(f"--seqlen must be comma-separated integers; got '{a.seqlen}'") from None
+    if a.ppl is None and not a.tasks:
+        a.ppl = "auto"  # evaluate only what is asked: perplexity when asked, or when nothing else is
     if not a.ppl and not a.tasks:
         raise ConfigError("nothing to evaluate: give --ppl DATA and/or --tasks TASKS")
+    if a.ppl:
+        from slimgpt.evaluation.perplexity import resolve_eval_dataset
+
+        calib = None
+        if (Path(a.model) / "slimgpt.json").is_file():
+            calib = json.loads((Path(a.model) / "slimgpt.json").read_text()).get("config", {}).get("calib")
+        a.ppl = resolve_eval_dataset(a.ppl, a.data_dir, calib)
     limit = parse_limit(a.limit)
     _check_task_args(a.tasks, a.num_fewshot, a.tasks_data)
     device = resolve_device(a.device)
@@ -352,7 +365,9 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a pruned folder (written by slimgpt prune; holds slimgpt.json)")
     p.add_argument("--out", help="where report.md and the PNGs go (default: RUN_DIR)")
     p.add_argument("--dense", help="the dense model for the per-layer error plot (default: slimgpt.json's model)")
-    p.add_argument("--error-data", default="wikitext2", help="held-out text for the per-layer error: wikitext2 or a file")
+    p.add_argument("--error-data", default="auto",
+                   help="held-out text for the per-layer error: auto (WikiText-2 when available, else a named held-out "
+                        "text) | wikitext2 | wiki | c4 | FILE")
     p.add_argument("--error-windows", type=int, default=8, help="windows of that text (paper Fig. 2 style)")
     p.add_argument("--error-seqlen", type=int, default=128, help="tokens per window")
     p.add_argument("--no-layer-error", action="store_true", help="skip the per-layer error (no dense model needed)")

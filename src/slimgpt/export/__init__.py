@@ -63,6 +63,9 @@ def atomic_path(target: str | Path, overwrite: bool = False, folder: bool = True
     work = tmp if folder else tmp / out.name
     try:
         yield work
+        for f in [work, *work.rglob("*")] if work.is_dir() else [work]:
+            if f.is_file() and not f.is_symlink():  # safetensors writes 0600; an export is meant to be shared
+                f.chmod(0o666 & ~umask)
         replace_path(work, out)
     finally:
         if tmp.exists():

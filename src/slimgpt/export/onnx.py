@@ -14,7 +14,13 @@ block's output projection.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +86,7 @@ def export_onnx(model: Any, tokenizer: Any, out: str | Path, overwrite: bool = F
     module = LogitsOnly(_without_empty_blocks(model)).eval()
     example = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]], dtype=torch.long) % model.config.vocab_size
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset,
                                     input_names=["input_ids"], output_names=["logits"],
                                     dynamic_shapes={"input_ids": {0: batch, 1: seq}}, verbose=False)
@@ -93,6 +99,28 @@ def export_onnx(model: Any, tokenizer: Any, out: str | Path, overwrite: bool = F
                 "exported_from": getattr(model.config, "_name_or_path", None)}
         (tmp / "slimgpt_onnx.json").write_text(json.dumps(note, indent=2) + "\n")
     return Path(out).expanduser().resolve()
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The dynamo exporter logs ~1,600 INFO lines (onnxscript's optimiser, torch.export) and
+    torchvision warnings; keep the terminal to our own summary line (``-v`` shows them)."""
+    names = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch._export",
+             "torch.fx.experimental.symbolic_shapes")
+    loggers = [logging.getLogger(n) for n in names]
+    before = [lg.level for lg in loggers]
+    verbose = logging.getLogger("slimgpt").isEnabledFor(logging.DEBUG)
+    for lg in loggers:
+        if not verbose:
+            lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
+            if not verbose:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, before):
+            lg.setLevel(level)
 
 
 __all__ = ["LogitsOnly", "export_onnx"]
