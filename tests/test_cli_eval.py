@@ -16,7 +16,8 @@ import torch
 pytest.importorskip("lm_eval")
 
 from slimgpt.cli import main  # noqa: E402
-from slimgpt.commands_eval import bench_labels, parse_limit  # noqa: E402
+from slimgpt.cli.bench import bench_labels  # noqa: E402
+from slimgpt.cli.common import parse_limit  # noqa: E402
 from test_zeroshot import PIQA_DOCS, _tiny_model, _tiny_tokenizer, data_root  # noqa: E402, F401
 
 

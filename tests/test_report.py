@@ -14,9 +14,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import build_tiny
 from slimgpt.api import prune
 from slimgpt.cli import main
-from slimgpt.commands_eval import EVAL_KIND
 from slimgpt.config import PruneConfig
 from slimgpt.errors import ConfigError
+from slimgpt.evaluation.results import EVAL_KIND
 from slimgpt.report import layer_error_stats, layer_output_errors, write_report
 
 pytest.importorskip("matplotlib")

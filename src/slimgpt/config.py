@@ -12,6 +12,7 @@ import torch
 
 from slimgpt.errors import ConfigError
 from slimgpt.schedule import SCHEDULES
+from slimgpt.utils import parse_size
 
 DEFAULT_MODEL = "smollm2-135m"
 # The paper calibrates on 256 × 2048 tokens (GPU). On 2 CPU cores that is hours for the default
@@ -92,8 +93,6 @@ class PruneConfig:
         if not 0 <= self.depth_share <= 1:
             raise ConfigError(f"--depth-share must be within [0, 1]; got {self.depth_share}")
         if self.max_memory is not None:
-            from slimgpt.streaming import parse_size
-
             parse_size(self.max_memory)  # ConfigError when unreadable
         if self.offload_activations is not None and Path(self.offload_activations).is_file():
             raise ConfigError(f"--offload-activations {self.offload_activations} is a file; give a folder")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import NumericalError
-from slimgpt.methods.base import LayerRunner, Method, Timer
+from slimgpt.methods.base import LayerRunner, Method, Timer, embed_batches
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerSpace, LayerWidth
 
@@ -73,16 +73,6 @@ def layer_spaces(adapter: ModelAdapter) -> list[LayerSpace]:
             )
         )
     return out
-
-
-@torch.no_grad()
-def embed_batches(
-    adapter: ModelAdapter, calib: torch.Tensor, batch_size: int, offload: torch.device
-) -> list[torch.Tensor]:
-    """Layer 0's inputs for every calibration window, in batches, kept on ``offload``."""
-    emb = adapter.decoder.embed_tokens
-    dev = emb.weight.device
-    return [adapter.embed(ids.to(dev)).to(offload) for ids in calib.split(batch_size)]
 
 
 def run_layerwise(

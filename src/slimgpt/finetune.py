@@ -525,7 +525,7 @@ def save_finetuned(model: Any, tokenizer: Any, out: str | Path, metadata: dict[s
 def _save_folder(model: Any, tokenizer: Any, out: str | Path, overwrite: bool, meta_name: str,
                  metadata: dict[str, Any]) -> Path:
     """``save_pretrained`` of model and tokenizer plus a metadata JSON, written atomically."""
-    from slimgpt.export import atomic_path
+    from slimgpt.io import atomic_path
 
     with atomic_path(out, overwrite) as tmp:
         model.save_pretrained(tmp)

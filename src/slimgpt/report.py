@@ -58,7 +58,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 
 def find_eval_results(run_dir: str | Path, paths: list[str] | None = None) -> list[dict[str, Any]]:
     """Eval JSONs to plot: the given files, else every ``*.json`` in the folder of the eval kind."""
-    from slimgpt.commands_eval import EVAL_KIND
+    from slimgpt.evaluation.results import EVAL_KIND
 
     candidates = [Path(p) for p in paths] if paths else sorted(Path(run_dir).glob("*.json"))
     docs = []
@@ -420,7 +420,7 @@ def write_report(
     elif error_note:
         md += ["## Per-layer output error", "", error_note, ""]
     if "ppl" in figures or "zeroshot" in figures:
-        from slimgpt.commands_eval import ppl_table, zeroshot_table
+        from slimgpt.evaluation.results import ppl_table, zeroshot_table
 
         entries = list(models.values())
         md += ["## Evaluation", ""]

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -44,27 +43,15 @@ from torch import nn
 
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.checkpoint import ActivationFiles, Checkpoint, layer_prefixes, set_tensor
-from slimgpt.driver import LayerStore, embed_batches
+from slimgpt.driver import LayerStore
 from slimgpt.errors import ConfigError, ModelError
+from slimgpt.methods.base import embed_batches
 from slimgpt.plan import LayerPlan
+from slimgpt.utils import parse_size
 
 log = logging.getLogger(__name__)
 
 GiB = 2**30
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
-          "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int) -> int:
-    """``4GiB``, ``512MiB``, ``8G`` (binary), ``8GB`` (decimal) or plain bytes → bytes."""
-    m = _SIZE.match(str(text))
-    unit = m.group(2).lower() if m else ""
-    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise ConfigError(f"--max-memory must be a positive size like 4GiB, 512MiB or 8e9 (bytes); got '{text}'")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
 def available_memory() -> int | None:
     """Memory this process could still use: MemAvailable, capped by a cgroup limit if any."""
     found = []

@@ -17,8 +17,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from slimgpt.errors import ModelError
-
 
 @dataclass(frozen=True)
 class HeadGeometry:
@@ -162,17 +160,3 @@ def register(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     for t in cls.model_types:
         ADAPTERS[t] = cls
     return cls
-
-
-def get_adapter(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model``; a clear error for architectures that have none yet."""
-    import slimgpt.arch  # noqa: F401  (registers the built-in adapters)
-
-    model_type = getattr(model.config, "model_type", "?")
-    cls = ADAPTERS.get(model_type)
-    if cls is None:
-        raise ModelError(
-            f"architecture '{model_type}' is not supported yet (supported: {', '.join(sorted(ADAPTERS))}); "
-            "add an adapter in src/slimgpt/arch/"
-        )
-    return cls(model)

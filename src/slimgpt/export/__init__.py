@@ -30,46 +30,14 @@ one was.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from slimgpt.errors import ConfigError
-from slimgpt.io import replace_path
+from slimgpt.io import atomic_path
 
 FORMATS = ("gguf", "padded", "onnx")
-
-
-@contextmanager
-def atomic_path(target: str | Path, overwrite: bool = False, folder: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside ``target`` (a fresh folder, or a file name when ``folder`` is
-    False); on success it replaces ``target`` (the old one is deleted only after the rename), on
-    error it is removed. Refuses an existing ``target`` unless ``overwrite``."""
-    out = Path(target).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output {out} exists; pass --overwrite or choose another")
-    if out.exists() and out.is_dir() != folder:
-        kind = "a folder" if out.is_dir() else "a file"
-        raise ConfigError(f"output {out} exists and is {kind}; choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; an export is meant to be shared
-    work = tmp if folder else tmp / out.name
-    try:
-        yield work
-        for f in [work, *work.rglob("*")] if work.is_dir() else [work]:
-            if f.is_file() and not f.is_symlink():  # safetensors writes 0600; an export is meant to be shared
-                f.chmod(0o666 & ~umask)
-        replace_path(work, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export(model: Any, tokenizer: Any, fmt: str, out: str | Path, overwrite: bool = False,

@@ -298,7 +298,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, dtype: str = "f32", pre: 
 def export_gguf(model: Any, tokenizer: Any, out: str | Path, overwrite: bool = False, dtype: str = "f32",
                 tokenizer_pre: str | None = None) -> Path:
     """Write the ``deci`` GGUF file ``out`` atomically; returns its absolute path."""
-    from slimgpt.export import atomic_path
+    from slimgpt.io import atomic_path
 
     with atomic_path(out, overwrite, folder=False) as tmp:
         write_gguf(model, tokenizer, tmp, dtype, tokenizer_pre)

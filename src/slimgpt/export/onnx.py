@@ -81,7 +81,7 @@ def export_onnx(model: Any, tokenizer: Any, out: str | Path, overwrite: bool = F
         import onnxscript  # noqa: F401
     except ImportError:
         raise ConfigError("ONNX export needs onnx and onnxscript: pip install 'slimgpt[export]'") from None
-    from slimgpt.export import atomic_path
+    from slimgpt.io import atomic_path
 
     module = LogitsOnly(_without_empty_blocks(model)).eval()
     example = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]], dtype=torch.long) % model.config.vocab_size

@@ -163,7 +163,7 @@ def to_padded(model: PreTrainedModel) -> PreTrainedModel:
 
 def export_padded(model: PreTrainedModel, tokenizer: Any, out: str | Path, overwrite: bool = False) -> Path:
     """Write the padded model (plus tokenizer and a ``slimgpt_padded.json`` note) to folder ``out``."""
-    from slimgpt.export import atomic_path
+    from slimgpt.io import atomic_path
 
     padded = to_padded(model)
     with atomic_path(out, overwrite) as tmp:

@@ -164,6 +164,9 @@ class PruneContext:
         self.device, self.spaces, self.dense_params = device, spaces, dense_params
         self.timer, self.progress = timer, progress
         self.journal: Any = None  # a methods.blockpruner.SearchJournal when the run can be resumed
+        # The pipeline's layer-wise driver, for methods that run a layer-wise pass inside their
+        # plan (the hybrid): (method, widths, spaces) -> plans; its time adds to ``timer``.
+        self.run_layers: Callable[[Method, list[LayerWidth], list[LayerSpace]], dict[int, LayerPlan]] | None = None
 
 
 class GlobalMethod(ABC):
@@ -180,3 +183,13 @@ class GlobalMethod(ABC):
 
     def config(self) -> dict:
         return {"name": self.name}
+
+
+@torch.no_grad()
+def embed_batches(
+    adapter: ModelAdapter, calib: torch.Tensor, batch_size: int, offload: torch.device
+) -> list[torch.Tensor]:
+    """Layer 0's inputs for every calibration window, in batches, kept on ``offload``."""
+    emb = adapter.decoder.embed_tokens
+    dev = emb.weight.device
+    return [adapter.embed(ids.to(dev)).to(offload) for ids in calib.split(batch_size)]

@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimgpt.arch.base import ModelAdapter, get_adapter
+from slimgpt.arch import get_adapter
+from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import ConfigError, NumericalError
 from slimgpt.methods.base import GlobalMethod, PruneContext, Timer
 from slimgpt.plan import LayerPlan

@@ -18,7 +18,6 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from slimgpt.driver import run_layerwise
 from slimgpt.errors import ConfigError
 from slimgpt.methods.base import GlobalMethod, Method, PruneContext
 from slimgpt.methods.blockpruner import SearchResult, block_params, removal_plans, run_search
@@ -87,11 +86,7 @@ class SlimGPTBlockPruner(GlobalMethod):
                 widths[i] = w
             log.info("width: removing %s more parameters with %s over %d layers", f"{round(rest):,}",
                      self.width.name, len(alive))
-            res = run_layerwise(adapter, ctx.calib, self.width, widths, spaces, ctx.device, cfg.batch_size,
-                                cfg.propagate, progress=ctx.progress)
-            for k, v in res.seconds.items():
-                ctx.timer.seconds[k] = ctx.timer.seconds.get(k, 0.0) + v
-            for i, p in res.plans.items():
+            for i, p in ctx.run_layers(self.width, widths, spaces).items():
                 depth = plans.get(i)
                 if depth is not None:  # a removed block stays removed whatever the width pass kept
                     p.kept_heads = depth.kept_heads if depth.kept_heads is not None else p.kept_heads

@@ -15,8 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimgpt.arch.base import ModelAdapter
-from slimgpt.driver import embed_batches
-from slimgpt.methods.base import LayerRunner, PruneContext
+from slimgpt.methods.base import LayerRunner, PruneContext, embed_batches
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerSpace, LayerWidth, round_layer
 

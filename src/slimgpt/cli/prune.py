@@ -1,41 +1,19 @@
-"""Command line: ``slimgpt prune | eval | ...``. Parses, calls :mod:`slimgpt.api`, prints.
-
-Any :class:`~slimgpt.errors.SlimGPTError` becomes one line on stderr and exit code 2.
-"""
+"""``slimgpt prune``: prune a model and save it; optionally perplexity, zero-shot tasks and a report."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from slimgpt.cli.common import add_search_args, add_task_args, check_task_args, parse_limit, ratio_arg
 from slimgpt.config import CPU_NSAMPLES, CPU_SEQLEN, DEFAULT_MODEL, GPU_NSAMPLES, GPU_SEQLEN, PruneConfig
-from slimgpt.errors import SlimGPTError
+from slimgpt.errors import ConfigError
+from slimgpt.evaluation.results import EVAL_FILE, eval_document, evaluate_model, write_json, zeroshot_table
 from slimgpt.schedule import SCHEDULES
 
-log = logging.getLogger("slimgpt")
 
-# Subcommands added by other modules: name -> (configure parser, run). Keeps this file short.
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def command(name: str, configure: Callable[[argparse.ArgumentParser], None]):
-    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS[name] = (configure, fn)
-        return fn
-
-    return deco
-
-
-def ratio_arg(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
-
-
-def add_prune_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"zoo name, local Hugging Face folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
@@ -79,18 +57,24 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
                         "(default: stream only when it exceeds the memory available)")
     p.add_argument("--offload-activations", metavar="DIR",
                    help="keep calibration activations between layers in memory-mapped files in DIR")
-    from slimgpt.commands_eval import add_prune_eval_args  # --eval TASKS, --report
-
     add_prune_eval_args(p)
 
 
-def add_search_args(p: argparse.ArgumentParser) -> None:
-    """BlockPruner's search knobs (prune and compare)."""
-    p.add_argument("--search-dtype", default="auto",
-                   help="blockpruner search precision: auto (bf16 on CPUs with native bf16, else the model's) | float32 "
-                        "| bfloat16 | float16")
-    p.add_argument("--search-nsamples", type=int,
-                   help="blockpruner: score candidates on the first N calibration windows (default: all)")
+def add_prune_eval_args(p: argparse.ArgumentParser) -> None:
+    """The ``prune`` options handled by :func:`after_prune`."""
+    add_task_args(p, "--eval")
+    p.add_argument("--eval-baseline", action="store_true",
+                   help="with --eval: also score the dense source model (doubles the evaluation time)")
+    p.add_argument("--report", action="store_true",
+                   help="write OUT/report.md with plots (per-layer ratios and output errors, PPL/accuracy bars)")
+
+
+def check_prune_eval_args(a: argparse.Namespace) -> None:
+    """Validate ``--eval`` options before pruning starts (so a typo does not cost a pruning run)."""
+    if getattr(a, "eval_baseline", False) and not getattr(a, "tasks", None):
+        raise ConfigError("--eval-baseline needs --eval TASKS")
+    parse_limit(getattr(a, "limit", None))
+    check_task_args(getattr(a, "tasks", None), getattr(a, "num_fewshot", 0), getattr(a, "tasks_data", None))
 
 
 def config_from_args(a: argparse.Namespace) -> PruneConfig:
@@ -104,15 +88,12 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
     )
 
 
-@command("prune", add_prune_args)
-def cmd_prune(a: argparse.Namespace) -> int:
+def run(a: argparse.Namespace) -> int:
     """Prune a model (SlimGPT by default, or --method ...) to a share of its parameters and save it."""
     from slimgpt.api import format_layer_table, prune
 
     cfg = config_from_args(a)
     cfg.validate()
-    from slimgpt.commands_eval import after_prune, check_prune_eval_args
-
     check_prune_eval_args(a)
     dense_ppl = pruned_ppl = None
     if a.ppl:
@@ -142,98 +123,45 @@ def cmd_prune(a: argparse.Namespace) -> int:
     return 0
 
 
-# `slimgpt eval` (and bench, report) live in slimgpt.commands_eval.
+def after_prune(a: argparse.Namespace, res: Any, dense_ppl: dict[str, Any] | None = None,
+                pruned_ppl: dict[str, Any] | None = None) -> None:
+    """``prune --eval`` / ``--ppl`` / ``--report``: evaluate the pruned model in memory, write
+    ``OUT/eval.json`` and the report. The dense model is only loaded when asked for."""
+    tasks = getattr(a, "tasks", None)
+    if not (tasks or getattr(a, "report", False) or dense_ppl or pruned_ppl):
+        return
+    out = Path(res.out)
+    src = res.report.get("config", {}).get("model", a.model)
+    common = {"tasks": tasks, "num_fewshot": a.num_fewshot, "limit": parse_limit(a.limit),
+              "batch_size": a.batch_size, "tasks_data": a.tasks_data}
+    entries = []
+    dense_ppls = {str(dense_ppl["seqlen"]): dense_ppl} if dense_ppl else {}
+    if getattr(a, "eval_baseline", False):
+        from slimgpt.zoo import load_model
 
+        dense, dtok = load_model(src)
+        entries.append(evaluate_model("dense", src, dense, dtok, precomputed_ppl=dense_ppls, **common))
+        del dense
+    elif dense_ppls:  # perplexity only: no need to load the dense model again
+        entries.append({"label": "dense", "model": src, "params": res.report["params"]["dense"], "ppl": dense_ppls})
+    if tasks or pruned_ppl is not None:
+        model, tok = res.model, res.tokenizer
+        if model is None:  # streamed: the pruned model was never whole in memory
+            from slimgpt.io import load_pruned
 
-class _UsageError(Exception):
-    def __init__(self, prog: str, message: str) -> None:
-        super().__init__(f"{prog}: error: {message} (see {prog} --help)")
+            model, tok = load_pruned(out)
+        entries.append(evaluate_model(
+            "pruned", str(out), model, tok,
+            precomputed_ppl={str(pruned_ppl["seqlen"]): pruned_ppl} if pruned_ppl else None, **common,
+        ))
+    if entries:
+        table = zeroshot_table(entries)
+        if table:
+            print(table)
+        write_json(out / EVAL_FILE, eval_document(entries, {**common, "from": "slimgpt prune"}))
+    if getattr(a, "report", False):
+        from slimgpt.report import write_report
 
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Show every meaningful default in ``--help`` (argparse's own formatter would also print
-    "default: None" on options whose default is decided at run time)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        default = action.default
-        if (not text or "default" in text or default in (None, False, argparse.SUPPRESS)
-                or action.option_strings == [] and action.nargs in ("?", "*")):
-            return text
-        return f"{text} (default: {default})"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line (like every other user error), not usage + error."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise _UsageError(self.prog, message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="slimgpt", description="Structured pruning of LLMs (SlimGPT, BlockPruner)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
-    _load_plugins()
-    for name, (configure, fn) in COMMANDS.items():
-        sp = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None,
-                            formatter_class=_HelpFormatter)
-        configure(sp)
-        sp.set_defaults(func=fn)
-    return p
-
-
-def _load_plugins() -> None:
-    """Import modules that add subcommands (bench, report, finetune, export, ...), if present."""
-    import importlib
-
-    for mod in ("slimgpt.cli_extra", "slimgpt.commands_compare", "slimgpt.commands_finetune_export",
-                "slimgpt.commands_eval"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as e:
-        print(e, file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "urllib3", "filelock", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
-    terminated = _sigterm_as_interrupt()
-    try:
-        return args.func(args)
-    except SlimGPTError as e:
-        print(f"slimgpt: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"slimgpt: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
-        return 143 if terminated else 130
-
-
-def _sigterm_as_interrupt() -> list[bool]:
-    """Treat SIGTERM (what schedulers and ``timeout`` send) like Ctrl-C, so a prune says how many
-    layers are checkpointed and that ``--resume`` continues, instead of dying silently. Returns a
-    list that becomes truthy once SIGTERM arrived."""
-    import signal
-    import threading
-
-    seen: list[bool] = []
-    if threading.current_thread() is not threading.main_thread():
-        return seen
-
-    def handler(_signum: int, _frame: object) -> None:
-        seen.append(True)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-    return seen
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        path = write_report(out, pruned=(res.model, res.tokenizer) if res.model is not None else None,
+                            data_dir=a.data_dir)
+        print(f"report: {path}")

@@ -1,7 +1,4 @@
-"""CLI subcommands ``slimgpt finetune`` (LoRA recovery) and ``slimgpt export`` (gguf | padded | onnx).
-
-Registered through :func:`slimgpt.cli.command`; :func:`slimgpt.cli._load_plugins` imports this module.
-"""
+"""``slimgpt finetune``: LoRA recovery fine-tuning of a pruned model."""
 
 from __future__ import annotations
 
@@ -9,11 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from slimgpt.cli import command
 from slimgpt.errors import ConfigError
 
 
-def add_finetune_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="pruned folder (or any zoo name / model folder)")
     p.add_argument("--data", required=True,
                    help="Alpaca .json/.jsonl (prompt masked), text file, c4 | wiki | wikitext2, or hub org/name[:config:split]")
@@ -40,8 +36,7 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the run report (losses per step) here as JSON")
 
 
-@command("finetune", add_finetune_args)
-def cmd_finetune(a: argparse.Namespace) -> int:
+def run(a: argparse.Namespace) -> int:
     """LoRA recovery fine-tuning of a pruned model (paper: Alpaca, 1 epoch, lr 1e-4, batch 64, length 256)."""
     from slimgpt.finetune import FinetuneConfig, finetune
 
@@ -67,32 +62,4 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     if res.out is not None:
         what = "merged model" if a.merge else "LoRA adapter"
         print(f"saved {what} to {res.out}")
-    return 0
-
-
-def add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="pruned folder (or any Llama/Qwen2/Gemma 3 model folder / zoo name)")
-    p.add_argument("--to", required=True, choices=("gguf", "padded", "onnx"),
-                   help="gguf: llama.cpp 'deci' file; padded: stock-architecture folder; onnx: onnxruntime folder")
-    p.add_argument("--out", required=True, help="output file (gguf) or folder (padded, onnx)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out once the new export is complete")
-    p.add_argument("--gguf-type", default="f32", choices=("f32", "f16", "bf16"),
-                   help="GGUF weight type of the matrices (norms stay f32); quantise later with llama-quantize")
-    p.add_argument("--tokenizer-pre", help="GGUF tokenizer.ggml.pre (default: detected, e.g. smollm, qwen2)")
-
-
-@command("export", add_export_args)
-def cmd_export(a: argparse.Namespace) -> int:
-    """Export a pruned model for other engines: gguf (llama.cpp), padded (stock architecture), onnx."""
-    import torch
-
-    from slimgpt.export import export
-    from slimgpt.zoo import load_model
-
-    model, tok = load_model(a.model, dtype=torch.float32, device="cpu")
-    options = {}
-    if a.to == "gguf":
-        options = {"dtype": a.gguf_type, "tokenizer_pre": a.tokenizer_pre}
-    out = export(model, tok, a.to, a.out, overwrite=a.overwrite, **options)
-    print(f"wrote {a.to} export to {out}")
     return 0

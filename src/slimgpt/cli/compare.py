@@ -1,15 +1,15 @@
-"""``slimgpt compare``: all registered methods at matched parameter counts (see :mod:`slimgpt.compare`)."""
+"""``slimgpt compare``: every registered method at matched parameter counts (see :mod:`slimgpt.compare`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from slimgpt.cli import add_search_args, command
+from slimgpt.cli.common import add_search_args
 from slimgpt.config import CPU_NSAMPLES, CPU_SEQLEN, DEFAULT_MODEL, GPU_NSAMPLES, GPU_SEQLEN, PruneConfig
 from slimgpt.errors import ConfigError
 
 
-def add_compare_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"zoo name or folder (default {DEFAULT_MODEL})")
     p.add_argument("--ratio", default="0.2,0.5", help="comma-separated shares of ALL parameters to remove")
     p.add_argument("--methods", default="all", help="'all' (every registered method) or a comma list")
@@ -35,8 +35,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder with wikitext-2-raw/ and calibration/ (default $SLIMGPT_DATA)")
 
 
-@command("compare", add_compare_args)
-def cmd_compare(a: argparse.Namespace) -> int:
+def run(a: argparse.Namespace) -> int:
     """Compare pruning methods at matched parameter counts (one Markdown + JSON table)."""
     from slimgpt.compare import format_table, run_compare
 

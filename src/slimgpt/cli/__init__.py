@@ -1,0 +1,97 @@
+"""Command line: ``slimgpt prune | eval | bench | compare | finetune | export | report``.
+
+One module per subcommand, each with ``add_args(parser)`` and ``run(args) -> exit code``; they only
+parse arguments and call the library. Any :class:`~slimgpt.errors.SlimGPTError` becomes one line
+on stderr and exit code 2; Ctrl-C and SIGTERM say what was saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from slimgpt.errors import SlimGPTError
+
+log = logging.getLogger("slimgpt")
+
+SUBCOMMANDS = ("prune", "eval", "bench", "compare", "finetune", "export", "report")
+"""Subcommand names, each a module ``slimgpt.cli.<name>`` (a new subcommand: a module and a name here)."""
+
+
+class _UsageError(Exception):
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{prog}: error: {message} (see {prog} --help)")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Show every meaningful default in ``--help`` (argparse's own formatter would also print
+    "default: None" on options whose default is decided at run time)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (not text or "default" in text or default in (None, False, argparse.SUPPRESS)
+                or action.option_strings == [] and action.nargs in ("?", "*")):
+            return text
+        return f"{text} (default: {default})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line (like every other user error), not usage + error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(self.prog, message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="slimgpt", description="Structured pruning of LLMs (SlimGPT, BlockPruner)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMANDS:
+        mod = importlib.import_module(f"slimgpt.cli.{name}")
+        doc = (mod.run.__doc__ or "").strip().splitlines()
+        sp = sub.add_parser(name, help=doc[0] if doc else None, formatter_class=_HelpFormatter)
+        mod.add_args(sp)
+        sp.set_defaults(func=mod.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
+    terminated = _sigterm_as_interrupt()
+    try:
+        return args.func(args)
+    except SlimGPTError as e:
+        print(f"slimgpt: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"slimgpt: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+
+
+def _sigterm_as_interrupt() -> list[bool]:
+    """Treat SIGTERM (what schedulers and ``timeout`` send) like Ctrl-C, so a prune says how many
+    layers are checkpointed and that ``--resume`` continues, instead of dying silently. Returns a
+    list that becomes truthy once SIGTERM arrived."""
+    import signal
+    import threading
+
+    seen: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        return seen
+
+    def handler(_signum: int, _frame: object) -> None:
+        seen.append(True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    return seen

@@ -1,0 +1,7 @@
+"""``python -m slimgpt.cli``."""
+
+import sys
+
+from slimgpt.cli import main
+
+sys.exit(main())

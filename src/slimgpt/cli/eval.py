@@ -1,0 +1,83 @@
+"""``slimgpt eval``: perplexity and zero-shot accuracy of a model beside its dense source model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from slimgpt.cli.common import add_task_args, check_task_args, parse_limit
+from slimgpt.errors import ConfigError
+from slimgpt.evaluation.results import (
+    eval_document,
+    evaluate_model,
+    ppl_table,
+    source_model,
+    write_json,
+    zeroshot_table,
+)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="pruned folder, zoo name, local folder or hub id")
+    p.add_argument("--ppl", nargs="?", const="auto", default=None,
+                   help="perplexity data set: auto (WikiText-2 when available, else a named held-out text) | wikitext2 "
+                        "| wiki | c4 | FILE (default: auto when no --tasks are given; not evaluated with --tasks alone)")
+    p.add_argument("--seqlen", default="128", help="comma-separated window lengths (paper: 128; also 2048)")
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick runs)")
+    add_task_args(p, "--tasks")
+    p.add_argument("--batch-size", type=int, default=8, help="windows / lm-eval requests per forward")
+    p.add_argument("--baseline", help="dense model to compare against (default: the pruned folder's source model)")
+    p.add_argument("--no-baseline", action="store_true", help="do not evaluate the source model")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--data-dir", help="folder with wikitext-2-raw/ (default $SLIMGPT_DATA)")
+    p.add_argument("--json", help="write the results here as JSON (lm-eval version, data sources and sha256)")
+
+
+def run(a: argparse.Namespace) -> int:
+    """Perplexity and zero-shot accuracy of a model, beside its dense source model."""
+    from slimgpt.utils import resolve_device, resolve_dtype
+    from slimgpt.zoo import load_model
+
+    try:
+        seqlens = [int(s) for s in a.seqlen.split(",") if s]
+    except ValueError:
+        raise ConfigError(f"--seqlen must be comma-separated integers; got '{a.seqlen}'") from None
+    if a.ppl is None and not a.tasks:
+        a.ppl = "auto"  # evaluate only what is asked: perplexity when asked, or when nothing else is
+    if not a.ppl and not a.tasks:
+        raise ConfigError("nothing to evaluate: give --ppl DATA and/or --tasks TASKS")
+    if a.ppl:
+        from slimgpt.evaluation.perplexity import resolve_eval_dataset
+
+        calib = None
+        if (Path(a.model) / "slimgpt.json").is_file():
+            calib = json.loads((Path(a.model) / "slimgpt.json").read_text()).get("config", {}).get("calib")
+        a.ppl = resolve_eval_dataset(a.ppl, a.data_dir, calib)
+    limit = parse_limit(a.limit)
+    check_task_args(a.tasks, a.num_fewshot, a.tasks_data)
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    models = [("pruned" if source_model(a.model) else "model", a.model)]
+    base = a.baseline or source_model(a.model)
+    if base and not a.no_baseline:
+        models.insert(0, ("dense", base))
+    entries = []
+    for label, name in models:
+        model, tok = load_model(name, dtype=dtype, device=device)
+        entries.append(evaluate_model(
+            label, name, model, tok, ppl=a.ppl, seqlens=seqlens, max_windows=a.max_windows, tasks=a.tasks,
+            num_fewshot=a.num_fewshot, limit=limit, batch_size=a.batch_size, data_dir=a.data_dir,
+            tasks_data=a.tasks_data,
+        ))
+        del model
+    for table in (ppl_table(entries), zeroshot_table(entries)):
+        if table:
+            print(table + "\n")
+    if a.json:
+        settings = {"ppl": a.ppl, "seqlens": seqlens, "max_windows": a.max_windows, "tasks": a.tasks,
+                    "num_fewshot": a.num_fewshot, "limit": limit, "batch_size": a.batch_size,
+                    "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+        write_json(a.json, eval_document(entries, settings))
+    return 0

@@ -1,0 +1,366 @@
+"""One pruning run as named steps: start → load → calibrate → execute (plan widths, run, cut) →
+report → save. :func:`slimgpt.api.prune` calls them in this order.
+
+How a method runs is decided once, in :func:`make_execution`: a layer-wise method
+(:class:`~slimgpt.methods.base.Method`) goes through :class:`LayerwiseExecution` (width schedule,
+the layer-wise driver, a :class:`~slimgpt.driver.LayerStore`, per-layer checkpoints); a
+whole-model method (:class:`~slimgpt.methods.base.GlobalMethod`) through :class:`WholeModelExecution`
+(its own plan, an optional search journal). Where layers live during a layer-wise run (in memory,
+streamed from disk, checkpointed) is decided once, in :func:`open_store`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimgpt import __version__, streaming
+from slimgpt.arch import ADAPTERS, get_adapter
+from slimgpt.checkpoint import Checkpoint, StorageError, data_identity, run_settings, storage_error
+from slimgpt.config import PruneConfig
+from slimgpt.driver import LayerStore, layer_spaces, run_layerwise
+from slimgpt.errors import ConfigError, ModelError, SlimGPTError
+from slimgpt.methods import make_method
+from slimgpt.methods.base import GlobalMethod, Method, PruneContext, Timer
+from slimgpt.plan import LayerPlan
+from slimgpt.schedule import LayerSpace, LayerWidth, removed_params, solve_widths
+from slimgpt.surgery import layer_shapes, parameter_count, shrink_model
+from slimgpt.utils import PeakMemory, resolve_device, resolve_dtype, seed_everything
+
+log = logging.getLogger("slimgpt.api")
+
+
+@dataclass
+class Run:
+    """What the steps of one run share. Filled in step by step."""
+
+    cfg: PruneConfig  # resolved (device-dependent defaults filled in)
+    device: torch.device
+    dtype: torch.dtype
+    method: Method | GlobalMethod
+    progress: bool = True
+    source_dir: Path | None = None  # the model's local folder (None: in memory or a hub id)
+    stream: bool = False  # layers are read from disk one at a time
+    model: Any = None
+    tokenizer: Any = None
+    adapter: Any = None
+    source: Any = None  # streaming.SourceWeights of a streamed run
+    calib: torch.Tensor | None = None
+    calib_info: dict[str, Any] = field(default_factory=dict)
+    dense_params: int = 0
+    spaces: list[LayerSpace] = field(default_factory=list)
+    mem: PeakMemory | None = None
+    t_start: float = field(default_factory=time.perf_counter)
+    t_loaded: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """What executing the method produced."""
+
+    plans: dict[int, LayerPlan]
+    seconds: dict[str, float]  # forward / hessian / solver buckets
+    model: Any  # the pruned model, or None when streamed (the saved folder holds it)
+    widths: list[LayerWidth] | None = None  # the solved schedule of a layer-wise run
+    io_seconds: dict[str, float] = field(default_factory=dict)
+    resumed_from_layer: int = 0
+    prune_s: float = 0.0
+    surgery_s: float = 0.0
+
+
+# ---------------------------------------------------------------------------------- steps
+def start(cfg: PruneConfig, in_memory: bool, progress: bool = True) -> Run:
+    """Validate, resolve device/dtype/calibration size, seed, build the method; refuse option
+    combinations the method cannot honour before anything is loaded."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    cfg = cfg.resolved(device)
+    seed_everything(cfg.seed)
+    run = Run(cfg, device, dtype, make_method(cfg), progress)
+    whole_model = isinstance(run.method, GlobalMethod)
+    resumable = not whole_model or getattr(run.method, "resumable", False)
+    if whole_model and ((cfg.resume and not resumable) or cfg.max_memory or cfg.offload_activations):
+        raise ConfigError(f"--method {cfg.method} decides over the whole model at once: it cannot "
+                          f"{'' if resumable else '--resume, '}stream layers (--max-memory) or offload activations; "
+                          "drop those options")
+    if cfg.resume and cfg.out is None:
+        raise ConfigError("--resume continues the run checkpointed beside --out; give the same --out")
+    run.stream = not in_memory and not whole_model and streaming.wants_streaming(cfg, dtype)
+    if run.stream and cfg.out is None:
+        raise ConfigError("a streamed run (--max-memory) writes the model layer by layer and needs --out")
+    run.source_dir = streaming.local_model_folder(cfg.model) if not in_memory else None
+    return run
+
+
+def load(run: Run, model: Any = None, tokenizer: Any = None) -> None:
+    """The model (or, streamed, its weightless skeleton), its tokenizer and adapter."""
+    from slimgpt.zoo import load_model
+
+    if run.source_dir is not None:
+        check_architecture(run.source_dir)  # before loading gigabytes of weights
+    if model is None:
+        if run.stream:
+            model, tokenizer, run.source = streaming.load_skeleton(run.cfg.model, run.dtype)
+        else:
+            model, tokenizer = load_model(run.cfg.model, dtype=run.dtype, device="cpu")
+    else:
+        model.to(run.dtype)
+    run.model, run.tokenizer, run.adapter = model, tokenizer, get_adapter(model)
+    run.t_loaded = time.perf_counter()
+
+
+def calibrate(run: Run) -> None:
+    """Calibration windows, the dense parameter count and what each layer can give up."""
+    from slimgpt.data.calibration import sample_calibration
+
+    c = run.cfg
+    run.calib, run.calib_info = sample_calibration(c.calib, run.tokenizer, c.nsamples, c.seqlen, c.seed, c.data_dir)
+    run.dense_params = parameter_count(run.model)
+    run.spaces = layer_spaces(run.adapter)
+    run.mem = PeakMemory(run.device)
+
+
+def plan_widths(run: Run) -> list[LayerWidth]:
+    """Per-layer widths from the schedule, solved to the whole-model parameter target."""
+    c = run.cfg
+    widths = solve_widths(run.spaces, run.dense_params, c.ratio, c.schedule, c.first_ratio)
+    planned = removed_params(run.spaces, widths)
+    log.info("target: remove %.1f%% of %s parameters; planned %s (%.2f%%)", 100 * c.ratio,
+             f"{run.dense_params:,}", f"{planned:,}", 100 * planned / run.dense_params)
+    return widths
+
+
+def open_store(run: Run, ckpt: Checkpoint | None) -> LayerStore:
+    """Where layers live during a layer-wise run: streamed from disk (and written as they finish)
+    or kept in the model, checkpointed after every layer when there is a checkpoint."""
+    if run.stream:
+        assert ckpt is not None and run.source is not None
+        store = streaming.StreamingStore(run.adapter, run.source, run.dtype, ckpt, run.cfg.offload_activations)
+        store.warn_budget(run.cfg, streaming.parse_size(run.cfg.max_memory) if run.cfg.max_memory else None)
+        return store
+    return streaming.InMemoryStore(run.adapter, ckpt, run.cfg.offload_activations)
+
+
+def context(run: Run, timer: Timer) -> PruneContext:
+    """What a whole-model method gets; ``run_layers`` lets it run a layer-wise pass (the hybrid)."""
+    ctx = PruneContext(run.model, run.adapter, run.calib, run.cfg, run.device, run.spaces, run.dense_params,
+                       timer, run.progress)
+
+    def run_layers(method: Method, widths: list[LayerWidth], spaces: list[LayerSpace]) -> dict[int, LayerPlan]:
+        res = run_layerwise(run.adapter, run.calib, method, widths, spaces, run.device, run.cfg.batch_size,
+                            run.cfg.propagate, progress=run.progress)
+        for k, v in res.seconds.items():
+            timer.seconds[k] = timer.seconds.get(k, 0.0) + v
+        return res.plans
+
+    ctx.run_layers = run_layers
+    return ctx
+
+
+# ---------------------------------------------------------------------------------- executions
+class LayerwiseExecution:
+    """A layer-wise method: widths from the schedule, the driver over every layer (resuming from
+    the checkpoint beside ``--out``), each layer cut as it finishes."""
+
+    def __init__(self, run: Run) -> None:
+        self.ckpt: Checkpoint | None = None
+        if run.cfg.out is not None:  # opened before loading: a refused --resume costs nothing
+            self.ckpt = Checkpoint.open(run.cfg.out, run_settings(run.cfg, run.device, run.dtype), run.cfg.resume,
+                                        run.source_dir.resolve() if run.source_dir else None)
+
+    def execute(self, run: Run) -> Outcome:
+        adapter, ckpt = run.adapter, self.ckpt
+        t0 = time.perf_counter()
+        widths = plan_widths(run)
+        if ckpt is not None:
+            ckpt.bind(data_identity(run.calib, run.source_dir, run.model), adapter)  # same data and model to resume
+        store = open_store(run, ckpt)
+        plans: dict[int, LayerPlan] = {}
+        seconds: dict[str, float] = {}
+        start, inputs = 0, None
+        if ckpt is not None and ckpt.done:
+            start = ckpt.done
+            plans = ckpt.restore(adapter, materialize=not run.stream)
+            if start < adapter.num_layers:
+                inputs = ckpt.load_inputs(mmap=run.cfg.offload_activations is not None)
+            log.info("resuming from %s: layers 0..%d are done", ckpt.folder, start - 1)
+        try:
+            if start < adapter.num_layers:
+                result = run_layerwise(
+                    adapter, run.calib, run.method, widths, run.spaces, run.device, run.cfg.batch_size,
+                    run.cfg.propagate, progress=run.progress, start_layer=start, inputs=inputs,
+                    on_layer_done=ckpt.commit if ckpt is not None else None, store=store,
+                )
+                plans.update(result.plans)
+                seconds = result.seconds
+        except StorageError:
+            raise
+        except SlimGPTError:
+            if ckpt is not None:
+                ckpt.discard()  # a resume would fail the same way: leave nothing behind
+            raise
+        except KeyboardInterrupt:
+            if ckpt is not None and ckpt.done:
+                log.warning("interrupted: %d of %d layers are saved in %s; rerun the same command with "
+                            "--resume to continue", ckpt.done, adapter.num_layers, ckpt.folder)
+            raise
+        finally:
+            store.close()
+        t1 = time.perf_counter()
+        pruned = None if run.stream else shrink_model(run.model, {})  # every layer is cut already
+        return Outcome(plans, seconds, pruned, widths, store.seconds, start, t1 - t0, time.perf_counter() - t1)
+
+    def save(self, run: Run, model: Any, report: dict[str, Any]) -> Path:
+        from slimgpt.io import save_pruned
+
+        c = run.cfg
+        assert c.out is not None
+        try:
+            if run.stream:
+                assert self.ckpt is not None and run.source is not None
+                out = streaming.save_streamed(run.adapter, run.tokenizer, run.source, self.ckpt, c.out, report,
+                                              c.overwrite, run.dtype)
+            else:
+                out = save_pruned(model, run.tokenizer, c.out, metadata=report, overwrite=c.overwrite)
+        except OSError as e:
+            raise storage_error(e, c.out, self.ckpt) from e
+        if self.ckpt is not None:
+            self.ckpt.finish()
+        return out
+
+
+class WholeModelExecution:
+    """A whole-model method: its own plan over the model (journalled beside ``--out`` when it
+    can resume), then one cut of every layer."""
+
+    def __init__(self, run: Run) -> None:
+        self.journal: Any = None
+
+    def execute(self, run: Run) -> Outcome:
+        method = run.method
+        assert isinstance(method, GlobalMethod)
+        t0 = time.perf_counter()
+        timer = Timer()
+        ctx = context(run, timer)
+        if run.cfg.out is not None and getattr(method, "resumable", False):
+            from slimgpt.methods.blockpruner import SearchJournal
+
+            key = {**run_settings(run.cfg, run.device, run.dtype), **data_identity(run.calib, run.source_dir, run.model)}
+            self.journal = ctx.journal = SearchJournal(SearchJournal.for_out(run.cfg.out), key, run.cfg.resume)
+        plans = method.plan(ctx)
+        t1 = time.perf_counter()
+        pruned = shrink_model(run.model, plans)
+        return Outcome(plans, dict(timer.seconds), pruned, prune_s=t1 - t0, surgery_s=time.perf_counter() - t1)
+
+    def save(self, run: Run, model: Any, report: dict[str, Any]) -> Path:
+        from slimgpt.io import save_pruned
+
+        c = run.cfg
+        assert c.out is not None
+        try:
+            out = save_pruned(model, run.tokenizer, c.out, metadata=report, overwrite=c.overwrite)
+        except OSError as e:
+            raise storage_error(e, c.out, None) from e
+        if self.journal is not None:
+            self.journal.discard()
+        return out
+
+
+def make_execution(run: Run) -> LayerwiseExecution | WholeModelExecution:
+    """The one place where layer-wise and whole-model methods part ways."""
+    return WholeModelExecution(run) if isinstance(run.method, GlobalMethod) else LayerwiseExecution(run)
+
+
+# ---------------------------------------------------------------------------------- report
+def build_report(run: Run, outcome: Outcome) -> dict[str, Any]:
+    """The run's record (``slimgpt.json``): config, method, calibration, parameters, time split,
+    memory and the per-layer table, read from the final tensor shapes."""
+    cfg, spaces, widths = run.cfg, run.spaces, outcome.widths
+    shaped = outcome.model if outcome.model is not None else run.model  # streamed: meta tensors in final shapes
+    pruned_params = parameter_count(shaped)
+    shapes = layer_shapes(shaped)
+    layers = []
+    for i, s in enumerate(spaces):
+        st = outcome.plans[i].stats if i in outcome.plans else {}
+        kept = (shapes[i]["heads"] * s.per_q_head + shapes[i]["kv_heads"] * s.per_kv_head
+                + shapes[i]["channels"] * s.per_channel)
+        layers.append({
+            "layer": i, "schedule_ratio": round(widths[i].ratio, 4) if widths else None,
+            "heads": f"{shapes[i]['heads']}/{s.num_heads}", "kv_heads": f"{shapes[i]['kv_heads']}/{s.num_kv_heads}",
+            "channels": f"{shapes[i]['channels']}/{s.channels}",
+            "params_kept": round(kept / s.params, 4),
+            **{k: v for k, v in st.items() if k.endswith(("error", "damp", "groups"))},
+        })
+    secs, io = outcome.seconds, outcome.io_seconds
+    assert run.mem is not None
+    return {
+        "slimgpt_version": __version__,
+        "config": cfg.to_dict(),
+        "method": run.method.config(),
+        "device": str(run.device), "dtype": str(run.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "calibration": run.calib_info,
+        "params": {
+            "dense": run.dense_params, "pruned": pruned_params,
+            "removed_ratio": 1 - pruned_params / run.dense_params, "target_ratio": None if cfg.blocks else cfg.ratio,
+            "target_blocks": cfg.blocks,
+        },
+        "time_s": {
+            "load": run.t_loaded - run.t_start, "prune_total": outcome.prune_s,
+            "calibration_forward": secs.get("forward", 0.0), "hessian": secs.get("hessian", 0.0),
+            "solver": secs.get("solver", 0.0), "surgery": outcome.surgery_s,
+            "solver_over_forward": secs.get("solver", 0.0) / max(secs.get("forward", 1e-9), 1e-9),
+            "stream_read": io.get("load", 0.0), "checkpoint_write": io.get("write", 0.0),
+        },
+        "streamed": run.stream,
+        "resumed_from_layer": outcome.resumed_from_layer,
+        "memory": run.mem.as_dict(),
+        "layers": layers,
+    }
+
+
+def format_layer_table(report: dict[str, Any]) -> str:
+    """The per-layer Markdown table printed after pruning."""
+    rows = ["| layer | schedule ratio | heads | kv heads | channels | params kept |", "|---|---|---|---|---|---|"]
+    for r in report["layers"]:
+        ratio = "-" if r["schedule_ratio"] is None else f"{r['schedule_ratio']:.3f}"
+        rows.append(
+            f"| {r['layer']} | {ratio} | {r['heads']} | {r['kv_heads']} | {r['channels']} "
+            f"| {r['params_kept']:.1%} |"
+        )
+    p, t, m = report["params"], report["time_s"], report["memory"]
+    rows.append("")
+    rows.append(
+        f"parameters: {p['dense']:,} → {p['pruned']:,} (removed {p['removed_ratio']:.2%}, "
+        + (f"target {p['target_ratio']:.2%})" if p.get("target_ratio") is not None else f"{p['target_blocks']} blocks)")
+    )
+    rows.append(
+        f"time: {t['prune_total']:.1f} s pruning (forward {t['calibration_forward']:.1f} s, Hessian {t['hessian']:.1f} s, "
+        f"solver {t['solver']:.1f} s; solver/forward {t['solver_over_forward']:.2f}), load {t['load']:.1f} s"
+    )
+    mem = f"peak memory: {m['peak_rss_mib']:.0f} MiB resident"
+    if "peak_cuda_mib" in m:
+        mem += f", {m['peak_cuda_mib']:.0f} MiB CUDA"
+    rows.append(mem)
+    return "\n".join(rows)
+
+
+def check_architecture(folder: Path) -> None:
+    """Refuse an architecture without an adapter from its config.json alone."""
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "?")
+    except (OSError, ValueError, AttributeError):
+        return  # missing or unreadable: loading says so in one line
+    if model_type not in ADAPTERS:
+        raise ModelError(
+            f"architecture '{model_type}' is not supported yet (supported: {', '.join(sorted(ADAPTERS))}); "
+            "add an adapter in src/slimgpt/arch/"
+        )
