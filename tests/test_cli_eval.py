@@ -208,3 +208,20 @@ def test_help_shows_defaults_and_required_out(capsys) -> None:
 def test_report_of_missing_folder_says_so(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_with_tasks_only_computes_no_perplexity(tiny_folder: Path, data_root: Path, tmp_path: Path,  # noqa: F811
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``eval MODEL --tasks ...`` evaluates only what is asked: no perplexity pass before the tasks."""
+    import slimgpt.evaluation.perplexity as ppl_module
+
+    def refuse(*_a, **_k):
+        raise AssertionError("perplexity was computed although only --tasks was asked for")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(ppl_module, "perplexity", refuse)
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_folder), "--tasks", "piqa", "--limit", "2", "--batch-size", "2",
+                 "--tasks-data", str(data_root), "--device", "cpu", "--json", str(out)]) == 0
+    (entry,) = json.loads(out.read_text())["models"]
+    assert entry["ppl"] == {} and entry["zeroshot"]["tasks"]["piqa"]["n"] == 2

@@ -160,3 +160,40 @@ def test_auto_falls_back_to_a_named_wheel_text_offline(tiny_llama, tiny_tokenize
     (tmp_path / "wikitext-2-raw").mkdir()
     (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text(" = T = \n t1 t2 t3 \n" * 50)
     assert resolve_eval_dataset("auto", tmp_path, "c4") == "wikitext2"
+
+
+def _bos_tokenizer(base):
+    """The tiny word tokenizer, adding ``<s>`` in front of every text as Llama tokenizers do."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = base.backend_tokenizer
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_gptq_protocol_one_bos_for_the_whole_text(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
+    """``--protocol gptq``: the hub's row layout (empty rows around headings, rows ending in \\n)
+    joined with \\n\\n, tokenised once with one BOS, cut into plain seqlen windows."""
+    from slimgpt.evaluation.perplexity import eval_windows
+
+    monkeypatch.delenv("SLIMGPT_DATA", raising=False)
+    tok = _bos_tokenizer(tiny_tokenizer)
+    w = [words(30, seed=s) for s in range(3)]
+    lines = [" = t5 = ", w[0], w[1], " = = t6 = = ", w[2]]
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    text, info = corpora.wikitext2_gptq_text(tmp_path)
+    assert text == "\n\n".join(["", " = t5 = \n", "", w[0] + "\n", w[1] + "\n", "", " = = t6 = = \n", "", w[2] + "\n"])
+    assert "reconstructed" in info["protocol"]
+    ids = tok(text)["input_ids"]
+    assert ids[0] == 1 and ids.count(1) == 1
+    windows, bos = eval_windows(tok, text, 16, protocol="gptq")
+    assert not bos and windows.flatten().tolist() == ids[: len(ids) // 16 * 16]
+    r = perplexity(tiny_llama, tok, "wikitext2", seqlen=16, data_dir=tmp_path, progress=False, protocol="gptq")
+    ref, count = manual_ppl(tiny_llama, ids, 16)
+    assert r["ppl"] == pytest.approx(ref, rel=1e-5) and r["tokens"] == count
+    assert r["window_protocol"] == "gptq" and "one BOS" in r["protocol"]
+    # the default protocol differs: BOS in every window
+    default = perplexity(tiny_llama, tok, "wikitext2", seqlen=16, data_dir=tmp_path, progress=False)
+    assert default["bos"] and default["ppl"] != pytest.approx(r["ppl"], rel=1e-6)

@@ -103,6 +103,8 @@ def test_layer_errors_match_output_hidden_states(run_dir: Path, tiny_tokenizer) 
         norms = d.pow(2).sum(-1).flatten()
         big = norms[norms > 100 * norms.median()]
         assert stats["massive_share"][i] == pytest.approx(float(big.sum() / norms.sum()), rel=1e-6, abs=1e-12)
+        first = d[:, 0].pow(2).sum(-1).sum()
+        assert stats["first_token_share"][i] == pytest.approx(float(first / norms.sum()), rel=1e-6)
     assert stats["relative"] == pytest.approx(errors, rel=1e-9)
     assert layer_output_errors(dense, dense, ids) == [0.0] * 4
 

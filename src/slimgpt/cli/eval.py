@@ -25,6 +25,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "| wiki | c4 | FILE (default: auto when no --tasks are given; not evaluated with --tasks alone)")
     p.add_argument("--seqlen", default="128", help="comma-separated window lengths (paper: 128; also 2048)")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick runs)")
+    p.add_argument("--protocol", default="slimgpt", choices=("slimgpt", "gptq"),
+                   help="slimgpt: BOS + seqlen-1 text tokens in every window; gptq: the published convention (GPTQ, "
+                        "SlimGPT's and SliceGPT's code): text tokenised once with one BOS, cut into seqlen windows")
     add_task_args(p, "--tasks")
     p.add_argument("--batch-size", type=int, default=8, help="windows / lm-eval requests per forward")
     p.add_argument("--baseline", help="dense model to compare against (default: the pruned folder's source model)")
@@ -69,7 +72,7 @@ def run(a: argparse.Namespace) -> int:
         entries.append(evaluate_model(
             label, name, model, tok, ppl=a.ppl, seqlens=seqlens, max_windows=a.max_windows, tasks=a.tasks,
             num_fewshot=a.num_fewshot, limit=limit, batch_size=a.batch_size, data_dir=a.data_dir,
-            tasks_data=a.tasks_data,
+            tasks_data=a.tasks_data, protocol=a.protocol,
         ))
         del model
     for table in (ppl_table(entries), zeroshot_table(entries)):
@@ -77,7 +80,7 @@ def run(a: argparse.Namespace) -> int:
             print(table + "\n")
     if a.json:
         settings = {"ppl": a.ppl, "seqlens": seqlens, "max_windows": a.max_windows, "tasks": a.tasks,
-                    "num_fewshot": a.num_fewshot, "limit": limit, "batch_size": a.batch_size,
+                    "num_fewshot": a.num_fewshot, "protocol": a.protocol, "limit": limit, "batch_size": a.batch_size,
                     "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
         write_json(a.json, eval_document(entries, settings))
     return 0

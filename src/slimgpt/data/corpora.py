@@ -238,6 +238,40 @@ def _wikitext2(split: str, data_dir: str | Path | None) -> tuple[str, dict[str, 
     return text, info
 
 
+_HEADING = re.compile(r"^ (=+) .* \1 $")
+
+
+def wikitext2_gptq_text(data_dir: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """The test text as GPTQ (and SlimGPT's, SliceGPT's code) builds it: the hub's rows, each
+    ending in "\n" and empty rows kept, joined with "\n\n".
+
+    From the hub this is exact. The data-folder file has the empty rows dropped; they are put back
+    where the hub's layout has them (one before and one after every `` = heading = `` row, one
+    first), which is how wikitext-2-raw-v1 is laid out but could not be checked byte for byte
+    offline (recorded in the provenance)."""
+    path = wikitext2_local(data_dir, "test")
+    if path is None:
+        ds = _load_hub("wikitext", "wikitext-2-raw-v1", "test",
+                       "put wikitext-2-raw/wiki.test.raw in a data folder and pass --data-dir or set SLIMGPT_DATA")
+        text = "\n\n".join(ds["text"])
+        return text, {"source": "hub:wikitext/wikitext-2-raw-v1:test", "sha256": None, "text_sha256": sha256_text(text),
+                      "chars": len(text), "protocol": "gptq: the hub's rows joined with \\n\\n (exact)"}
+    rows: list[str] = [""]
+    for line in read_text(path).split("\n"):
+        if not line:
+            continue
+        if _HEADING.match(line):
+            if rows[-1] != "":
+                rows.append("")
+            rows += [line + "\n", ""]
+        else:
+            rows.append(line + "\n")
+    text = "\n\n".join(rows)
+    return text, {"source": str(path), "sha256": sha256_file(path), "text_sha256": sha256_text(text), "chars": len(text),
+                  "protocol": "gptq: rows + \\n, empty rows restored around headings, joined with \\n\\n "
+                              "(the hub's layout, reconstructed from the data-folder file)"}
+
+
 def wikitext2_test_text(data_dir: str | Path | None = None) -> tuple[str, dict[str, Any]]:
     """The WikiText-2 raw *test* text used for perplexity, and its provenance."""
     return _wikitext2("test", data_dir)

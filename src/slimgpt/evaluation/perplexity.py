@@ -33,6 +33,7 @@ from slimgpt.data.corpora import (
     sha256_file,
     sha256_text,
     wiki_documents,
+    wikitext2_gptq_text,
     wikitext2_local,
     wikitext2_test_text,
 )
@@ -69,13 +70,14 @@ def dataset_label(name: str) -> str:
     return _LABELS.get(name, Path(name).name if name else "?")
 
 
-def eval_text(dataset: str = "wikitext2", data_dir: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+def eval_text(dataset: str = "wikitext2", data_dir: str | Path | None = None,
+              protocol: str = "slimgpt") -> tuple[str, dict[str, Any]]:
     """Evaluation text and its provenance: ``wikitext2`` (the raw test split), ``wiki`` / ``c4``
     (documents joined with blank lines), ``auto`` (see :func:`resolve_eval_dataset`) or a file path
     (plain text as is; ``.jsonl``/``.json`` records joined with blank lines)."""
     dataset = resolve_eval_dataset(dataset, data_dir)
     if dataset == "wikitext2":
-        return wikitext2_test_text(data_dir)
+        return wikitext2_gptq_text(data_dir) if protocol == "gptq" else wikitext2_test_text(data_dir)
     if dataset in ("wiki", "c4"):
         docs, info = (wiki_documents if dataset == "wiki" else c4_documents)(data_dir)
         text = "\n\n".join(docs)
@@ -95,14 +97,33 @@ def eval_text(dataset: str = "wikitext2", data_dir: str | Path | None = None) ->
                   "chars": len(text), "protocol": protocol}
 
 
+PROTOCOLS = ("slimgpt", "gptq")
+"""How windows are cut. ``slimgpt``: every window starts with BOS (for tokenizers that add one) and
+holds ``seqlen - 1`` text tokens, so every window is scored like a fresh document. ``gptq``: the
+published convention (GPTQ, SparseGPT, SlimGPT's and SliceGPT's code): the text is tokenised once
+with the tokenizer's own special tokens (one BOS for the whole text) and cut into ``seqlen``-token
+windows of that one stream, so only the first window starts with BOS."""
+
+
 def eval_windows(
-    tokenizer: Any, text: str, seqlen: int, max_windows: int | None = None
+    tokenizer: Any, text: str, seqlen: int, max_windows: int | None = None, protocol: str = "slimgpt"
 ) -> tuple[torch.Tensor, bool]:
-    """``(windows, bos)``: the non-overlapping evaluation windows of ``text`` as a LongTensor."""
+    """``(windows, bos)``: the non-overlapping evaluation windows of ``text`` as a LongTensor
+    (``bos``: every window starts with BOS)."""
     if seqlen < 2:
         raise ConfigError(f"seqlen must be at least 2, got {seqlen}")
     if max_windows is not None and max_windows < 1:
         raise ConfigError(f"max_windows must be at least 1, got {max_windows}")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}; got '{protocol}'")
+    if protocol == "gptq":
+        ids = tokenizer(text, verbose=False)["input_ids"]
+        n = len(ids) // seqlen
+        if n == 0:
+            raise DataError(f"evaluation text has {len(ids)} tokens, need at least seqlen={seqlen}; "
+                            "lower --seqlen or give more text")
+        n = min(n, max_windows) if max_windows is not None else n
+        return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen), False
     bos = needs_bos(tokenizer)
     body = seqlen - 1 if bos else seqlen
     ids = encode(tokenizer, text)
@@ -165,23 +186,27 @@ def perplexity(
     data_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    protocol: str = "slimgpt",
 ) -> dict[str, Any]:
-    """Perplexity of ``model`` on ``dataset`` (``wikitext2`` or a text file).
+    """Perplexity of ``model`` on ``dataset`` (``wikitext2`` or a text file), windows cut by
+    ``protocol`` (:data:`PROTOCOLS`).
 
     Returns ``ppl``, ``nll`` (mean per predicted token), ``tokens`` (predicted tokens scored),
     ``windows``, ``seqlen``, ``bos``, ``dataset`` (provenance: source, sha256, text protocol) and
     ``protocol`` (how the windows were cut and scored), so a report can be reproduced.
     """
     dataset = resolve_eval_dataset(dataset, data_dir)
-    text, info = eval_text(dataset, data_dir)
-    windows, bos = eval_windows(tokenizer, text, seqlen, max_windows)
+    text, info = eval_text(dataset, data_dir, protocol)
+    windows, bos = eval_windows(tokenizer, text, seqlen, max_windows, protocol)
     total, count = windows_nll(model, windows, batch_size, device, progress)
     nll = total / count
-    protocol = (
-        f"{len(windows)} non-overlapping windows of {seqlen} tokens cut from the text tokenised once without "
-        f"special tokens{' (BOS + ' + str(seqlen - 1) + ' text tokens each)' if bos else ''}, remainder dropped; "
-        f"token-weighted mean NLL over the {seqlen - 1} predicted positions per window; ppl = exp(mean NLL)"
-    )
+    if protocol == "gptq":
+        how = (f"gptq protocol: {len(windows)} non-overlapping windows of {seqlen} tokens cut from the text tokenised "
+               "once with the tokenizer's special tokens (one BOS for the whole text), remainder dropped")
+    else:
+        how = (f"{len(windows)} non-overlapping windows of {seqlen} tokens cut from the text tokenised once without "
+               f"special tokens{' (BOS + ' + str(seqlen - 1) + ' text tokens each)' if bos else ''}, remainder dropped")
+    how += f"; token-weighted mean NLL over the {seqlen - 1} predicted positions per window; ppl = exp(mean NLL)"
     return {
         "ppl": math.exp(nll) if nll < 700 else math.inf,
         "nll": nll,
@@ -190,5 +215,6 @@ def perplexity(
         "seqlen": seqlen,
         "bos": bos,
         "dataset": {"name": dataset, "label": dataset_label(dataset), **info},
-        "protocol": protocol,
+        "protocol": how,
+        "window_protocol": protocol,
     }

@@ -116,7 +116,7 @@ def evaluate_model(
     label: str, name: str, model: Any, tokenizer: Any, *, ppl: str | None = None, seqlens: list[int] | None = None,
     max_windows: int | None = None, tasks: str | None = None, num_fewshot: int = 0,
     limit: int | float | None = None, batch_size: int = 8, data_dir: str | None = None,
-    tasks_data: str | None = None, precomputed_ppl: dict[str, Any] | None = None,
+    tasks_data: str | None = None, precomputed_ppl: dict[str, Any] | None = None, protocol: str = "slimgpt",
 ) -> dict[str, Any]:
     """One entry of the eval JSON: perplexity per window length and/or lm-eval tasks."""
     from slimgpt.surgery import parameter_count
@@ -128,7 +128,7 @@ def evaluate_model(
 
         for s in seqlens or []:
             entry["ppl"][str(s)] = perplexity(model, tokenizer, ppl, seqlen=s, batch_size=batch_size,
-                                              max_windows=max_windows, data_dir=data_dir)
+                                              max_windows=max_windows, data_dir=data_dir, protocol=protocol)
     if tasks:
         from slimgpt.evaluation.zeroshot import evaluate_tasks
 
