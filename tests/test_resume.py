@@ -77,7 +77,7 @@ def test_kill_after_last_layer_resumes_to_assembly_only(setup, tmp_path: Path, m
     def no_layers(*a, **k):
         raise AssertionError("all layers were done; nothing should be pruned again")
 
-    monkeypatch.setattr("slimgpt.api.run_layerwise", no_layers)
+    monkeypatch.setattr("slimgpt.pipeline.run_layerwise", no_layers)
     resume(src, calib, out, "--max-memory", "1KiB")
     assert_same_weights(ref, out)
 
