@@ -20,7 +20,7 @@ LAYERS: list[list[str]] = [
      "slimgpt.surgery", "slimgpt.zoo", "slimgpt.data", "slimgpt.data.*"],
     ["slimgpt.solvers", "slimgpt.solvers.*", "slimgpt.arch", "slimgpt.arch.*", "slimgpt.schedule", "slimgpt.plan",
      "slimgpt.modeling", "slimgpt.modeling.*", "slimgpt"],
-    ["slimgpt.utils", "slimgpt.errors"],
+    ["slimgpt.utils", "slimgpt.errors", "slimgpt.distributed"],
 ]
 
 

@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from slimgpt import distributed
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import ConfigError
 from slimgpt.plan import LayerPlan
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 KILL_ENV = "SLIMGPT_TEST_KILL_AFTER_LAYER"  # test hook: SIGKILL this process after committing layer k
 SIGNAL_ENV = "SLIMGPT_TEST_KILL_SIGNAL"  # ... or send it this signal instead (TERM: what schedulers send)
+RANK_ENV = "SLIMGPT_TEST_KILL_RANK"  # ... only on this torchrun rank (default 0, the one that commits)
 _NOT_SETTINGS = ("out", "overwrite", "resume", "max_memory", "offload_activations", "data_dir")
 
 
@@ -110,11 +112,14 @@ def write_tensors(folder: Path, tensors: list[torch.Tensor], sync: bool = True) 
     return specs
 
 
-def read_tensors(folder: Path, specs: list[dict[str, Any]], mmap: bool) -> list[torch.Tensor]:
-    """The tensors :func:`write_tensors` wrote: memory-mapped (pages the kernel may drop, for
-    activations that do not fit in memory) or copied into memory."""
+def read_tensors(folder: Path, specs: list[dict[str, Any]], mmap: bool,
+                 select: range | None = None) -> list[torch.Tensor]:
+    """The tensors :func:`write_tensors` wrote (only those in ``select``, default all):
+    memory-mapped (pages the kernel may drop, for activations that do not fit in memory) or
+    copied into memory."""
     out = []
-    for b, spec in enumerate(specs):
+    for b in select if select is not None else range(len(specs)):
+        spec = specs[b]
         n = math.prod(spec["shape"])
         t = torch.from_file(str(folder / f"batch-{b:05d}.bin"), shared=False, size=n,
                             dtype=getattr(torch, spec["dtype"])).view(spec["shape"])
@@ -156,6 +161,13 @@ class ActivationFiles:
 
 
 # ---- the checkpoint ---------------------------------------------------------------------------------
+
+
+def kill_point(index: int) -> None:
+    """Test hook: die here, after layer ``index`` is committed, when the environment asks (on rank
+    ``SLIMGPT_TEST_KILL_RANK``, default 0)."""
+    if os.environ.get(KILL_ENV) == str(index) and os.environ.get(RANK_ENV, "0") == str(distributed.rank()):
+        os.kill(os.getpid(), getattr(signal, f"SIG{os.environ.get(SIGNAL_ENV, 'KILL')}"))
 
 
 def _plan_dict(plan: LayerPlan) -> dict[str, Any]:
@@ -309,8 +321,7 @@ class Checkpoint:
             raise storage_error(e, self.folder, self) from e
         self.state = state
         shutil.rmtree(self.folder / f"inputs-{index:05d}", ignore_errors=True)
-        if os.environ.get(KILL_ENV) == str(index):
-            os.kill(os.getpid(), getattr(signal, f"SIG{os.environ.get(SIGNAL_ENV, 'KILL')}"))
+        kill_point(index)
 
     # ---- reading ------------------------------------------------------------------------------
     def plan(self, index: int) -> LayerPlan:
@@ -341,10 +352,13 @@ class Checkpoint:
         return plans
 
     def load_inputs(self, mmap: bool = False) -> list[torch.Tensor]:
-        """The inputs of the first unfinished layer, as the interrupted run computed them."""
+        """The inputs of the first unfinished layer, as the interrupted run computed them; under
+        ``torchrun`` only this rank's batches (the checkpoint holds all, in batch order, so any
+        number of processes can resume it)."""
         assert self.state is not None and self.state["inputs"] is not None
         spec = self.state["inputs"]
-        return read_tensors(self.folder / spec["folder"], spec["batches"], mmap)
+        select = distributed.batch_range(len(spec["batches"])) if distributed.is_distributed() else None
+        return read_tensors(self.folder / spec["folder"], spec["batches"], mmap, select)
 
     # ---- end ----------------------------------------------------------------------------------
     def discard(self) -> None:

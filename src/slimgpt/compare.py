@@ -21,15 +21,17 @@ import json
 import logging
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from slimgpt import __version__
+from slimgpt import __version__, distributed
 from slimgpt.config import CPU_NSAMPLES, CPU_SEQLEN, GPU_NSAMPLES, GPU_SEQLEN, PruneConfig
 from slimgpt.errors import ConfigError, SlimGPTError
+from slimgpt.methods import make_method
 from slimgpt.utils import rss_bytes
 
 log = logging.getLogger(__name__)
@@ -144,10 +146,12 @@ def run_compare(
     from slimgpt.evaluation.perplexity import resolve_eval_dataset
 
     ppl_dataset = resolve_eval_dataset(ppl_dataset, base.data_dir, base.calib)  # the set in use, in the JSON
-    device = resolve_device(base.device)
+    device = distributed.init(resolve_device(base.device))  # under torchrun: windows split, rank 0 writes
     dtype = resolve_dtype(base.dtype, device)
+    if tasks and distributed.is_distributed():
+        raise ConfigError("zero-shot tasks are not split across torchrun processes; compare with --tasks in one process")
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
+    if out is not None and distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
 
     if loaded is None:
@@ -173,7 +177,7 @@ def run_compare(
     done = _finished_rows(out, result, resume)
 
     def write() -> None:
-        if out is not None:
+        if out is not None and distributed.is_main():
             (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
             (out / "compare.md").write_text(format_table(result) + "\n")
 
@@ -206,7 +210,10 @@ def run_compare(
             log.info("compare: %s at ratio %.4f (nominal %.2f)", name, target, ratio)
             rss0 = rss_bytes()
             try:
-                res = prune(cfg, model=copy.deepcopy(dense_model), tokenizer=tok, progress=progress)
+                # a method that cannot split its work runs whole on every rank (same result everywhere)
+                alone = distributed.solo() if not getattr(make_method(cfg), "distributed", False) else nullcontext()
+                with alone:
+                    res = prune(cfg, model=copy.deepcopy(dense_model), tokenizer=tok, progress=progress)
             except Exception as e:  # one broken method must not lose the others' results
                 if not isinstance(e, SlimGPTError):
                     log.error("compare: %s failed:\n%s", name, traceback.format_exc())

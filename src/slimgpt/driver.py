@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from slimgpt import distributed
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import NumericalError
 from slimgpt.methods.base import LayerRunner, Method, Timer, embed_batches
@@ -96,6 +97,11 @@ def run_layerwise(
     ``start_layer``/``inputs`` resume a run from a checkpoint; ``on_layer_done`` is called with
     each finished layer's plan and the next layer's inputs (to write checkpoints), after
     ``store.release``. ``store`` decides where layer weights live (default: in the model).
+
+    Under ``torchrun`` each rank embeds and propagates only its share of the windows
+    (:func:`slimgpt.distributed.shard`; resumed ``inputs`` are that share already); the method's
+    Hessians are reduced and its solves shared by the :class:`LayerRunner`, so every rank holds the
+    same pruned layer before the next one's activations are computed.
     """
     if propagate not in ("pruned", "original"):
         raise ValueError("propagate must be 'pruned' or 'original'")
@@ -105,7 +111,8 @@ def run_layerwise(
     timer = Timer()
     model_dtype = next(adapter.model.parameters()).dtype
     with timer("forward"):
-        hidden = inputs if inputs is not None else store.inputs(adapter, calib, batch_size, offload)
+        hidden = inputs if inputs is not None else store.inputs(adapter, distributed.shard(calib, batch_size),
+                                                                batch_size, offload)
         hidden = store.keep(start_layer, hidden)
     ctx = adapter.context(calib.shape[1], device, model_dtype)
     plans: dict[int, LayerPlan] = {}

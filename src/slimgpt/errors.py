@@ -28,3 +28,8 @@ class DataError(SlimGPTError):
 
 class NumericalError(SlimGPTError):
     """NaN/inf activations, or a Hessian that will not factor even with heavy damping."""
+
+
+class DistributedError(SlimGPTError):
+    """Another process of a ``torchrun`` run stopped or stopped answering. The checkpoint beside
+    ``--out`` is kept: ``--resume`` continues from the last finished layer or search round."""

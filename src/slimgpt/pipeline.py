@@ -7,6 +7,11 @@ the layer-wise driver, a :class:`~slimgpt.driver.LayerStore`, per-layer checkpoi
 whole-model method (:class:`~slimgpt.methods.base.GlobalMethod`) through :class:`WholeModelExecution`
 (its own plan, an optional search journal). Where layers live during a layer-wise run (in memory,
 streamed from disk, checkpointed) is decided once, in :func:`open_store`.
+
+Under ``torchrun`` every step runs on every rank (:mod:`slimgpt.distributed`): the same windows are
+sampled everywhere, the driver and the block search split them, and whatever is decided or written
+(the checkpoint, the search journal, the saved folder) is done by rank 0 and shared with
+:func:`~slimgpt.distributed.agree`.
 """
 
 from __future__ import annotations
@@ -21,12 +26,19 @@ from typing import Any
 
 import torch
 
-from slimgpt import __version__, streaming
+from slimgpt import __version__, distributed, streaming
 from slimgpt.arch import ADAPTERS, get_adapter
-from slimgpt.checkpoint import Checkpoint, StorageError, data_identity, run_settings, storage_error
+from slimgpt.checkpoint import (
+    Checkpoint,
+    StorageError,
+    data_identity,
+    kill_point,
+    run_settings,
+    storage_error,
+)
 from slimgpt.config import PruneConfig
 from slimgpt.driver import LayerStore, layer_spaces, run_layerwise
-from slimgpt.errors import ConfigError, ModelError, SlimGPTError
+from slimgpt.errors import ConfigError, DistributedError, ModelError, SlimGPTError
 from slimgpt.methods import make_method
 from slimgpt.methods.base import GlobalMethod, Method, PruneContext, Timer
 from slimgpt.plan import LayerPlan
@@ -80,11 +92,13 @@ def start(cfg: PruneConfig, in_memory: bool, progress: bool = True) -> Run:
     """Validate, resolve device/dtype/calibration size, seed, build the method; refuse option
     combinations the method cannot honour before anything is loaded."""
     cfg.validate()
-    device = resolve_device(cfg.device)
+    device = distributed.init(resolve_device(cfg.device))  # under torchrun: join the group, cuda:LOCAL_RANK
     dtype = resolve_dtype(cfg.dtype, device)
     cfg = cfg.resolved(device)
-    seed_everything(cfg.seed)
-    run = Run(cfg, device, dtype, make_method(cfg), progress)
+    seed_everything(cfg.seed)  # the same windows on every rank: the shards add up to the whole set
+    run = Run(cfg, device, dtype, make_method(cfg), progress and distributed.is_main())
+    if distributed.is_distributed():
+        check_distributed(run)
     whole_model = isinstance(run.method, GlobalMethod)
     resumable = not whole_model or getattr(run.method, "resumable", False)
     if whole_model and ((cfg.resume and not resumable) or cfg.max_memory or cfg.offload_activations):
@@ -98,6 +112,20 @@ def start(cfg: PruneConfig, in_memory: bool, progress: bool = True) -> Run:
         raise ConfigError("a streamed run (--max-memory) writes the model layer by layer and needs --out")
     run.source_dir = streaming.local_model_folder(cfg.model) if not in_memory else None
     return run
+
+
+def check_distributed(run: Run) -> None:
+    """Refuse, on every rank alike, what cannot be split across the torchrun processes."""
+    c, n = run.cfg, distributed.world()
+    if not getattr(run.method, "distributed", False):
+        raise ConfigError(f"--method {c.method} does not split its work across torchrun processes; run it in one "
+                          "process (without torchrun), or use slimgpt, blockpruner or slimgpt+blockpruner")
+    assert c.nsamples is not None
+    windows = min(c.nsamples, c.search_nsamples or c.nsamples) if isinstance(run.method, GlobalMethod) else c.nsamples
+    if -(-windows // c.batch_size) < n:
+        raise ConfigError(f"{n} processes need at least {n} calibration batches; {windows} windows make "
+                          f"{-(-windows // c.batch_size)} of --batch-size {c.batch_size}: lower --batch-size or "
+                          "start fewer processes")
 
 
 def load(run: Run, model: Any = None, tokenizer: Any = None) -> None:
@@ -141,8 +169,10 @@ def plan_widths(run: Run) -> list[LayerWidth]:
 def open_store(run: Run, ckpt: Checkpoint | None) -> LayerStore:
     """Where layers live during a layer-wise run: streamed from disk (and written as they finish)
     or kept in the model, checkpointed after every layer when there is a checkpoint."""
+    if not distributed.is_main():
+        ckpt = None  # rank 0 writes the checkpoint; the others only read it to resume
     if run.stream:
-        assert ckpt is not None and run.source is not None
+        assert (ckpt is not None or not distributed.is_main()) and run.source is not None
         store = streaming.StreamingStore(run.adapter, run.source, run.dtype, ckpt, run.cfg.offload_activations)
         store.warn_budget(run.cfg, streaming.parse_size(run.cfg.max_memory) if run.cfg.max_memory else None)
         return store
@@ -173,15 +203,22 @@ class LayerwiseExecution:
     def __init__(self, run: Run) -> None:
         self.ckpt: Checkpoint | None = None
         if run.cfg.out is not None:  # opened before loading: a refused --resume costs nothing
-            self.ckpt = Checkpoint.open(run.cfg.out, run_settings(run.cfg, run.device, run.dtype), run.cfg.resume,
-                                        run.source_dir.resolve() if run.source_dir else None)
+            settings = run_settings(run.cfg, run.device, run.dtype)
+            source = run.source_dir.resolve() if run.source_dir else None
+            # rank 0 decides (it may clear a stale folder); every rank gets the same state
+            self.ckpt = distributed.agree(lambda: Checkpoint.open(run.cfg.out, settings, run.cfg.resume, source),
+                                          "opening the checkpoint")
 
     def execute(self, run: Run) -> Outcome:
         adapter, ckpt = run.adapter, self.ckpt
         t0 = time.perf_counter()
         widths = plan_widths(run)
         if ckpt is not None:
+            if ckpt.done and not ckpt.folder.is_dir():
+                raise ConfigError(f"rank {distributed.rank()} cannot read {ckpt.folder}: --resume under torchrun needs "
+                                  "--out on a filesystem every node can read")
             ckpt.bind(data_identity(run.calib, run.source_dir, run.model), adapter)  # same data and model to resume
+        writer = ckpt if distributed.is_main() else None
         store = open_store(run, ckpt)
         plans: dict[int, LayerPlan] = {}
         seconds: dict[str, float] = {}
@@ -197,18 +234,21 @@ class LayerwiseExecution:
                 result = run_layerwise(
                     adapter, run.calib, run.method, widths, run.spaces, run.device, run.cfg.batch_size,
                     run.cfg.propagate, progress=run.progress, start_layer=start, inputs=inputs,
-                    on_layer_done=ckpt.commit if ckpt is not None else None, store=store,
+                    on_layer_done=self.commit if ckpt is not None else None, store=store,
                 )
                 plans.update(result.plans)
                 seconds = result.seconds
         except StorageError:
             raise
+        except DistributedError as e:  # another rank died: what is committed stays for --resume
+            saved = f"{ckpt.done} of {adapter.num_layers} layers are saved in {ckpt.folder}; " if writer and ckpt else ""
+            raise DistributedError(f"{e}; {saved}rerun the same command with --resume to continue") from None
         except SlimGPTError:
-            if ckpt is not None:
-                ckpt.discard()  # a resume would fail the same way: leave nothing behind
+            if writer is not None:
+                writer.discard()  # a resume would fail the same way: leave nothing behind
             raise
         except KeyboardInterrupt:
-            if ckpt is not None and ckpt.done:
+            if writer is not None and writer.done:
                 log.warning("interrupted: %d of %d layers are saved in %s; rerun the same command with "
                             "--resume to continue", ckpt.done, adapter.num_layers, ckpt.folder)
             raise
@@ -218,7 +258,24 @@ class LayerwiseExecution:
         pruned = None if run.stream else shrink_model(run.model, {})  # every layer is cut already
         return Outcome(plans, seconds, pruned, widths, store.seconds, start, t1 - t0, time.perf_counter() - t1)
 
+    def commit(self, index: int, plan: LayerPlan, hidden: list[torch.Tensor]) -> None:
+        """The driver's ``on_layer_done``: rank 0 commits the layer with every rank's inputs for the
+        next one (gathered in batch order: the checkpoint is the single-process one)."""
+        assert self.ckpt is not None
+        ckpt = self.ckpt
+        if not distributed.is_distributed():
+            ckpt.commit(index, plan, hidden)
+            return
+        full = distributed.gather_to_main(hidden, f"gathering the inputs of layer {index + 1}")
+        distributed.agree(lambda: ckpt.commit(index, plan, full or []), f"checkpointing layer {index}")
+        if not distributed.is_main():
+            kill_point(index)  # (rank 0 passed it inside commit)
+
     def save(self, run: Run, model: Any, report: dict[str, Any]) -> Path:
+        """Rank 0 writes the output folder; every rank gets its path."""
+        return distributed.agree(lambda: self._save(run, model, report), "saving the model")
+
+    def _save(self, run: Run, model: Any, report: dict[str, Any]) -> Path:
         from slimgpt.io import save_pruned
 
         c = run.cfg
@@ -254,13 +311,23 @@ class WholeModelExecution:
             from slimgpt.methods.blockpruner import SearchJournal
 
             key = {**run_settings(run.cfg, run.device, run.dtype), **data_identity(run.calib, run.source_dir, run.model)}
-            self.journal = ctx.journal = SearchJournal(SearchJournal.for_out(run.cfg.out), key, run.cfg.resume)
-        plans = method.plan(ctx)
+            out = run.cfg.out
+            self.journal = ctx.journal = distributed.agree(
+                lambda: SearchJournal(SearchJournal.for_out(out), key, run.cfg.resume), "opening the search journal")
+        try:
+            plans = method.plan(ctx)
+        except DistributedError as e:  # another rank died: the journalled rounds stay for --resume
+            hint = "; rerun the same command with --resume to continue" if self.journal is not None else ""
+            raise DistributedError(f"{e}{hint}") from None
         t1 = time.perf_counter()
         pruned = shrink_model(run.model, plans)
         return Outcome(plans, dict(timer.seconds), pruned, prune_s=t1 - t0, surgery_s=time.perf_counter() - t1)
 
     def save(self, run: Run, model: Any, report: dict[str, Any]) -> Path:
+        """Rank 0 writes the output folder; every rank gets its path."""
+        return distributed.agree(lambda: self._save(run, model, report), "saving the model")
+
+    def _save(self, run: Run, model: Any, report: dict[str, Any]) -> Path:
         from slimgpt.io import save_pruned
 
         c = run.cfg
@@ -307,6 +374,7 @@ def build_report(run: Run, outcome: Outcome) -> dict[str, Any]:
         "method": run.method.config(),
         "device": str(run.device), "dtype": str(run.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "processes": distributed.world(),  # torchrun ranks that split the calibration windows
         "calibration": run.calib_info,
         "params": {
             "dense": run.dense_params, "pruned": pruned_params,
@@ -318,6 +386,7 @@ def build_report(run: Run, outcome: Outcome) -> dict[str, Any]:
             "calibration_forward": secs.get("forward", 0.0), "hessian": secs.get("hessian", 0.0),
             "solver": secs.get("solver", 0.0), "surgery": outcome.surgery_s,
             "solver_over_forward": secs.get("solver", 0.0) / max(secs.get("forward", 1e-9), 1e-9),
+            "communication": secs.get("communication", 0.0),  # torchrun: reductions, broadcasts (rank 0)
             "stream_read": io.get("load", 0.0), "checkpoint_write": io.get("write", 0.0),
         },
         "streamed": run.stream,

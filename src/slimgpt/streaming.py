@@ -332,7 +332,7 @@ class StreamingStore(InMemoryStore):
     checkpoint, returned to the meta device on :meth:`release`."""
 
     def __init__(self, adapter: ModelAdapter, source: SourceWeights, dtype: torch.dtype,
-                 checkpoint: Checkpoint, offload_dir: str | Path | None = None) -> None:
+                 checkpoint: Checkpoint | None, offload_dir: str | Path | None = None) -> None:
         super().__init__(adapter, checkpoint, offload_dir)
         self.source, self.dtype = source, dtype
         self.prefixes = layer_prefixes(adapter)

@@ -10,14 +10,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
-from slimgpt.errors import SlimGPTError
+from slimgpt.errors import ConfigError, SlimGPTError
 
 log = logging.getLogger("slimgpt")
 
 SUBCOMMANDS = ("prune", "eval", "bench", "compare", "finetune", "export", "report")
 """Subcommand names, each a module ``slimgpt.cli.<name>`` (a new subcommand: a module and a name here)."""
+TORCHRUN_SUBCOMMANDS = ("prune", "eval", "compare")
+"""Subcommands that split their calibration/evaluation windows across ``torchrun`` processes."""
 
 
 class _UsageError(Exception):
@@ -64,14 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as e:
         print(e, file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from slimgpt import distributed
+
+    quiet = distributed.launched() and os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 speaks for all
+    level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
     terminated = _sigterm_as_interrupt()
+    who = f" (rank {os.environ.get('RANK')})" if distributed.launched() else ""
     try:
+        if distributed.launched() and args.command not in TORCHRUN_SUBCOMMANDS:
+            raise ConfigError(f"slimgpt {args.command} does not split its work across torchrun processes; run it "
+                              f"without torchrun (under torchrun: {', '.join(TORCHRUN_SUBCOMMANDS)})")
         return args.func(args)
     except SlimGPTError as e:
-        print(f"slimgpt: error: {e}", file=sys.stderr)
+        print(f"slimgpt: error{who}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"slimgpt: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)

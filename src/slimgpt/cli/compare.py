@@ -50,6 +50,9 @@ def run(a: argparse.Namespace) -> int:
     result = run_compare(a.model, a.ratio, a.methods, a.out, base=base, ppl_dataset=a.ppl, ppl_seqlen=a.ppl_seqlen,
                          max_windows=a.max_windows, tasks=a.tasks, task_limit=limit,
                          eval_batch_size=a.eval_batch_size, resume=a.resume)
-    print(format_table(result))
-    print(f"written to {a.out}/compare.json and {a.out}/compare.md")
+    from slimgpt import distributed
+
+    if distributed.is_main():  # under torchrun rank 0 prints and writes
+        print(format_table(result))
+        print(f"written to {a.out}/compare.json and {a.out}/compare.md")
     return 0

@@ -40,6 +40,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """Perplexity and zero-shot accuracy of a model, beside its dense source model."""
+    from slimgpt import distributed
     from slimgpt.utils import resolve_device, resolve_dtype
     from slimgpt.zoo import load_model
 
@@ -60,7 +61,9 @@ def run(a: argparse.Namespace) -> int:
         a.ppl = resolve_eval_dataset(a.ppl, a.data_dir, calib)
     limit = parse_limit(a.limit)
     check_task_args(a.tasks, a.num_fewshot, a.tasks_data)
-    device = resolve_device(a.device)
+    device = distributed.init(resolve_device(a.device))  # torchrun: perplexity windows split across ranks
+    if a.tasks and distributed.is_distributed():
+        raise ConfigError("zero-shot tasks are not split across torchrun processes; run --tasks in one process")
     dtype = resolve_dtype(a.dtype, device)
     models = [("pruned" if source_model(a.model) else "model", a.model)]
     base = a.baseline or source_model(a.model)
@@ -75,6 +78,8 @@ def run(a: argparse.Namespace) -> int:
             tasks_data=a.tasks_data, protocol=a.protocol,
         ))
         del model
+    if not distributed.is_main():
+        return 0  # rank 0 prints and writes
     for table in (ppl_table(entries), zeroshot_table(entries)):
         if table:
             print(table + "\n")

@@ -90,6 +90,7 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
 
 def run(a: argparse.Namespace) -> int:
     """Prune a model (SlimGPT by default, or --method ...) to a share of its parameters and save it."""
+    from slimgpt import distributed
     from slimgpt.api import format_layer_table, prune
 
     cfg = config_from_args(a)
@@ -102,12 +103,15 @@ def run(a: argparse.Namespace) -> int:
         from slimgpt.zoo import load_model
 
         ppl_data = resolve_eval_dataset(a.ppl_data, cfg.data_dir, cfg.calib)
-        windows = a.ppl_windows or (None if resolve_device(cfg.device).type == "cuda" else 128)
+        device = distributed.init(resolve_device(cfg.device))  # torchrun: the windows are split across ranks
+        windows = a.ppl_windows or (None if device.type == "cuda" else 128)
         m, t = load_model(cfg.model)
         dense_ppl = perplexity(m, t, ppl_data, seqlen=128, max_windows=windows, data_dir=cfg.data_dir)
         del m
     res = prune(cfg)
-    print(format_layer_table(res.report))
+    say = distributed.is_main()  # under torchrun rank 0 prints and writes for all
+    if say:
+        print(format_layer_table(res.report))
     if a.ppl:
         if res.model is None:  # streamed: the pruned model was never whole in memory
             from slimgpt.io import load_pruned
@@ -115,9 +119,13 @@ def run(a: argparse.Namespace) -> int:
             res.model, _ = load_pruned(res.out)
         pruned_ppl = perplexity(res.model, res.tokenizer, ppl_data, seqlen=128, max_windows=windows,
                                 data_dir=cfg.data_dir)
-        print(f"{dataset_label(ppl_data)} perplexity (seq 128, {pruned_ppl['windows']} windows): "
-              f"dense {dense_ppl['ppl']:.2f} → pruned {pruned_ppl['ppl']:.2f}")
-    after_prune(a, res, dense_ppl, pruned_ppl)
+        if say:
+            print(f"{dataset_label(ppl_data)} perplexity (seq 128, {pruned_ppl['windows']} windows): "
+                  f"dense {dense_ppl['ppl']:.2f} → pruned {pruned_ppl['ppl']:.2f}")
+    if not say:
+        return 0
+    with distributed.solo():  # evaluation files and the report: rank 0 alone
+        after_prune(a, res, dense_ppl, pruned_ppl)
     print(f"saved to {res.out} (reload: AutoModelForCausalLM.from_pretrained('{res.out}') and AutoTokenizer likewise, "
           "after `import slimgpt` or with trust_remote_code=True)")
     return 0

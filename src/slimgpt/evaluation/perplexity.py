@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from slimgpt import distributed
 from slimgpt.data.calibration import encode, needs_bos
 from slimgpt.data.corpora import (
     c4_documents,
@@ -145,7 +146,10 @@ def windows_nll(
     model: Any, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device | None = None,
     progress: bool = True,
 ) -> tuple[float, int]:
-    """(summed NLL in float64, number of predicted tokens) of the model over ``windows``."""
+    """(summed NLL in float64, number of predicted tokens) of the model over ``windows``.
+
+    Under ``torchrun`` each rank scores its share of the batches and the per-batch sums are
+    gathered and added in batch order: the same number as one process, bitwise."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     if device is None:
@@ -155,10 +159,12 @@ def windows_nll(
     batch_size = max(1, min(batch_size, _LOGITS_BUDGET // (4 * seqlen * vocab)))
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    starts = range(0, len(windows), batch_size)
+    mine = starts[distributed.batch_range(len(starts)).start : distributed.batch_range(len(starts)).stop]
+    rows: list[tuple[float, int]] = []
     try:
-        for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch",
-                          disable=not progress, leave=False):
+        for start in tqdm(mine, desc="perplexity", unit="batch", disable=not progress or not distributed.is_main(),
+                          leave=False):
             x = windows[start : start + batch_size].to(device)
             logits = model(input_ids=x, use_cache=False).logits
             if not torch.isfinite(logits).all():
@@ -169,10 +175,13 @@ def windows_nll(
             pred = logits[:, :-1].float()
             target = x[:, 1:]
             nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
-            total += float(nll.double())
-            count += target.numel()
+            rows.append((float(nll.double()), target.numel()))
     finally:
         model.train(was_training)
+    total, count = 0.0, 0
+    for nll_sum, n in distributed.gather_rows(rows, "the perplexity reduction"):
+        total += nll_sum
+        count += n
     return total, count
 
 

@@ -13,16 +13,19 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from slimgpt import distributed
 from slimgpt.arch.base import LayerContext, ModelAdapter
 from slimgpt.errors import NumericalError
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerSpace, LayerWidth
 from slimgpt.solvers.hessian import HessianAccumulator
+
+T = TypeVar("T")
 
 
 class Timer:
@@ -120,7 +123,7 @@ class LayerRunner:
         finally:
             handle.remove()
         self.timer.move("forward", "hessian", hook_time[0])
-        return acc.finalize()
+        return self._reduced(acc)
 
     @torch.no_grad()
     def mlp_hessian(self) -> torch.Tensor:
@@ -131,7 +134,31 @@ class LayerRunner:
                 z = self.adapter.mlp_hidden(self.layer, h)
             with self.timer("hessian"):
                 acc.add(z)
+        return self._reduced(acc)
+
+    def _reduced(self, acc: HessianAccumulator) -> torch.Tensor:
+        """``H`` over every rank's calibration tokens: the raw sums and token counts are
+        all-reduced before scaling, so ``H`` is the single-process one up to summation order."""
+        if distributed.is_distributed():
+            with self.timer("communication"):
+                distributed.all_reduce_sum(acc.sum, f"the Hessian reduction of layer {self.index}")
+                acc.count = distributed.all_reduce_int(acc.count, f"the Hessian reduction of layer {self.index}")
         return acc.finalize()
+
+    # ---- solving once ----------------------------------------------------------------------
+    def solve(self, fn: Callable[[], T], *changed: torch.Tensor) -> T:
+        """Run the solver ``fn`` once and share its outcome. ``fn`` edits ``changed`` (weights)
+        in place and returns a picklable result (kept indices, errors). Under ``torchrun`` it runs
+        on rank 0 only; the result and the edited weights are then broadcast, so every rank holds
+        the same layer before the next activations are computed."""
+        with self.timer("solver"):
+            if not distributed.is_distributed():
+                return fn()
+            result = distributed.agree(fn, f"the solve of layer {self.index}")
+        with self.timer("communication"):
+            for t in changed:
+                distributed.broadcast_(t, what=f"sharing the weights of layer {self.index}")
+        return result
 
     def map_mlp_hidden(self, fn: Callable[[torch.Tensor], None]) -> None:
         """Call ``fn`` on down_proj's input for every batch (for methods with other statistics)."""
@@ -144,6 +171,9 @@ class Method(ABC):
     """A layer-wise structured pruning method."""
 
     name: str = "method"
+    # Splits its calibration across torchrun processes: every statistic it sums over tokens is
+    # reduced (LayerRunner's Hessians) and its solve goes through LayerRunner.solve.
+    distributed: bool = False
 
     @abstractmethod
     def prune_layer(self, run: LayerRunner, width: LayerWidth, space: LayerSpace) -> LayerPlan:
@@ -176,6 +206,7 @@ class GlobalMethod(ABC):
     and evaluation are shared."""
 
     name: str = "global"
+    distributed: bool = False  # splits its calibration work across torchrun processes
 
     @abstractmethod
     def plan(self, ctx: PruneContext) -> dict[int, LayerPlan]:

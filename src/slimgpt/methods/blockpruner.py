@@ -29,6 +29,11 @@ windows only. Both are recorded with the result; ``--search-dtype float32`` is t
 records, counters, and a fingerprint of the settings and calibration windows); ``--resume`` replays
 it and searches on from the next round, with the same result as an uninterrupted run.
 
+**Many processes.** Under ``torchrun`` each rank sweeps its own share of the calibration batches
+and the per-batch NLLs of every candidate are gathered and summed in batch order, so every rank
+picks the same block and the search equals the single-process one bitwise, in ``1/N`` of the
+time; only rank 0 writes the journal.
+
 Parameter accounting uses each block's removable parameters (attention: q/k/v/o; MLP:
 gate/up/down) as surgery removes them; norms and biases left in place are not counted as removed.
 """
@@ -52,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from slimgpt import distributed
 from slimgpt.arch import get_adapter
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import ConfigError, NumericalError
@@ -172,18 +178,36 @@ class BlockChain:
 
 
 @torch.no_grad()
-def sweep(chain: BlockChain, batches: list[torch.Tensor], present: list[int]) -> tuple[list[float], float]:
-    """One search round: summed NLL with each block of ``present`` removed, and the NLL of the
-    current model (all of ``present`` kept), by the forward sweep of the module docstring."""
-    cand = [0.0] * len(present)
-    current = 0.0
+def sweep_rows(chain: BlockChain, batches: list[torch.Tensor], present: list[int]) -> list[list[float]]:
+    """One search round, per batch: the NLL with each block of ``present`` removed, then the NLL
+    of the current model (all of ``present`` kept), by the forward sweep of the module docstring."""
+    rows = []
     for ids in batches:
+        row = []
         h = chain.embed(ids)
         for j, b in enumerate(present):
-            cand[j] += chain.tail_nll(h, present[j + 1 :], ids)
+            row.append(chain.tail_nll(h, present[j + 1 :], ids))
             h = chain.apply(b, h)
-        current += chain.nll(h, ids)
-    return cand, current
+        row.append(chain.nll(h, ids))
+        rows.append(row)
+    return rows
+
+
+def sum_rows(rows: list[list[float]], width: int) -> list[float]:
+    """Column sums in row (batch) order, from 0.0: the same rounding wherever the rows were made."""
+    total = [0.0] * width
+    for row in rows:
+        for j, v in enumerate(row):
+            total[j] += v
+    return total
+
+
+@torch.no_grad()
+def sweep(chain: BlockChain, batches: list[torch.Tensor], present: list[int]) -> tuple[list[float], float]:
+    """One search round: summed NLL with each block of ``present`` removed, and the NLL of the
+    current model (all of ``present`` kept)."""
+    total = sum_rows(sweep_rows(chain, batches, present), len(present) + 1)
+    return total[:-1], total[-1]
 
 
 @torch.no_grad()
@@ -271,6 +295,7 @@ def block_search(
     and drops the last step if the step before was nearer; down to no removal only with
     ``allow_none``). Ties in perplexity go to the earlier block, so the result is deterministic.
     A ``journal`` records every round and, when it holds rounds already, the search continues from them.
+    Under ``torchrun`` every rank sweeps its share of the batches (see the module docstring).
     """
     total = 2 * adapter.num_layers
     sizes = [block_params(spaces, b) for b in range(total)]
@@ -289,12 +314,13 @@ def block_search(
     batches = list(calib.split(batch_size))
     tokens = calib.shape[0] * (calib.shape[1] - 1)
     n_batches = len(batches)
+    mine = batches[distributed.batch_range(n_batches).start : distributed.batch_range(n_batches).stop]
 
     removed: list[int] = []
     steps: list[dict[str, Any]] = []
     dense_ppl = math.nan
     evaluations, scratch, earlier_s = 0, 0, 0.0
-    state = journal.load() if journal is not None else None
+    state = distributed.agree(journal.load, "reading the search journal") if journal is not None else None
     if state is not None:
         removed, steps, dense_ppl = state["removed"], state["steps"], state["dense_ppl"]
         evaluations, scratch, earlier_s = state["evaluations"], state["scratch"], state["search_s"]
@@ -310,7 +336,17 @@ def block_search(
             break
         present = [b for b in range(total) if b not in removed]
         with timer("forward"):
-            cand, current = sweep(chain, batches, present)
+            passes = (chain.block_passes, chain.head_passes)
+            rows = sweep_rows(chain, mine, present)
+        if distributed.is_distributed():
+            with timer("communication"):
+                done = (chain.block_passes - passes[0], chain.head_passes - passes[1])
+                every = distributed.gather_rows([(rows, done)], f"block search round {len(removed) + 1}")
+            rows = [row for part, _ in every for row in part]  # rank order = batch order
+            chain.block_passes = passes[0] + sum(d[0] for _, d in every)
+            chain.head_passes = passes[1] + sum(d[1] for _, d in every)
+        sums = sum_rows(rows, len(present) + 1)
+        cand, current = sums[:-1], sums[-1]
         evaluations += len(present)
         scratch += len(present) * (len(present) - 1)
         if not removed:
@@ -333,7 +369,7 @@ def block_search(
                  block_name(best), ppl, 100 * removed_params / dense_params)
         bar.update(1)
         bar.set_postfix(block=block_name(best), ppl=f"{ppl:.2f}")
-        if journal is not None:
+        if journal is not None and distributed.is_main():
             journal.save({"removed": removed, "steps": steps, "dense_ppl": dense_ppl, "evaluations": evaluations,
                           "scratch": scratch, "search_s": earlier_s + time.perf_counter() - t0,
                           "block_passes": chain.block_passes, "head_passes": chain.head_passes})
@@ -425,6 +461,7 @@ class BlockPruner(DepthMethod):
     """Iterative perplexity search over attention and MLP blocks (§7)."""
 
     name = "blockpruner"
+    distributed = True  # the search splits its batches across torchrun processes
     resumable = True  # the search journals its rounds (SearchJournal)
 
     def plan(self, ctx: PruneContext) -> dict[int, LayerPlan]:

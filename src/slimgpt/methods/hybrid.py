@@ -41,6 +41,7 @@ class SlimGPTBlockPruner(GlobalMethod):
     (SlimGPT) for the rest."""
 
     name = "slimgpt+blockpruner"
+    distributed = True  # the block search and the layer-wise pass both split their windows
     resumable = True  # the block search journals its rounds; the width pass is redone on resume
 
     def __init__(self, width: Method, depth_share: float = 0.5) -> None:

@@ -15,8 +15,8 @@ import torch
 from slimgpt.methods.base import LayerRunner, Method
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerSpace, LayerWidth
-from slimgpt.solvers.channels import prune_channels
-from slimgpt.solvers.heads import HeadScore, prune_heads
+from slimgpt.solvers.channels import ChannelResult, prune_channels
+from slimgpt.solvers.heads import HeadResult, HeadScore, prune_heads
 from slimgpt.solvers.hessian import damped_inverse
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 class SlimGPT(Method):
     name = "slimgpt"
+    distributed = True  # Hessians via LayerRunner (reduced), solves via LayerRunner.solve
 
     def __init__(
         self,
@@ -58,7 +59,8 @@ class SlimGPT(Method):
             geo = adapter.geometry(layer)
             o = adapter.attention(layer).o
             H = run.attention_hessian(o)
-            with run.timer("solver"):
+
+            def solve_heads() -> tuple[HeadResult, float]:
                 Hinv, lam = damped_inverse(H, self.damp, where=f"layer {i} o_proj", dtype=self.solver_dtype)
                 W = o.weight.data.to(self.solver_dtype)
                 res = prune_heads(
@@ -66,21 +68,28 @@ class SlimGPT(Method):
                     width.remove_groups, width.remove_per_group, self.head_score,
                 )
                 o.weight.data.copy_(W)
+                return res, lam
+
+            res, lam = run.solve(solve_heads, o.weight.data)  # once; shared under torchrun
             plan.kept_heads = res.kept_heads
             plan.stats["attn_error"] = sum(res.errors)
             plan.stats["attn_damp"] = lam
         if width.channels < space.channels:
             down = adapter.mlp(layer).down
             H = run.mlp_hessian()
-            with run.timer("solver"):
+
+            def solve_channels() -> tuple[ChannelResult, float]:
                 Hinv, lam = damped_inverse(H, self.damp, where=f"layer {i} down_proj", dtype=self.solver_dtype)
                 W = down.weight.data.to(self.solver_dtype)
                 res = prune_channels(
                     W, Hinv, space.channels - width.channels, self.ffn_groups, self.min_group, self.max_group
                 )
                 down.weight.data.copy_(W)
-            plan.kept_channels = res.kept
-            plan.stats["mlp_error"] = sum(res.errors)
+                return res, lam
+
+            cres, lam = run.solve(solve_channels, down.weight.data)
+            plan.kept_channels = cres.kept
+            plan.stats["mlp_error"] = sum(cres.errors)
             plan.stats["mlp_damp"] = lam
-            plan.stats["mlp_groups"] = len(res.group_sizes)
+            plan.stats["mlp_groups"] = len(cres.group_sizes)
         return plan
