@@ -319,7 +319,7 @@ def test_interrupted_search_resumes_to_the_same_result(tiny_llama_gqa, tiny_toke
                   progress=False)
     out = tmp_path / "cut"
     journal = bp.SearchJournal.for_out(out)
-    real, calls = bp.sweep, []
+    real, calls = bp.sweep_rows, []
 
     def dies_in_round_3(*a):
         calls.append(1)
@@ -327,7 +327,7 @@ def test_interrupted_search_resumes_to_the_same_result(tiny_llama_gqa, tiny_toke
             raise KeyboardInterrupt
         return real(*a)
 
-    monkeypatch.setattr(bp, "sweep", dies_in_round_3)
+    monkeypatch.setattr(bp, "sweep_rows", dies_in_round_3)
     with pytest.raises(KeyboardInterrupt):
         prune(cfg(out), model=copy.deepcopy(tiny_llama_gqa), tokenizer=tiny_tokenizer, progress=False)
     assert not out.exists() and len(json.loads(journal.read_text())["removed"]) == 2
