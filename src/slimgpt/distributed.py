@@ -129,7 +129,8 @@ def solo() -> Iterator[None]:
 
 def _cause(e: BaseException) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return re.sub(r"^\[[^\]]*\]\s*", "", text)[:160]  # drop gloo's "[.../pair.cc:534] " prefix
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # drop gloo's "[.../pair.cc:534] " prefix
+    return text.split(". ")[0].rstrip(".")[:200]  # the first sentence says what happened
 
 
 @contextmanager

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from slimgpt import distributed
 
     quiet = distributed.launched() and os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 speaks for all
-    level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.DEBUG if args.verbose else logging.ERROR if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
@@ -85,8 +85,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimgpt: error{who}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"slimgpt: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        hint = "; finished layers/search rounds are kept beside --out: rerun with --resume" if args.command == "prune" else ""
+        print(f"slimgpt: {'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}", file=sys.stderr)
         return 143 if terminated else 130
+    finally:
+        _restore_sigterm(terminated)
+
+
+def _restore_sigterm(terminated: list) -> None:
+    """Put back the SIGTERM handler main() replaced: a SIGTERM while the interpreter exits (torchrun
+    stops the other ranks of a failed run that way) must not raise inside atexit callbacks."""
+    import signal
+
+    previous = getattr(terminated, "previous", None)
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _sigterm_as_interrupt() -> list[bool]:
@@ -96,7 +109,10 @@ def _sigterm_as_interrupt() -> list[bool]:
     import signal
     import threading
 
-    seen: list[bool] = []
+    class Seen(list):
+        previous: object = None
+
+    seen = Seen()
     if threading.current_thread() is not threading.main_thread():
         return seen
 
@@ -104,5 +120,5 @@ def _sigterm_as_interrupt() -> list[bool]:
         seen.append(True)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    seen.previous = signal.signal(signal.SIGTERM, handler)
     return seen
