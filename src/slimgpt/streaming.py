@@ -22,9 +22,11 @@ activations (three copies: inputs, attention outputs, outputs; ``--offload-activ
 the inputs in memory-mapped files), the largest Hessian and its inverse, and the embedding
 while the first inputs are made and the output is written.
 
-Multi-GPU: the driver moves one layer at a time to ``--device``, so pruning never needs more than
-one GPU; a device map would only spread a model that is never whole in memory here. To *evaluate*
-a large pruned model across GPUs, load it with ``from_pretrained(out, device_map="auto")``.
+Multi-GPU: the driver moves one layer at a time to ``--device``, so one GPU is enough to prune;
+more GPUs (and machines) split the calibration windows under ``torchrun`` (:mod:`slimgpt.distributed`),
+each process streaming its own copy of the current layer when the model does not fit its share of
+the node's memory. To *evaluate* a large pruned model across GPUs in one process, load it with
+``from_pretrained(out, device_map="auto")``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimgpt import distributed
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.checkpoint import ActivationFiles, Checkpoint, layer_prefixes, set_tensor
 from slimgpt.driver import LayerStore
@@ -221,7 +224,9 @@ def local_model_folder(name_or_path: str) -> Path | None:
 
 def wants_streaming(cfg: Any, dtype: torch.dtype) -> bool:
     """Stream when the model's weights plus calibration activations exceed ``--max-memory`` or,
-    without it, the memory available now."""
+    without it, the memory available now. Under ``torchrun`` the decision is per process: each
+    holds its share of the activations, and the processes on one node share its memory (so
+    ``--max-memory`` is per process)."""
     folder = local_model_folder(cfg.model)
     if folder is None:
         if cfg.max_memory is not None:
@@ -232,14 +237,16 @@ def wants_streaming(cfg: Any, dtype: torch.dtype) -> bool:
     if weights is None:
         return False
     hidden = _hidden_size(folder)
-    acts = 3 * cfg.nsamples * cfg.seqlen * hidden * dtype.itemsize
+    acts = 3 * cfg.nsamples * cfg.seqlen * hidden * dtype.itemsize // max(1, distributed.world())
     if cfg.max_memory is not None:
         budget, what = parse_size(cfg.max_memory), f"--max-memory {cfg.max_memory}"
     else:
         avail = available_memory()
         if avail is None:
             return False
-        budget, what = int(0.9 * avail), f"the {_gib(avail)} available"
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.is_distributed() else 1
+        budget = int(0.9 * avail) // per_node
+        what = f"the {_gib(avail)} available" + (f" shared by {per_node} processes" if per_node > 1 else "")
     need = weights + acts
     if need <= budget:
         return False

@@ -107,7 +107,7 @@ class LayerRunner:
     def attention_hessian(self, module: nn.Module | None = None) -> torch.Tensor:
         """``H = 2XXᵀ/n`` of the input of ``module`` (default: o_proj), over all calibration tokens."""
         module = module or self.adapter.attention(self.layer).o
-        acc = HessianAccumulator(module.in_features, device=self.device)
+        acc = HessianAccumulator(module.in_features, device=self.device, sum_dtype=torch.float64)
         hook_time = [0.0]
 
         def hook(_m: nn.Module, args: tuple) -> None:
@@ -128,7 +128,8 @@ class LayerRunner:
     @torch.no_grad()
     def mlp_hessian(self) -> torch.Tensor:
         """``H`` of down_proj's input ``act(gate(x)) * up(x)`` after the (possibly pruned) attention."""
-        acc = HessianAccumulator(self.adapter.intermediate_size(self.layer), device=self.device)
+        acc = HessianAccumulator(self.adapter.intermediate_size(self.layer), device=self.device,
+                                 sum_dtype=torch.float64)  # the same H however the batches are split
         for h in self.attention_outputs():
             with self.timer("forward"):
                 z = self.adapter.mlp_hidden(self.layer, h)
@@ -137,8 +138,8 @@ class LayerRunner:
         return self._reduced(acc)
 
     def _reduced(self, acc: HessianAccumulator) -> torch.Tensor:
-        """``H`` over every rank's calibration tokens: the raw sums and token counts are
-        all-reduced before scaling, so ``H`` is the single-process one up to summation order."""
+        """``H`` over every rank's calibration tokens: the raw float64 sums and token counts are
+        all-reduced before scaling, so ``H`` (rounded to fp32) is the single-process one."""
         if distributed.is_distributed():
             with self.timer("communication"):
                 distributed.all_reduce_sum(acc.sum, f"the Hessian reduction of layer {self.index}")
