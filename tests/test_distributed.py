@@ -23,10 +23,11 @@ from slimgpt.checkpoint import KILL_ENV, RANK_ENV, Checkpoint
 from slimgpt.cli import main
 from test_streaming import RUN, assert_same_weights, calib_text, save_tiny, weights
 
-# Hessians summed in another order (two partial sums instead of one running sum, fp32) move the
-# compensated o_proj/down_proj weights slightly, more in deeper layers (their inputs moved too).
-# Measured on this model: relative Frobenius difference 2e-7 (layer 0) to 1.9e-5 (layer 3 o_proj),
-# max abs 2.2e-5. A different kept head or channel changes the sliced tensors, which must be equal.
+# Each rank sums its batches' x xᵀ into float64, then the sums are all-reduced: H rounded to fp32
+# equals the single-process H unless a float64 sum lands on an fp32 rounding boundary, so the
+# models are normally bitwise equal (measured here and on SmolLM2 at 64 x 512: 0.0). With fp32
+# running sums they were not: relative Frobenius differences up to 1.9e-5 on this model, and a
+# flipped kept channel on SmolLM2. Tolerance for compensated weights (relative Frobenius norm):
 RTOL = 1e-4
 SLICED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "norm", "embed")
 PROGRAM = ("import json, os, sys\nfrom slimgpt.cli import main\n"
@@ -102,6 +103,34 @@ def test_batches_are_split_whole_and_exactly_once() -> None:
             spans = [distributed.batch_range(n_batches, r, n) for r in range(n)]
             assert [b for s in spans for b in s] == list(range(n_batches))
             assert max(map(len, spans)) - min(map(len, spans)) <= 1
+
+
+def test_hessian_sums_do_not_depend_on_the_split() -> None:
+    """What two ranks do (each sums its batches, then the two sums are added) gives the
+    single-process H bitwise with float64 running sums; fp32 running sums do not (why the runner
+    uses float64: at 2 processes they flipped a kept SmolLM2 FFN channel)."""
+    from slimgpt.solvers.hessian import HessianAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(256, 96, generator=g) * torch.rand(96, generator=g) * 10 for _ in range(8)]
+
+    def split(sum_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        one, halves = HessianAccumulator(96, sum_dtype=sum_dtype), []
+        for x in batches:
+            one.add(x)
+        for part in (batches[:3], batches[3:]):
+            acc = HessianAccumulator(96, sum_dtype=sum_dtype)
+            for x in part:
+                acc.add(x)
+            halves.append(acc)
+        halves[0].sum += halves[1].sum  # the all-reduce
+        halves[0].count += halves[1].count
+        return one.finalize(), halves[0].finalize()
+
+    a, b = split(torch.float64)
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+    a, b = split(None)
+    assert not torch.equal(a, b)
 
 
 def test_slimgpt_on_two_ranks_keeps_what_one_keeps(runs) -> None:
