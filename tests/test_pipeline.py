@@ -134,3 +134,73 @@ def test_original_output_propagation_differs_but_runs(tiny_llama):
     w_a = ad_a.mlp(ad_a.layers[last]).down.weight
     w_b = ad_b.mlp(ad_b.layers[last]).down.weight
     assert not torch.equal(w_a, w_b)
+
+
+class _RecordMlpHessian(SlimGPT):
+    """SlimGPT that keeps the FFN Hessian each layer's channel solve received."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def prune_layer(self, run, width, space):
+        inner = run.mlp_hessian
+
+        def record() -> torch.Tensor:
+            H = inner()
+            self.seen[run.index] = H.clone()
+            return H
+
+        run.mlp_hessian = record
+        return super().prune_layer(run, width, space)
+
+
+@pytest.mark.parametrize("propagate", ["original", "pruned"])
+def test_ffn_hessian_is_taken_after_the_pruned_attention(tiny_llama, propagate):
+    """The FFN solve must see the attention *after* its heads went (ALGORITHMS.md §6), whichever
+    inputs are propagated: with ``original`` the driver has already run the dense layer once,
+    and a cache of the dense attention output must not survive SlimGPT's edit of o_proj."""
+    dense = copy.deepcopy(tiny_llama)
+    ad = get_adapter(tiny_llama)
+    spaces = layer_spaces(ad)
+    widths = [LayerWidth(0, 1, s.channels - 24, 0.3) for s in spaces]  # one head per kv group goes
+    method = _RecordMlpHessian()
+    calib = calib_ids()
+    res = run_layerwise(ad, calib, method, widths, spaces, DEV, batch_size=4, propagate=propagate, progress=False)
+    assert all(len(p.kept_heads) == 4 for p in res.plans.values())
+    # Reference, independent of the runner: the dense model with layer i's attention swapped for
+    # the pruned one; layer i's inputs are then the dense ones (original propagation) and the
+    # layers before it are the pruned ones (pruned propagation).
+    for i in (0, 1):
+        ref = copy.deepcopy(dense if propagate == "original" else tiny_llama)
+        ref.model.layers[i].self_attn = copy.deepcopy(tiny_llama.model.layers[i].self_attn)
+        xs: list[torch.Tensor] = []
+        down = ref.model.layers[i].mlp.down_proj
+        h = down.register_forward_pre_hook(lambda _m, a, xs=xs: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+        with torch.no_grad():
+            ref(calib)
+        h.remove()
+        X = torch.cat(xs).double()
+        H_ref = 2 * X.T @ X / X.shape[0]
+        torch.testing.assert_close(method.seen[i].double(), H_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_runner_cache_notices_writes_through_data(tiny_llama):
+    """``.data`` writes bump no version counter; the cached attention outputs must still go."""
+    from slimgpt.methods.base import LayerRunner, Timer
+
+    ad = get_adapter(tiny_llama)
+    layer = ad.layers[0]
+    ctx = ad.context(32, DEV, torch.float32)
+    inputs = [ad.embed(calib_ids(4, 32))]
+    run = LayerRunner(0, layer, ad, inputs, ctx, DEV, Timer())
+    before = run.attention_outputs()[0].clone()
+    assert run.attention_outputs()[0] is run.attention_outputs()[0]  # cached while unchanged
+    o = ad.attention(layer).o
+    version = o.weight._version
+    o.weight.data[:, :8] = 0  # head 0 gone, written as solvers do
+    assert o.weight._version == version
+    after = run.attention_outputs()[0]
+    fresh = LayerRunner(0, layer, ad, inputs, ctx, DEV, Timer()).attention_outputs()[0]
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)

@@ -47,13 +47,29 @@ class Timer:
         self.seconds[dst] = self.seconds.get(dst, 0.0) + secs
 
 
+@torch.no_grad()
+def checksum(t: torch.Tensor, chunk: int = 1 << 22) -> tuple[float, float]:
+    """``(Σ t, Σ k·t_k)`` over the flattened tensor in float64, chunked so no full-size float64
+    copy is made: any realistic edit (zeroed or compensated columns, moved values) changes it."""
+    flat = t.detach().reshape(-1)
+    total = weighted = 0.0
+    for start in range(0, flat.numel(), chunk):
+        c = flat[start:start + chunk].double()
+        pos = torch.arange(start + 1, start + 1 + c.numel(), device=c.device, dtype=torch.float64)
+        total += c.sum().item()
+        weighted += torch.dot(c, pos).item()
+    return total, weighted
+
+
 class LayerRunner:
     """One decoder layer and its calibration inputs, run block by block.
 
     ``inputs`` are batches of hidden states (on the offload device); each is moved to ``device``
     for compute. The attention block's outputs are cached and reused for as long as the
-    attention weights are unchanged (tracked with the tensors' in-place version counters), so a
-    method that prunes attention then MLP costs two attention and two MLP passes, not three.
+    attention weights are unchanged, so a method that prunes attention then MLP costs two
+    attention and two MLP passes, not three. "Unchanged" is judged from the weights' contents
+    (see :meth:`_attn_fingerprint`), not only their version counters: writes through ``.data``
+    (as solvers do) bump no counter, and a stale cache would give the FFN the dense attention.
     """
 
     def __init__(
@@ -69,12 +85,17 @@ class LayerRunner:
         self.index, self.layer, self.adapter = index, layer, adapter
         self.inputs, self.ctx, self.device, self.timer = inputs, ctx, device, timer
         self._mid: list[torch.Tensor] | None = None
-        self._mid_version: int | None = None
+        self._mid_key: tuple | None = None
 
     # ---- activations ---------------------------------------------------------------------
-    def _attn_version(self) -> int:
-        mods = self.adapter.attention_block_modules(self.layer)
-        return sum(p._version for m in mods for p in m.parameters())
+    def _attn_fingerprint(self) -> tuple:
+        """Identity, version counter and a content checksum of every parameter the attention
+        block reads. The checksum catches in-place edits that bypass the version counter
+        (``p.data.copy_``, as solvers write); it costs one read of the attention weights, far
+        less than the attention forward the cache saves."""
+        return tuple((name, p.data_ptr(), tuple(p.shape), p._version, *checksum(p))
+                     for m in self.adapter.attention_block_modules(self.layer)
+                     for name, p in m.named_parameters())
 
     def _check(self, t: torch.Tensor, what: str) -> torch.Tensor:
         if not torch.isfinite(t).all():
@@ -86,13 +107,14 @@ class LayerRunner:
     @torch.no_grad()
     def attention_outputs(self) -> list[torch.Tensor]:
         """Residual stream after the attention block, for every batch (on ``device``)."""
-        if self._mid is None or self._mid_version != self._attn_version():
+        key = self._attn_fingerprint()
+        if self._mid is None or self._mid_key != key:
             with self.timer("forward"):
                 self._mid = [
                     self._check(self.adapter.attention_block(self.layer, x.to(self.device), self.ctx), "attention outputs")
                     for x in self.inputs
                 ]
-            self._mid_version = self._attn_version()
+            self._mid_key = key
         return self._mid
 
     @torch.no_grad()
