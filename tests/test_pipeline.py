@@ -204,3 +204,19 @@ def test_runner_cache_notices_writes_through_data(tiny_llama):
     fresh = LayerRunner(0, layer, ad, inputs, ctx, DEV, Timer()).attention_outputs()[0]
     assert not torch.equal(after, before)
     torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+
+
+def test_slimgpt_removes_dead_channels_first_at_no_cost(tiny_llama):
+    """FFN channels whose up_proj row is zero never fire: SlimGPT must remove them first, with an
+    error of exactly 0, even when their down_proj columns are large."""
+    ad = get_adapter(tiny_llama)
+    mlp = ad.mlp(ad.layers[0])
+    with torch.no_grad():
+        mlp.up.weight[[5, 17]] = 0
+        mlp.down.weight[:, [5, 17]] *= 10
+    spaces = layer_spaces(ad)
+    widths = [LayerWidth(0, 0, s.channels - 2 * (i == 0), 0.0) for i, s in enumerate(spaces)]
+    res = run_layerwise(ad, calib_ids(), SlimGPT(ffn_groups=1), widths, spaces, DEV, batch_size=4, progress=False)
+    plan = res.plans[0]
+    assert 5 not in plan.kept_channels and 17 not in plan.kept_channels
+    assert plan.stats["mlp_error"] == 0.0

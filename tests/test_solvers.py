@@ -8,7 +8,7 @@ import torch
 from slimgpt.errors import NumericalError
 from slimgpt.solvers.channels import dynamic_group_size, prune_channels
 from slimgpt.solvers.heads import block_scores, prune_heads
-from slimgpt.solvers.hessian import HessianAccumulator, damped_inverse
+from slimgpt.solvers.hessian import HessianAccumulator, damped_inverse, dead_columns
 from slimgpt.solvers.obs import joint_error, remove_columns, remove_columns_sequential
 
 D = torch.float64
@@ -184,9 +184,41 @@ def test_damping_retries_then_fails_clearly():
         damped_inverse(bad, damp=0.01, max_tries=2)
 
 
-def test_dead_columns_are_free_to_prune():
-    W, X, H = problem(cols=8)
-    H[3, :] = 0
-    H[:, 3] = 0
-    Hinv, _ = damped_inverse(H, damp=0.01)
+def dead_problem(dead: list[int], rows=6, cols=8, seed=0):
+    """A problem whose inputs ``dead`` are zero on every token, their weights made large (so a
+    solver that scores them by their weights would keep them)."""
+    W, X, _ = problem(rows=rows, cols=cols, seed=seed)
+    X[dead] = 0
+    W[:, dead] *= 10
+    H = 2 * X @ X.T / X.shape[1]
+    return W, X, H
+
+
+def test_dead_columns_cost_exactly_zero_and_go_first():
+    W, X, H = dead_problem([3, 5])
+    dead = dead_columns(H)
+    assert dead.tolist() == [c in (3, 5) for c in range(8)]
+    Hinv, _ = damped_inverse(H, damp=0)
     assert torch.isfinite(Hinv).all()
+    What = W.clone()
+    res = prune_channels(What, Hinv.clone(), n_remove=4, group_size=1, dead=dead)
+    assert set(res.removed[:2]) == {3, 5} and res.errors[:2] == [0.0, 0.0]
+    assert What[:, [3, 5]].abs().max() == 0
+    # the live columns' compensation is unaffected: still the least-squares refit from data
+    torch.testing.assert_close(What @ X, refit(W, X, res.kept)[0] @ X, rtol=1e-6, atol=1e-8)
+    # a dead column that is kept keeps its weights (no compensation step touches it)
+    What = W.clone()
+    res = prune_channels(What, Hinv.clone(), n_remove=1, group_size=1, dead=dead)
+    assert res.errors == [0.0] and res.removed[0] in (3, 5)
+    other = 8 - res.removed[0]
+    torch.testing.assert_close(What[:, other], W[:, other], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("score", ["gcd", "gcd-exact", "initial"])
+def test_dead_head_costs_exactly_zero_and_goes_first(score):
+    d, nh, nkv = 2, 4, 2
+    W, X, H = dead_problem([4, 5], cols=d * nh, seed=4)  # head 2 (columns 4, 5) never fires
+    Hinv, _ = damped_inverse(H, damp=0.01)
+    What = W.clone()
+    res = prune_heads(What, Hinv, nh, nkv, d, remove_per_group=1, score=score, dead=dead_columns(H))
+    assert res.removed[0] == 2 and res.errors[0] == 0.0

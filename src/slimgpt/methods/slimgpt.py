@@ -17,7 +17,7 @@ from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerSpace, LayerWidth
 from slimgpt.solvers.channels import ChannelResult, prune_channels
 from slimgpt.solvers.heads import HeadResult, HeadScore, prune_heads
-from slimgpt.solvers.hessian import damped_inverse
+from slimgpt.solvers.hessian import damped_inverse, dead_columns
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class SlimGPT(Method):
                 W = o.weight.data.to(self.solver_dtype)
                 res = prune_heads(
                     W, Hinv, geo.num_heads, geo.num_kv_heads, geo.head_dim,
-                    width.remove_groups, width.remove_per_group, self.head_score,
+                    width.remove_groups, width.remove_per_group, self.head_score, dead=dead_columns(H),
                 )
                 o.weight.data.copy_(W)
                 return res, lam
@@ -82,7 +82,8 @@ class SlimGPT(Method):
                 Hinv, lam = damped_inverse(H, self.damp, where=f"layer {i} down_proj", dtype=self.solver_dtype)
                 W = down.weight.data.to(self.solver_dtype)
                 res = prune_channels(
-                    W, Hinv, space.channels - width.channels, self.ffn_groups, self.min_group, self.max_group
+                    W, Hinv, space.channels - width.channels, self.ffn_groups, self.min_group, self.max_group,
+                    dead=dead_columns(H),
                 )
                 down.weight.data.copy_(W)
                 return res, lam

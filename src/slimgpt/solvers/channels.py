@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimgpt.solvers.obs import column_errors, remove_columns
+from slimgpt.solvers.obs import column_errors, park_dead, remove_columns, restore_dead
 
 
 @dataclass
@@ -36,14 +36,20 @@ def prune_channels(
     group_size: int | str = "dynamic",
     min_group: int = 8,
     max_group: int = 1024,
+    dead: torch.Tensor | None = None,
 ) -> ChannelResult:
-    """Remove ``n_remove`` columns of ``W`` in place (compensating the rest); ``Hinv`` is downdated."""
+    """Remove ``n_remove`` columns of ``W`` in place (compensating the rest); ``Hinv`` is downdated.
+
+    ``dead`` (a column mask, :func:`~slimgpt.solvers.hessian.dead_columns`): inputs that are
+    always zero; they cost exactly 0 and go first (see :func:`~slimgpt.solvers.obs.park_dead`).
+    """
     ncols = W.shape[1]
     if not 0 <= n_remove <= ncols:
         raise ValueError(f"cannot remove {n_remove} of {ncols} channels")
     alive = torch.ones(ncols, dtype=torch.bool, device=W.device)
     result = ChannelResult(kept=[])
     left = n_remove
+    saved = park_dead(W, dead)
     while left > 0:
         g = dynamic_group_size(left, min_group, max_group) if group_size == "dynamic" else min(int(group_size), left)
         err = column_errors(W.to(Hinv.dtype), Hinv)
@@ -54,5 +60,6 @@ def prune_channels(
         result.removed.extend(idx.tolist())
         result.group_sizes.append(g)
         left -= g
+    restore_dead(W, dead, saved, ~alive)
     result.kept = torch.nonzero(alive).flatten().tolist()
     return result

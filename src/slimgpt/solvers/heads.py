@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from slimgpt.solvers.obs import remove_columns
+from slimgpt.solvers.obs import park_dead, remove_columns, restore_dead
 
 HeadScore = Literal["gcd", "gcd-exact", "initial"]
 
@@ -60,12 +60,14 @@ def prune_heads(
     remove_groups: int = 0,
     remove_per_group: int = 0,
     score: HeadScore = "gcd",
+    dead: torch.Tensor | None = None,
 ) -> HeadResult:
     """Prune ``o_proj`` weights ``W`` (rows, num_heads·head_dim) in place; ``Hinv`` is downdated.
 
     Removes ``remove_groups`` whole key/value groups first, then ``remove_per_group`` query
     heads from each remaining group. With ``score='initial'`` every choice uses the scores of
-    the initial ``W``/``Hinv`` (no re-scoring), as the paper's '-GCD' ablation.
+    the initial ``W``/``Hinv`` (no re-scoring), as the paper's '-GCD' ablation. ``dead``: a
+    column mask of always-zero inputs, which cost exactly 0 (:func:`~slimgpt.solvers.obs.park_dead`).
     """
     n_rep = num_heads // num_kv_heads
     if not (0 <= remove_groups <= num_kv_heads and 0 <= remove_per_group <= n_rep):
@@ -73,6 +75,7 @@ def prune_heads(
     cols = torch.arange(num_heads * head_dim, device=W.device).view(num_heads, head_dim)
     alive = torch.ones(num_heads, dtype=torch.bool)
     result = HeadResult(kept_heads=[])
+    saved = park_dead(W, dead)
     initial_head = block_scores(W, Hinv, cols, "initial") if score == "initial" else None
 
     def remove(heads: list[int]) -> None:
@@ -107,5 +110,6 @@ def prune_heads(
                 remove([h])
                 todo.discard(h // n_rep)
 
+    restore_dead(W, dead, saved, ~alive.to(W.device).repeat_interleave(head_dim))
     result.kept_heads = [h for h in range(num_heads) if alive[h]]
     return result

@@ -50,6 +50,11 @@ class HessianAccumulator:
         return (self.sum * (2.0 / self.count)).to(self.dtype)
 
 
+def dead_columns(H: torch.Tensor) -> torch.Tensor:
+    """Columns whose input was zero on every calibration token (zero diagonal of ``H``)."""
+    return torch.diagonal(H) == 0
+
+
 def damped_inverse(
     H: torch.Tensor,
     damp: float = 0.01,
@@ -59,8 +64,9 @@ def damped_inverse(
 ) -> tuple[torch.Tensor, float]:
     """``(H + λ·mean(diag H)·I)⁻¹`` via Cholesky, retrying with ``λ ×10`` when it fails.
 
-    Dead columns (zero diagonal: inputs that are always zero) get diagonal 1, so they are free
-    to prune and do not make ``H`` singular. Returns the inverse and the ``λ`` that worked.
+    Dead columns (zero diagonal: inputs that are always zero) get diagonal 1 so they do not make
+    ``H`` singular; pass :func:`dead_columns` to the solvers, which zero their weights so that
+    removing them costs exactly 0 (as GPTQ does). Returns the inverse and the ``λ`` that worked.
     Raises :class:`NumericalError` naming ``where`` if no damping up to ``λ·10^(tries-1)`` works.
     """
     H = H.to(dtype or H.dtype).clone()

@@ -59,3 +59,31 @@ def remove_columns_sequential(W: torch.Tensor, Hinv: torch.Tensor, cols: list[in
         W[:, p] = 0
         Hinv[p, :] = 0
         Hinv[:, p] = 0
+
+
+def park_dead(W: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor | None:
+    """Zero the columns of ``W`` whose input is always zero (``dead``) and return their weights.
+
+    Such a column adds nothing to ``W X``, so removing it costs exactly 0 and needs no
+    compensation; but with its weights left in place Eq. 4 would score it
+    ``||W[:, j]||² / Hinv[j, j] > 0`` (the damped diagonal is 1 + λ·mean). GPTQ zeroes them for
+    the same reason. Hand the result to :func:`restore_dead` when the solve is done.
+    """
+    if dead is None or not bool(dead.any()):
+        return None
+    saved = W[:, dead].clone()
+    W[:, dead] = 0
+    return saved
+
+
+def restore_dead(W: torch.Tensor, dead: torch.Tensor | None, saved: torch.Tensor | None,
+                 removed: torch.Tensor) -> None:
+    """Put back the weights of dead columns that were *kept* (``removed`` is a column mask).
+
+    Their ``Hinv`` rows are zero off the diagonal, so no compensation step touched them: what
+    comes back is exactly the original column (the calibration output is the same either way,
+    other inputs keep the dense behaviour)."""
+    if saved is None or dead is None:
+        return
+    kept_dead = dead & ~removed.to(dead.device)
+    W[:, kept_dead] = saved[:, kept_dead[dead]]
