@@ -307,3 +307,56 @@ def test_evaluate_tasks_offline_end_to_end(data_root: Path, monkeypatch: pytest.
     expected = (out["tasks"]["piqa"]["acc_norm"] + out["tasks"]["arc_easy"]["acc_norm"]) / 2
     assert out["average"] == pytest.approx(expected)
     assert "arc_easy" in zs.format_table(out)
+
+
+def _hand_loglikelihood(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, context: str, continuation: str
+                        ) -> float:
+    """Summed log-probability of ``continuation`` after ``context``, computed directly: encode the
+    whole string, the continuation is what follows the context's tokens, one forward pass."""
+    ctx = tok(context)["input_ids"]
+    whole = tok(context + continuation)["input_ids"]
+    assert whole[: len(ctx)] == ctx and len(whole) > len(ctx)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].double(), -1)
+    return sum(logp[pos - 1, whole[pos]].item() for pos in range(len(ctx), len(whole)))
+
+
+def _hand_accuracy(model, tok, docs: list[tuple[str, list[str], int]]) -> tuple[float, float, float]:
+    """(acc, acc_norm, smallest decision margin) over ``(context, choices, gold)`` documents, the
+    way lm-eval defines them: argmax of the summed log-likelihood of ``" " + choice``, and of it
+    divided by the choice's length in characters."""
+    acc = norm = 0
+    margin = float("inf")
+    for context, choices, gold in docs:
+        lls = [_hand_loglikelihood(model, tok, context, " " + c) for c in choices]
+        normed = [ll / len(c) for ll, c in zip(lls, choices)]
+        for scores in (lls, normed):
+            top = sorted(scores, reverse=True)
+            margin = min(margin, top[0] - top[1])
+        acc += max(range(len(lls)), key=lls.__getitem__) == gold
+        norm += max(range(len(normed)), key=normed.__getitem__) == gold
+    return acc / len(docs), norm / len(docs), margin
+
+
+def test_accuracies_equal_hand_computed_loglikelihoods(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's numbers, through our offline task files, must be what the model's own
+    log-probabilities say: the prompts, choices and gold labels (ARC's OLMES test split goes
+    through a format conversion) all reach lm-eval intact."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokenizer = _tiny_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # acc != acc_norm in both tasks, neither 0 nor 1
+        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                          initializer_range=0.3)  # decisive logits: no near-ties between choices
+        model = LlamaForCausalLM(cfg).eval()
+    out = zs.evaluate_tasks(model, tokenizer, "piqa,arc_easy", batch_size=3, offline=True, data_root=str(data_root))
+    piqa = [(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], d["label"]) for d in PIQA_DOCS]
+    arc = [(d["query"], d["choices"], d["gold"]) for d in ARC_TEST_OLMES]
+    for name, docs in (("piqa", piqa), ("arc_easy", arc)):
+        acc, acc_norm, margin = _hand_accuracy(model, tokenizer, docs)
+        assert margin > 1e-3, "a near-tie would make the comparison depend on float rounding"
+        r = out["tasks"][name]
+        assert r["n"] == len(docs)
+        assert r["acc"] == pytest.approx(acc, abs=1e-12), name
+        assert r["acc_norm"] == pytest.approx(acc_norm, abs=1e-12), name
