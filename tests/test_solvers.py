@@ -90,14 +90,21 @@ def test_ffn_group_size_one_equals_exhaustive_greedy_obs():
     torch.testing.assert_close(What, refit(W, X, keep)[0])
 
 
-def test_dynamic_group_size_halves_to_floor():
-    sizes, left = [], 3000
+def dgs_sequence(n: int, floor: int, cap: int) -> list[int]:
+    sizes, left = [], n
     while left:
-        g = dynamic_group_size(left, 8, 1024)
-        sizes.append(g)
-        left -= g
-    assert sizes[0] == 1024 and sizes[1] == 988 and min(sizes) <= 8 and sum(sizes) == 3000
-    assert all(a >= b for a, b in zip(sizes, sizes[1:]))
+        sizes.append(dynamic_group_size(left, floor, cap))
+        left -= sizes[-1]
+    return sizes
+
+
+def test_dynamic_group_size_halves_to_floor():
+    """By hand: half of what is left, capped at 1024, never below the floor (the last group takes
+    what remains)."""
+    assert dgs_sequence(3000, 8, 1024) == [1024, 988, 494, 247, 123, 62, 31, 15, 8, 8]
+    # left 3000 -> 1976 -> 988 -> 494 -> 247 -> 124 -> 62 -> 31 -> 16 -> 8 -> 0
+    assert dgs_sequence(3000, 64, 1024) == [1024, 988, 494, 247, 123, 64, 60]  # the authors' floor
+    assert dgs_sequence(5, 8, 1024) == [5]
 
 
 def test_dynamic_groups_hit_count_and_compensate_optimally():
@@ -105,7 +112,8 @@ def test_dynamic_groups_hit_count_and_compensate_optimally():
     Hinv, _ = damped_inverse(H, damp=0)
     What = W.clone()
     res = prune_channels(What, Hinv, n_remove=27, min_group=2, max_group=8)
-    assert len(res.kept) == 13 and len(res.group_sizes) > 3
+    assert res.group_sizes == [8, 8, 5, 3, 2, 1]  # 27 -> 19 -> 11 -> 6 -> 3 -> 1 -> 0
+    assert len(res.kept) == 13 and len(res.removed) == 27
     torch.testing.assert_close(What, refit(W, X, res.kept)[0])
 
 
@@ -184,6 +192,22 @@ def test_damping_retries_then_fails_clearly():
         damped_inverse(bad, damp=0.01, max_tries=2)
 
 
+@pytest.mark.parametrize(("smallest", "tries", "lam"), [(-0.02, 2, 0.1), (-0.2, 3, 1.0)])
+def test_damping_retry_multiplies_lambda_by_ten(smallest, tries, lam, caplog):
+    """An indefinite Hessian (as fp32 accumulation can produce) with mean diagonal m: λ = 0.01
+    adds 0.01·m, too little; each retry multiplies λ by 10 until ``smallest + λ·m > 0``, and
+    the result is the exact inverse of ``H + λ·m·I`` at that λ."""
+    H = torch.diag(torch.tensor([1.0, 0.5, smallest], dtype=D))
+    m = H.diagonal().mean()
+    with pytest.raises(NumericalError):
+        damped_inverse(H, damp=0.01, max_tries=tries - 1)  # fails at the first λ(s)
+    with caplog.at_level("WARNING"):
+        Hinv, got = damped_inverse(H, damp=0.01, max_tries=tries, where="layer 7 o_proj")
+    assert got == pytest.approx(lam, rel=1e-12)
+    torch.testing.assert_close(Hinv, torch.linalg.inv(H + lam * m * torch.eye(3, dtype=D)))
+    assert "layer 7 o_proj" in caplog.text and f"{lam:.3g}" in caplog.text
+
+
 def dead_problem(dead: list[int], rows=6, cols=8, seed=0):
     """A problem whose inputs ``dead`` are zero on every token, their weights made large (so a
     solver that scores them by their weights would keep them)."""
@@ -222,3 +246,78 @@ def test_dead_head_costs_exactly_zero_and_goes_first(score):
     What = W.clone()
     res = prune_heads(What, Hinv, nh, nkv, d, remove_per_group=1, score=score, dead=dead_columns(H))
     assert res.removed[0] == 2 and res.errors[0] == 0.0
+
+
+def paper_block_score(W: torch.Tensor, Hd: torch.Tensor, remaining: list[int], block: list[int]) -> float:
+    """Paper §4.2 / Eq. 5 from scratch: invert the damped Hessian of the remaining columns,
+    re-order so the block comes first, Cholesky-factor the whole inverse (upper), and sum
+    ``||W_j||² / U[j, j]²`` over the block's columns."""
+    order = block + [c for c in remaining if c not in block]
+    Hinv = torch.linalg.inv(Hd[order][:, order])
+    U = torch.linalg.cholesky(Hinv, upper=True)
+    return sum(W[:, c].pow(2).sum().item() / U[j, j].item() ** 2 for j, c in enumerate(block))
+
+
+@pytest.mark.parametrize(("nh", "nkv", "groups", "per_group"), [(6, 2, 0, 2), (6, 3, 1, 1)])
+def test_gcd_score_every_greedy_step_equals_brute_force(nh, nkv, groups, per_group, monkeypatch):
+    """The default score through the whole loop: at every step the scores the solver used equal
+    the paper's score recomputed from scratch (Hinv of the remaining columns by a fresh inverse,
+    W the least-squares refit from data after the removals so far), and the head it removes is
+    that step's argmin under the grouped-query rule."""
+    import slimgpt.solvers.heads as heads_mod
+
+    d = 2
+    W, X, H = problem(rows=5, cols=d * nh, tokens=300, seed=17)
+    n_rep = nh // nkv
+    used: list[tuple[list[list[int]], torch.Tensor]] = []
+    real = heads_mod.block_scores
+
+    def recording(Wc, Hinv, blocks, mode):  # the real scorer; only its inputs/outputs are kept
+        out = real(Wc, Hinv, blocks, mode)
+        used.append((blocks.tolist(), out.clone()))
+        return out
+
+    monkeypatch.setattr(heads_mod, "block_scores", recording)
+    Hinv, _ = damped_inverse(H, damp=0)
+    res = prune_heads(W.clone(), Hinv, nh, nkv, d, remove_groups=groups, remove_per_group=per_group, score="gcd")
+
+    alive = set(range(nh))
+    order: list[int] = []
+    for step, (blocks, scores) in enumerate(used):
+        remaining = [c for c in range(d * nh) if c // d in alive]
+        Wr = refit(W, X, remaining)[0]
+        want = torch.tensor([paper_block_score(Wr, H, remaining, b) for b in blocks], dtype=D)
+        torch.testing.assert_close(scores, want, rtol=1e-7, atol=1e-10, msg=f"step {step}")
+        best = blocks[int(torch.argmin(want))]
+        assert sorted(want.tolist())[1] - want.min().item() > 1e-6  # the choice is not a near-tie
+        heads = sorted({c // d for c in best})
+        order += heads
+        alive -= set(heads)
+    assert len(used) == groups + per_group * (nkv - groups)
+    assert res.removed == order
+    assert all(len({h // n_rep for h in order[groups * n_rep:][r * (nkv - groups):(r + 1) * (nkv - groups)]})
+               == nkv - groups for r in range(per_group))  # each round takes one head per group
+
+
+def test_initial_score_ablation_orders_by_the_initial_inverse():
+    """'-GCD' (``score='initial'``): every choice by ``Σ ||W_j||² / Hinv0[j, j]`` of the *initial*
+    W and inverse (computed here independently), never re-scored; and that order differs from
+    the re-scored default on this problem, so the test tells them apart."""
+    d, nh = 2, 6
+    W, X, H = problem(rows=5, cols=d * nh, tokens=300, seed=2)
+    Hinv0 = torch.linalg.inv(H)
+    initial = [sum(W[:, c].pow(2).sum().item() / Hinv0[c, c].item() for c in range(h * d, h * d + d))
+               for h in range(nh)]
+    want = sorted(range(nh), key=initial.__getitem__)[:4]
+    # one key/value group holding all heads: balanced rounds take one head each, in score order
+    runs = {}
+    for score in ("initial", "gcd"):
+        Hinv, _ = damped_inverse(H, damp=0)
+        runs[score] = prune_heads(W.clone(), Hinv, nh, 1, d, remove_per_group=4, score=score).removed
+    assert runs["initial"] == want
+    assert runs["gcd"] != want
+    # whole groups: ranked by the sum of their heads' initial scores
+    Hinv, _ = damped_inverse(H, damp=0)
+    res = prune_heads(W.clone(), Hinv, nh, 3, d, remove_groups=2, score="initial")
+    by_group = sorted(range(3), key=lambda g: initial[2 * g] + initial[2 * g + 1])[:2]
+    assert res.removed == [h for g in by_group for h in (2 * g, 2 * g + 1)]
