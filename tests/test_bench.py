@@ -1,7 +1,11 @@
-"""Generation benchmark on tiny random models: structure and exact counts, never timings' values
-(two cores shared with other jobs make any speed assertion flaky)."""
+"""Generation benchmark on tiny random models: structure, exact counts, and that every reported
+time and speed-up is computed from the measured runs; never timings' values (two cores shared
+with other jobs make any speed assertion flaky)."""
 
 from __future__ import annotations
+
+import copy
+import statistics
 
 import pytest
 import torch
@@ -10,6 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from slimgpt.errors import ConfigError
 from slimgpt.evaluation import bench
+from slimgpt.plan import LayerPlan
+from slimgpt.surgery import shrink_model
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -39,43 +45,56 @@ def _model(intermediate: int, kv_heads: int = 2) -> LlamaForCausalLM:
 
 def test_benchmark_structure_and_counts() -> None:
     tok = _tokenizer()
-    dense, pruned = _model(96), _model(48, kv_heads=1)
+    dense = _model(96)
+    # a pruned copy made by the real surgery: layer 0 keeps one key/value group and half its
+    # channels, layer 1 keeps every other channel
+    plans = {0: LayerPlan(kept_heads=[0, 1], kept_channels=list(range(48))),
+             1: LayerPlan(kept_channels=list(range(0, 96, 2)))}
+    pruned = shrink_model(copy.deepcopy(dense), plans)
     prompt, new = 8, 5
     result = bench.benchmark_generation(
         [("dense", dense, tok), ("pruned", pruned, tok)],
         prompt_tokens=prompt,
         new_tokens=new,
-        repeats=1,
+        repeats=3,
         warmup=0,
     )
     assert result["reference"] == "dense"
-    assert (result["prompt_tokens"], result["new_tokens"], result["repeats"]) == (prompt, new, 1)
+    assert (result["prompt_tokens"], result["new_tokens"], result["repeats"]) == (prompt, new, 3)
     assert result["torch_threads"] == torch.get_num_threads()
     for entry, model in zip(result["models"], (dense, pruned)):
         assert entry["params"] == sum(p.numel() for p in model.parameters())
         assert entry["device"] == "cpu" and entry["dtype"] == "float32"
-        assert entry["prefill_ms"] > 0 and entry["decode_ms_per_token"] > 0
-        assert entry["decode_tokens_per_s"] > 0 and entry["generate_tokens_per_s"] > 0
         assert entry["peak_memory_bytes"] is None  # CPU: documented as not measurable
         assert entry["weight_bytes"] == sum(p.numel() * 4 for p in model.parameters()) + sum(
             b.numel() * b.element_size() for b in model.buffers()
         )
-        # The cache holds every position but the last generated token (never fed back).
-        cfg = model.config
-        kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (prompt + new - 1) * 4
-        assert entry["kv_cache_bytes"] == kv
-        assert len(entry["runs"]) == 1
-        assert set(entry["speedup"]) == {
-            "prefill",
-            "decode",
-            "generate",
-            "params_ratio",
-            "weight_bytes_ratio",
-        }
-    assert result["models"][0]["speedup"]["decode"] == 1.0  # the reference against itself, same numbers
-    assert result["models"][1]["speedup"]["params_ratio"] < 1.0
+        # The cache holds every position but the last generated token (never fed back), per
+        # layer at that layer's own key/value head count.
+        kv_heads = [lay.self_attn.k_proj.out_features // 8 for lay in model.model.layers]
+        assert entry["kv_cache_bytes"] == 2 * sum(kv_heads) * 8 * (prompt + new - 1) * 4
+        # every reported time is the median of the runs it kept, and the runs are consistent
+        runs = entry["runs"]
+        assert len(runs) == 3
+        for r in runs:
+            assert 0 < r["first_token_s"] <= r["generate_s"] and 0 < r["decode_s"] < r["generate_s"]
+        med = {k: statistics.median(r[k] for r in runs) for k in ("prefill_s", "decode_s", "generate_s")}
+        assert entry["prefill_ms"] == pytest.approx(1000 * med["prefill_s"], rel=1e-12)
+        assert entry["decode_ms_per_token"] == pytest.approx(1000 * med["decode_s"] / (new - 1), rel=1e-12)
+        assert entry["decode_tokens_per_s"] == pytest.approx((new - 1) / med["decode_s"], rel=1e-12)
+        assert entry["generate_tokens_per_s"] == pytest.approx(new / med["generate_s"], rel=1e-12)
+    d, p = result["models"]
+    assert p["params"] < d["params"] and p["weight_bytes"] < d["weight_bytes"]
+    assert p["kv_cache_bytes"] < d["kv_cache_bytes"]  # layer 0 lost a key/value head
+    # speed-ups are ratios of the two models' measured times (> 1: the pruned one is faster)
+    assert p["speedup"]["prefill"] == pytest.approx(d["prefill_ms"] / p["prefill_ms"], rel=1e-12)
+    assert p["speedup"]["decode"] == pytest.approx(d["decode_ms_per_token"] / p["decode_ms_per_token"], rel=1e-12)
+    assert p["speedup"]["generate"] == pytest.approx(p["generate_tokens_per_s"] / d["generate_tokens_per_s"], rel=1e-12)
+    assert p["speedup"]["params_ratio"] == p["params"] / d["params"]
+    assert p["speedup"]["weight_bytes_ratio"] == p["weight_bytes"] / d["weight_bytes"]
     table = bench.format_table(result)
     assert "| dense |" in table and "| pruned |" in table and "Memory:" in table
+    assert f"| {p['speedup']['decode']:.2f} |" in table
 
 
 def test_benchmark_rejects_bad_settings() -> None:

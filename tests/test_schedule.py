@@ -5,9 +5,17 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from conftest import build_tiny
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from slimgpt.arch import get_adapter
+from slimgpt.driver import layer_spaces
 from slimgpt.errors import ConfigError
+from slimgpt.methods.scoring import select_channels, select_heads
+from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerSpace, removed_params, round_layer, schedule_ratios, solve_widths
+from slimgpt.surgery import shrink_model
 
 
 def spaces(n=30, heads=9, kv=3, ch=1536, hidden=576, d=64):
@@ -78,3 +86,32 @@ def test_schedule_file(tmp_path):
     f.write_text("[0.1, 0.2]")
     with pytest.raises(ConfigError, match="2 ratios but the model has 3 layers"):
         solve_widths(sp, 10**9, 0.1, str(f))
+
+
+@pytest.mark.parametrize("schedule", ["log", "uniform", "linear-decrease"])
+@pytest.mark.parametrize("ratio", [0.2, 0.45])
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_solved_widths_hit_the_target_in_the_cut_tensors(arch, ratio, schedule):
+    """Score the solve by what surgery actually removes, not by the ``removed_params`` it
+    optimises: cut a real model (q/k/v biases, grouped-query attention, tied or untied
+    embeddings) to the solved widths and count its parameters."""
+    if arch == "qwen2":
+        model = build_tiny(Qwen2Config, Qwen2ForCausalLM, num_hidden_layers=7, num_key_value_heads=2,
+                           tie_word_embeddings=False)
+    else:
+        model = build_tiny(LlamaConfig, LlamaForCausalLM, num_hidden_layers=7, num_key_value_heads=4,
+                           tie_word_embeddings=True)
+    dense = sum(p.numel() for p in model.parameters())  # tied embeddings once
+    ad = get_adapter(model)
+    sp = layer_spaces(ad)
+    widths = solve_widths(sp, dense, ratio, schedule)
+    g = torch.Generator().manual_seed(0)
+    plans = {}
+    for i, (s, w) in enumerate(zip(sp, widths)):
+        heads = select_heads(torch.rand(s.num_heads, generator=g), s.num_kv_heads, w.remove_groups,
+                             w.remove_per_group)
+        plans[i] = LayerPlan(heads, select_channels(torch.rand(s.channels, generator=g), w.channels))
+    pruned = shrink_model(model, plans)
+    cut = dense - sum(p.numel() for p in pruned.parameters())
+    assert cut == removed_params(sp, widths)
+    assert abs(cut - ratio * dense) <= sp[0].per_channel / 2
