@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from conftest import build_tiny
 from slimgpt.arch import get_adapter
 from slimgpt.driver import layer_spaces
 from slimgpt.errors import ConfigError
