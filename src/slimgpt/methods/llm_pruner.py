@@ -8,6 +8,23 @@ summed over every weight of the group, ``L`` the language-modelling loss on the 
 windows (gradients accumulated one window at a time: batch 1 keeps memory at one sequence's
 activations).
 
+Which of the released code's ``--taylor`` choices this is (horseee/LLM-Pruner,
+``LLMPruner/pruner/hf_llama_pruner.py::TaylorImportance``, ``--grouping_strategy sum``):
+
+* ``param_first`` (the argparse default, and the LLaMA-3 recipe): ``salience = w · g``, then
+  ``|salience|`` summed over each row/column, then summed over the group's layers. **This is the
+  one we implement** (the paper's Element¹ with sum aggregation).
+* ``vectorize`` (the paper's Vector-wise): ``|Σ w · g|`` per row/column of each layer, summed.
+* ``param_second`` / ``param_mix``: second-order terms from a Fisher diagonal ``Σ g²/N``
+  accumulated over per-sample backward passes (Element², and Element¹ − ½·Element²); not
+  implemented (N extra backward passes; the README calls ``param_mix`` its default, the code's
+  default is ``param_first``).
+
+Differences from the released recipe that are deliberate: gradients come from the run's
+calibration windows (the code uses 10 BookCorpus sequences of 64 tokens), and the ratio is
+solved so the whole model loses ``--ratio`` of its parameters (the code's ``--pruning_ratio`` is
+the share of groups removed in each pruned layer).
+
 Layer range: like the paper's LLaMA recipe (``--block_*_layer_start 4 --block_*_layer_end 30`` of
 32) only layers ``[4, L−2)`` are pruned, all with one ratio, solved so the *whole model* loses the
 requested share of parameters. Models with fewer than 8 layers are pruned in every layer.

@@ -6,6 +6,15 @@ compensation; SlimGPT's per-layer widths, so only the choice of structures diffe
 
 Layer-wise like SlimGPT: attention first, then the MLP's statistics after the pruned attention,
 and the pruned layer's outputs feed the next layer.
+
+Against FLAP's released ``prune_wanda_sp`` (CASIA-IVA-Lab/FLAP, lib/prune.py): its score is
+``mean_i |W[i, j]| · sqrt(mean over sequences of ||x_j||²)`` summed over a head's columns, which
+is ours times a factor common to every column of a layer (rows, calibration size), so the
+ranking within a layer is the same. Two deliberate differences: the code takes the MLP's
+statistics in the same pass as the attention's (from the *unpruned* attention of that layer),
+and removes the same share of heads and channels in every layer (``--pruning_ratio`` per
+layer); we take them after the pruned attention, and use SlimGPT's per-layer widths, so that
+against SlimGPT only the choice of structures differs.
 """
 
 from __future__ import annotations
