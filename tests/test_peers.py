@@ -16,6 +16,8 @@ from slimgpt.config import PruneConfig
 from slimgpt.driver import embed_batches, layer_spaces, run_layerwise
 from slimgpt.methods.base import LayerRunner, PruneContext, Timer
 from slimgpt.methods.flap import FLAP, allocate, fluctuation
+from slimgpt.methods.flap import channel_scores as flap_channel_scores
+from slimgpt.methods.flap import head_scores as flap_head_scores
 from slimgpt.methods.llm_pruner import LLMPruner, taylor_scores
 from slimgpt.methods.magnitude import Magnitude, magnitude_scores
 from slimgpt.methods.scoring import select_heads
@@ -136,6 +138,25 @@ def test_flap_fluctuation_is_variance_times_column_norm(tiny_llama_gqa):
             ref = x[key].var(0, unbiased=True) * w.double().pow(2).sum(0)
             torch.testing.assert_close(fluctuation(w, stats.var), ref, rtol=1e-5, atol=1e-9)
             torch.testing.assert_close(stats.mean, x[key].mean(0), rtol=1e-5, atol=1e-7)
+
+
+def test_flap_head_scores_square_the_attention_metric_like_the_released_code():
+    """By hand, one layer: o_proj ``W = [[1, 1, 2, 1]]`` (two heads of two columns), input
+    variances ``[1, 2, 1, 4]``. WIFV = var·W² = [1, 2, 4, 4]; FLAP's lib/prune.py squares it for
+    o_proj: [1, 4, 16, 16], mean 9.25, unbiased std sqrt(186.75/3) = 7.8899; standardized
+    [-1.0456, -0.6653, 0.8555, 0.8555]; head means [-0.8555, 0.8555]. Unsquared (the paper's
+    formula) the means are [-0.8333, 0.8333] (std 1.5): the difference is what changes how
+    heads rank against channels. FFN channels are not squared."""
+    W = torch.tensor([[1.0, 1.0, 2.0, 1.0]])
+    var = torch.tensor([1.0, 2.0, 1.0, 4.0])
+    std = (186.75 / 3) ** 0.5
+    want = torch.tensor([((1 - 9.25) / std + (4 - 9.25) / std) / 2, (16 - 9.25) / std], dtype=torch.float64)
+    torch.testing.assert_close(flap_head_scores(W, var, 2), want)
+    assert want[1].item() == pytest.approx(0.8555, abs=1e-4)
+    torch.testing.assert_close(flap_head_scores(W, var, 2, square=False),
+                               torch.tensor([-2.5 / 3, 2.5 / 3], dtype=torch.float64))
+    torch.testing.assert_close(flap_channel_scores(W, var),
+                               torch.tensor([-1.75, -0.75, 1.25, 1.25], dtype=torch.float64) / 1.5)
 
 
 def test_flap_bias_compensation_keeps_output_means(tiny_qwen2):
