@@ -138,9 +138,13 @@ class SearchedSlimGPT(GlobalMethod):
         folder = Path(tempfile.mkdtemp(prefix="slimgpt-search-db-")) if own_tmp else \
             Path(cfg.out).expanduser().resolve().with_name(Path(cfg.out).name + ".search.db")
         try:
-            return self._plan(ctx, settings, target, key, folder, journal, state, deadline, t0, earlier)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            plans = self._plan(ctx, settings, target, key, folder, journal, state, deadline, t0, earlier)
+        except BaseException:
+            if own_tmp:  # beside --out the database stays for --resume
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
+        return plans
 
     def _plan(self, ctx: PruneContext, settings: EvoSettings, target: float, key: dict[str, Any], folder: Path,
               journal: _Journal | None, state: dict[str, Any] | None, deadline: float, t0: float,
