@@ -279,7 +279,8 @@ def test_bad_search_settings_fail_early(kw, match):
 
 
 def test_cli_flags_reach_the_config():
-    from slimgpt.cli import build_parser, config_from_args
+    from slimgpt.cli import build_parser
+    from slimgpt.cli.prune import config_from_args
     from slimgpt.search.options import parse_seconds
 
     a = build_parser().parse_args(["prune", "--schedule", "search", "--search-budget", "90s", "--search-tokens",

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 
-from slimgpt.driver import run_layerwise
 from slimgpt.errors import ConfigError
 from slimgpt.methods.base import GlobalMethod, PruneContext
 from slimgpt.methods.slimgpt import SlimGPT
@@ -206,11 +205,9 @@ class SearchedSlimGPT(GlobalMethod):
         alloc = widths_for(problem, spaces, res.levels, db.attn_shapes, db.ffn_levels)
         t = time.perf_counter()
         if cfg.search_final == "rerun":
-            run = run_layerwise(adapter, ctx.calib, self.width, alloc.widths, spaces, ctx.device, cfg.batch_size,
-                                cfg.propagate, progress=ctx.progress)
-            for k, v in run.seconds.items():
-                ctx.timer.seconds[k] = ctx.timer.seconds.get(k, 0.0) + v
-            plans = run.plans
+            if ctx.run_layers is None:
+                raise ConfigError("--search-final rerun needs the pipeline's layer-wise driver")
+            plans = ctx.run_layers(self.width, alloc.widths, spaces)
         else:
             plans = stitch(adapter, db, res.levels, alloc.fixup_layer, alloc.widths, ffn_step, cfg.damp)
         times["final"] = time.perf_counter() - t

@@ -33,8 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slimgpt.arch.base import ModelAdapter
-from slimgpt.driver import embed_batches
-from slimgpt.methods.base import LayerRunner, Timer
+from slimgpt.methods.base import LayerRunner, Timer, embed_batches
 from slimgpt.schedule import LayerSpace
 from slimgpt.search.levels import attention_shapes, ffn_channels
 from slimgpt.solvers.heads import HeadScore, prune_heads
