@@ -209,6 +209,13 @@ def test_stitched_model_equals_the_forward_with_the_chosen_variants(tiny_llama_g
         ids = calib_ids(2, 32, seed=9)
         with torch.no_grad():
             ref = torch.cat([ad.logits(fit._run(ad.embed(ids[k : k + 1]), 0)) for k in range(2)])
+        fit.set_parent([0] * 8, 2)  # the parent cache taken from an evaluation equals a fresh pass
+        kl = fit(levels, 2)
+        fit.set_parent(levels, 2)
+        adopted = fit._cache
+        fit.set_parent(levels, 2)
+        assert fit._cache is not adopted and fit(levels, 2) == kl
+        assert all(torch.equal(a, b) for w in adopted for a, b in zip(adopted[w], fit._cache[w], strict=True))
         stitcher.restore()
         model = copy.deepcopy(tiny_llama_gqa)
         widths = [LayerWidth(0, 0, db.ffn_levels[i][levels[2 * i + 1]], 0.0) for i in range(4)]

@@ -142,6 +142,8 @@ class KLFitness:
             self.dense_logp = [self._logp(self._run(self._embed(w), 0)).half() for w in windows.split(1)]
         self._parent: list[int] | None = None
         self._cache: dict[int, list[torch.Tensor]] = {}
+        self._recorded: tuple[tuple[int, ...], dict[int, list[torch.Tensor]]] | None = None
+        self.record_windows = windows.shape[0]  # evaluations on this many windows keep their states
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.adapter.embed(ids.to(self.device))
@@ -171,7 +173,12 @@ class KLFitness:
 
     @torch.no_grad()
     def set_parent(self, levels: list[int], n: int) -> None:
-        """Cache the hidden state entering every block of ``levels`` on the first ``n`` windows."""
+        """Cache the hidden state entering every block of ``levels`` on the first ``n`` windows
+        (taken from the last ``n``-window evaluation when it was of ``levels``: no extra pass)."""
+        if self._recorded is not None and self._recorded[0] == tuple(levels) and len(self._recorded[1]) >= n:
+            self._parent, self._cache = list(levels), self._recorded[1]
+            self._recorded = None
+            return
         self.stitcher.install(levels)
         self._parent = list(levels)
         self._cache = {}
@@ -189,12 +196,23 @@ class KLFitness:
             diff = [u for u in range(self.units) if levels[u] != self._parent[u]]
             start = diff[0] if diff else self.units
         total = 0.0
+        record = n >= self.record_windows
+        recorded: dict[int, list[torch.Tensor]] = {}
         for w in range(n):
-            if w in self._cache:
-                h = self._run(self._cache[w][start], start) if start < self.units else self._final(w)
+            if w in self._cache and start < self.units:
+                rec = self._cache[w][:start] if record else None
+                h = self._run(self._cache[w][start], start, rec)
+            elif w in self._cache:
+                rec = self._cache[w] if record else None
+                h = self._final(w)
             else:
-                h = self._run(self._embed(self.windows[w : w + 1]), 0)
+                rec = [] if record else None
+                h = self._run(self._embed(self.windows[w : w + 1]), 0, rec)
+            if rec is not None:
+                recorded[w] = rec
             total += self._kl(h, w)
+        if record:
+            self._recorded = (tuple(levels), recorded)  # becomes the cache if this is the next parent
         self.evaluations += 1
         self.window_evaluations += n
         return total / n
