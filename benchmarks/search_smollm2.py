@@ -28,7 +28,7 @@ from typing import Any
 LOG_REFERENCE = {"dense": 54.22, "0.2": 114.8, "0.5": 488.5}
 
 
-def stitched_ppl(run: dict[str, Any], windows: int) -> dict[str, Any]:
+def stitched_ppl(run: dict[str, Any], windows: int, db_folder: str | None = None) -> dict[str, Any]:
     import torch
 
     from slimgpt.arch import get_adapter
@@ -37,7 +37,7 @@ def stitched_ppl(run: dict[str, Any], windows: int) -> dict[str, Any]:
     from slimgpt.driver import layer_spaces
     from slimgpt.evaluation.perplexity import perplexity
     from slimgpt.methods.searched import stitch
-    from slimgpt.search.database import build_database
+    from slimgpt.search.database import LevelDatabase, build_database
     from slimgpt.search.levels import make_problem, widths_for
     from slimgpt.surgery import parameter_count, shrink_model
     from slimgpt.zoo import load_model
@@ -51,8 +51,12 @@ def stitched_ppl(run: dict[str, Any], windows: int) -> dict[str, Any]:
     search = run["method"]["search"]
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        db = build_database(ad, calib, spaces, torch.device("cpu"), Path(d) / "db", {}, ffn_step=search["ffn_step"],
-                            damp=cfg.damp, head_score=cfg.head_score, batch_size=cfg.batch_size)
+        if db_folder:  # a copy of the run's own OUT.search.db (same settings and calibration)
+            db = LevelDatabase(Path(db_folder), json.loads((Path(db_folder) / "index.json").read_text()))
+        else:
+            db = build_database(ad, calib, spaces, torch.device("cpu"), Path(d) / "db", {},
+                                ffn_step=search["ffn_step"], damp=cfg.damp, head_score=cfg.head_score,
+                                batch_size=cfg.batch_size)
         p = make_problem(spaces, cfg.ratio * dense, search["ffn_step"], attn_removed=db.attn_removed)
         alloc = widths_for(p, spaces, search["levels"], db.attn_shapes, db.ffn_levels)
         plans = stitch(ad, db, search["levels"], alloc.fixup_layer, alloc.widths, search["ffn_step"], cfg.damp)
@@ -67,11 +71,12 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", required=True, help="output folders of `slimgpt prune --schedule search`")
     ap.add_argument("--stitch", action="store_true", help="also evaluate the stitched model at each found allocation")
     ap.add_argument("--ppl-windows", type=int, default=256)
+    ap.add_argument("--db", nargs="*", default=[], help="per run: a copy of its OUT.search.db to stitch from")
     ap.add_argument("--out", default="benchmarks/results/search_smollm2.json")
     a = ap.parse_args()
     out = Path(a.out)
     result = json.loads(out.read_text()) if out.exists() else {"log_schedule_reference": LOG_REFERENCE, "runs": {}}
-    for folder in map(Path, a.runs):
+    for k, folder in enumerate(map(Path, a.runs)):
         run = json.loads((folder / "slimgpt.json").read_text())
         ev = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
         ppl = {e["label"]: e.get("ppl", {}).get("128", {}).get("ppl") for e in ev.get("models", ev.get("entries", []))}
@@ -89,7 +94,14 @@ def main() -> None:
             "allocation": [(r["heads"], r["kv_heads"], r["channels"]) for r in s["allocation"]],
         })
         if a.stitch:
-            entry["stitched"] = stitched_ppl(run, a.ppl_windows)
+            entry["stitched"] = stitched_ppl(run, a.ppl_windows, a.db[k] if k < len(a.db) else None)
+        if entry.get("pruned_ppl") is None:  # run without --ppl: evaluate the saved model
+            from slimgpt.evaluation.perplexity import perplexity
+            from slimgpt.io import load_pruned
+
+            model, tok = load_pruned(folder)
+            entry["pruned_ppl"] = perplexity(model, tok, "wikitext2", seqlen=128, max_windows=a.ppl_windows)["ppl"]
+            entry["dense_ppl"] = entry["dense_ppl"] or LOG_REFERENCE["dense"]
         result["runs"][str(ratio)] = entry
         out.write_text(json.dumps(result, indent=1))
         print(json.dumps({k: v for k, v in entry.items() if k != "allocation"}, indent=1))
