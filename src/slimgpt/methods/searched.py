@@ -6,8 +6,8 @@ and whether either block goes entirely, under the same parameter budget:
 
 1. :func:`~slimgpt.search.database.build_database`: every (unit, level) variant pruned once with
    SlimGPT's OBS solvers from the dense model's inputs;
-2. two starts on the budget lattice, the log schedule's widths and a greedy allocation by relative
-   OBS error; the one with the lower KL starts the search;
+2. starts on the budget lattice: the log schedule's widths, a greedy allocation by relative OBS
+   error, and FFN channels only (uniform); the one with the lowest KL starts the search;
 3. :func:`~slimgpt.search.evolution.evolve`: level-switch mutations, staged selection on growing
    token counts, journalled in ``OUT.search.json`` (``--resume``), stopped by ``--search-budget``;
 4. the found widths (fixed up onto the budget to within half a channel) become the model either by
@@ -181,7 +181,16 @@ class SearchedSlimGPT(GlobalMethod):
                     attn_kept = LayerWidth(w.remove_groups, w.remove_per_group, 0, 0).params(s)
                     per_unit += [s.params - s.channels * s.per_channel - attn_kept, (s.channels - w.channels) * s.per_channel]
                 log_start = repair(problem, nearest_levels(problem, per_unit), random.Random(cfg.seed))
-                candidates = {"log": log_start, "errors": error_start(problem, db)}
+                # FFN channels only, the same share in every layer (on SmolLM2 at 20 % it beat the log
+                # schedule: x2.15 vs x2.50 perplexity), when the FFNs alone can give the budget
+                ffn_only = None
+                ffn_total = sum(s.channels * s.per_channel for s in spaces)
+                if target < ffn_total:
+                    share = target / ffn_total
+                    want = [0 if u % 2 == 0 else share * spaces[u // 2].channels * spaces[u // 2].per_channel
+                            for u in range(problem.units)]
+                    ffn_only = repair(problem, nearest_levels(problem, want), random.Random(cfg.seed))
+                candidates = {"log": log_start, "errors": error_start(problem, db), "ffn-uniform": ffn_only}
                 for name, lv in candidates.items():
                     if lv is not None:
                         starts[name] = {"levels": lv, "kl": fitness(lv, last)}
