@@ -239,7 +239,7 @@ def test_interrupted_search_resumes_to_the_same_result(tiny_llama_gqa, tiny_toke
 
     def dies(self, levels, n):
         calls.append(1)
-        if len(calls) == 40:  # inside generation 5 (2 starts and the parent, then 6 + 3 per generation)
+        if len(calls) == 40:  # the last call of generation 4 (3 starts and the parent, then 6 + 3 per generation)
             raise KeyboardInterrupt
         return real(self, levels, n)
 
@@ -250,7 +250,7 @@ def test_interrupted_search_resumes_to_the_same_result(tiny_llama_gqa, tiny_toke
               progress=False)
     journal = SearchJournal.for_out(out)
     state = json.loads(journal.read_text())
-    assert state["evo"]["generation"] == 4 and (tmp_path / "cut.search.db" / "index.json").exists()
+    assert state["evo"]["generation"] == 3 and (tmp_path / "cut.search.db" / "index.json").exists()
     with pytest.raises(ConfigError, match="--resume"):
         prune(_cfg(tmp_path, "cut", calib_file), model=copy.deepcopy(tiny_llama_gqa), tokenizer=tiny_tokenizer,
               progress=False)
@@ -296,3 +296,22 @@ def test_cli_flags_reach_the_config():
     assert (cfg.schedule, cfg.search_budget, cfg.search_tokens, cfg.search_final) == ("search", "90s", "256,1024", "stitch")
     assert parse_seconds("25m") == 1500 and parse_seconds("1.5h") == 5400 and parse_seconds(30) == 30
     cfg.validate()
+
+
+def test_time_budget_stops_between_generations():
+    """A spent budget returns the start (no pass); a budget stops after the generation it ends in."""
+    p = Problem([[0, 10, 20, 30]] * 4, [True] * 4, budget=40, tol=5)
+    calls = []
+
+    def f(levels: list[int], n: int) -> float:
+        calls.append(1)
+        return float(levels[0])
+
+    res = evolve(p, f, [1, 1, 1, 1], EvoSettings(offspring=4, stages=(1,), survivors=()), deadline=0.0,
+                 start_fitness=1.0, progress=False)
+    assert res.stopped_by == "budget" and res.generations == 0 and not calls
+    import time
+
+    res = evolve(p, f, [1, 1, 1, 1], EvoSettings(offspring=4, stages=(1,), survivors=(), generations=50),
+                 deadline=time.perf_counter() + 0.05, progress=False)
+    assert res.stopped_by == "budget" and 0 < res.generations < 50 or res.generations == 50

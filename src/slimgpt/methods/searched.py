@@ -204,7 +204,8 @@ class SearchedSlimGPT(GlobalMethod):
                 journal.extra = {"starts": starts}
             passes0 = fitness.block_passes
             res = evolve(problem, fitness, start, settings, deadline=deadline, journal=journal,
-                         set_parent=set_parent, progress=ctx.progress)
+                         set_parent=set_parent, progress=ctx.progress,
+                         start_fitness=starts[starts["chosen"]]["kl"] if "chosen" in starts else None)
             times["search"] = res.search_s
             stats = {"evaluations": fitness.evaluations, "window_evaluations": fitness.window_evaluations,
                      "block_passes": fitness.block_passes, "search_block_passes": fitness.block_passes - passes0}

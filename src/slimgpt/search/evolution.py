@@ -69,11 +69,14 @@ def evolve(
     journal: Any = None,
     set_parent: Callable[[list[int]], None] | None = None,
     progress: bool = True,
+    start_fitness: float | None = None,
 ) -> EvoResult:
     """Search from ``start`` (on the lattice) for ``settings.generations`` generations or until
     ``time.perf_counter()`` passes ``deadline``. ``set_parent`` is told every new parent (to cache
     its activations); ``journal`` (a :class:`~slimgpt.methods.blockpruner.SearchJournal`) records
-    each generation and, when it holds some, the search continues from them."""
+    each generation and, when it holds some, the search continues from them. ``start_fitness``
+    (the start's last-stage fitness, if known) lets a search whose budget is already spent return
+    the start without another pass."""
     if len(settings.survivors) != len(settings.stages) - 1:
         raise ValueError("give one survivor count per stage but the last")
     if not problem.feasible(start):
@@ -90,6 +93,8 @@ def evolve(
             set_parent(parent)
     else:
         parent = list(start)
+        if deadline is not None and start_fitness is not None and time.perf_counter() >= deadline:
+            return EvoResult(parent, start_fitness, start_fitness, 0, 0, 0, 0.0, "budget")  # no pass wasted
         if set_parent is not None:
             set_parent(parent)
         parent_fit = fitness(parent, last)
