@@ -16,7 +16,7 @@ first groups). The top level of either kind removes the block and stores nothing
 
 **Storage.** A variant is its kept indices and the compensated ``o_proj`` / ``down_proj`` columns
 of what it keeps, one ``torch.save`` file per variant in a folder, read back memory-mapped
-(SmolLM2 at ``s = 64``: 1.3 GB). The folder has an ``index.json`` with a fingerprint, so a resumed
+(SmolLM2 at ``s = 64``: 1.5 GB). The folder has an ``index.json`` with a fingerprint, so a resumed
 run reuses a finished database.
 """
 
