@@ -84,7 +84,7 @@ def main() -> None:
         ratio = run["config"]["ratio"]
         entry = result["runs"].get(str(ratio), {})
         entry.update({
-            "command": f"slimgpt prune --schedule search --ratio {ratio} --ppl --ppl-windows {a.ppl_windows} --out {folder}",
+            "command": f"slimgpt prune --schedule search --ratio {ratio} --out {folder} (see its slimgpt.json config)",
             "dense_ppl": ppl.get("dense"), "pruned_ppl": ppl.get("pruned"), "final": s["final"],
             "log_schedule_ppl": LOG_REFERENCE.get(str(ratio)),
             "removed_ratio": run["params"]["removed_ratio"], "params_off_by": s["params"]["off_by"],
