@@ -15,7 +15,7 @@ LAYERS: list[list[str]] = [
     ["slimgpt.api", "slimgpt.compare", "slimgpt.finetune", "slimgpt.report"],
     ["slimgpt.pipeline"],
     ["slimgpt.streaming", "slimgpt.checkpoint", "slimgpt.driver", "slimgpt.config"],
-    ["slimgpt.methods", "slimgpt.methods.*"],
+    ["slimgpt.methods", "slimgpt.methods.*", "slimgpt.search", "slimgpt.search.*"],
     ["slimgpt.evaluation", "slimgpt.evaluation.*", "slimgpt.export", "slimgpt.export.*", "slimgpt.io",
      "slimgpt.surgery", "slimgpt.zoo", "slimgpt.data", "slimgpt.data.*"],
     ["slimgpt.solvers", "slimgpt.solvers.*", "slimgpt.arch", "slimgpt.arch.*", "slimgpt.schedule", "slimgpt.plan",

@@ -51,6 +51,14 @@ class PruneConfig:
     resume: bool = False  # continue the unfinished run checkpointed in OUT.partial/
     max_memory: str | None = None  # e.g. "4GiB": stream layers from disk when the model would not fit
     offload_activations: str | None = None  # folder for memory-mapped calibration activations
+    # --schedule search (slimgpt.search.options.FIELDS holds the help texts)
+    search_budget: str = "25m"
+    search_generations: int = 1000
+    search_offspring: int = 16
+    search_tokens: str = "512,2048,8192"
+    search_survivors: str = "4,1"
+    search_ffn_step: int = 64
+    search_final: str = "rerun"
 
     def resolved(self, device: torch.device) -> PruneConfig:
         """Fill the device-dependent defaults (calibration size)."""
@@ -77,6 +85,9 @@ class PruneConfig:
         if self.ffn_groups != "dynamic" and not (str(self.ffn_groups).isdigit() and int(self.ffn_groups) > 0):
             raise ConfigError(f"--ffn-groups must be 'dynamic' or a positive integer; got '{self.ffn_groups}'")
         from slimgpt.methods.blockpruner import SEARCH_DTYPES
+        from slimgpt.search.options import validate_allocation
+
+        validate_allocation(self)
 
         if self.search_dtype not in SEARCH_DTYPES:
             raise ConfigError(f"--search-dtype must be one of {', '.join(SEARCH_DTYPES)}; got '{self.search_dtype}'")

@@ -21,7 +21,7 @@ from slimgpt.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("log", "linear", "uniform", "log-decrease", "linear-decrease")
+SCHEDULES = ("log", "linear", "uniform", "log-decrease", "linear-decrease", "search")  # search: methods/searched.py
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,8 @@ def solve_widths(
     ``schedule`` may be a file of per-layer ratios; those are used as given and the target is
     ignored (the achieved ratio is reported by the caller)."""
     n = len(spaces)
+    if schedule == "search":
+        raise ConfigError("--schedule search is chosen by the searched allocation (--method slimgpt), not solved here")
     if schedule not in SCHEDULES:
         return [round_layer(s, r) for s, r in zip(spaces, load_schedule_file(schedule, n))]
     if not 0 < target_ratio < 1:

@@ -50,6 +50,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocks", type=int, help="blockpruner/shortgpt: remove N attention/MLP blocks instead of --ratio")
     p.add_argument("--depth-share", type=float, default=0.5, help="slimgpt+blockpruner: share of removed params taken by blocks")
     add_search_args(p)
+    from slimgpt.search.options import add_allocation_args  # --search-* of --schedule search
+
+    add_allocation_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run checkpointed in OUT.partial/ (blockpruner: OUT.search.json); same options required")
     p.add_argument("--max-memory", metavar="SIZE",
@@ -78,6 +81,8 @@ def check_prune_eval_args(a: argparse.Namespace) -> None:
 
 
 def config_from_args(a: argparse.Namespace) -> PruneConfig:
+    from slimgpt.search.options import allocation_kwargs
+
     return PruneConfig(
         model=a.model, out=a.out, method=a.method, ratio=a.ratio, schedule=a.schedule, first_ratio=a.first_ratio,
         calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size, damp=a.damp, seed=a.seed,
@@ -85,6 +90,7 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
         max_group=a.max_group, propagate=a.propagate, data_dir=a.data_dir, overwrite=a.overwrite,
         blocks=a.blocks, depth_share=a.depth_share, search_dtype=a.search_dtype, search_nsamples=a.search_nsamples,
         resume=a.resume, max_memory=a.max_memory, offload_activations=a.offload_activations,
+        **allocation_kwargs(a),
     )
 
 

@@ -16,9 +16,11 @@ from typing import Any
 from slimgpt.methods.base import GlobalMethod, Method
 
 
-def _slimgpt(cfg: Any) -> Method:
+def _slimgpt(cfg: Any) -> Method | GlobalMethod:
     from slimgpt.methods.slimgpt import SlimGPT
 
+    if cfg.schedule == "search":  # the searched allocation: a whole-model method around SlimGPT
+        return import_module("slimgpt.methods.searched").SearchedSlimGPT.from_config(cfg)
     groups: int | str = cfg.ffn_groups if cfg.ffn_groups == "dynamic" else int(cfg.ffn_groups)
     return SlimGPT(cfg.head_score, groups, cfg.min_group, cfg.max_group, cfg.damp)
 

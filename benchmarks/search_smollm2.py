@@ -1,0 +1,111 @@
+"""Searched allocation on the default model: collect the CLI runs, and build the stitched alternative.
+
+Step 1, the measured runs (each prints and saves its perplexities in OUT/eval.json):
+
+    slimgpt prune --schedule search --ratio 0.2 --ppl --ppl-windows 256 --out /tmp/s20
+    slimgpt prune --schedule search --ratio 0.5 --ppl --ppl-windows 256 --out /tmp/s50
+
+Step 2, this script: reads each run's ``slimgpt.json`` / ``eval.json`` and, with ``--stitch``,
+rebuilds the level database with the run's settings and evaluates the model made by *stitching*
+the stored dense-input variants at the same found allocation (``--search-final stitch``), so the
+two ways of realising one allocation are compared on the same levels:
+
+    python benchmarks/search_smollm2.py --runs /tmp/s20 /tmp/s50 --stitch --ppl-windows 256
+
+Writes ``benchmarks/results/search_smollm2.json``. The log-schedule references (256 windows) are
+the README's: dense 54.22, SlimGPT log 20 % 114.8, 50 % 488.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+LOG_REFERENCE = {"dense": 54.22, "0.2": 114.8, "0.5": 488.5}
+
+
+def stitched_ppl(run: dict[str, Any], windows: int, db_folder: str | None = None) -> dict[str, Any]:
+    import torch
+
+    from slimgpt.arch import get_adapter
+    from slimgpt.config import PruneConfig
+    from slimgpt.data.calibration import sample_calibration
+    from slimgpt.driver import layer_spaces
+    from slimgpt.evaluation.perplexity import perplexity
+    from slimgpt.methods.searched import stitch
+    from slimgpt.search.database import LevelDatabase, build_database
+    from slimgpt.search.levels import make_problem, widths_for
+    from slimgpt.surgery import parameter_count, shrink_model
+    from slimgpt.zoo import load_model
+
+    cfg = PruneConfig(**{k: v for k, v in run["config"].items() if k in PruneConfig.__dataclass_fields__})
+    model, tok = load_model(cfg.model)
+    calib, _ = sample_calibration(cfg.calib, tok, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.data_dir)
+    ad = get_adapter(model)
+    spaces = layer_spaces(ad)
+    dense = parameter_count(model)
+    search = run["method"]["search"]
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        if db_folder:  # a copy of the run's own OUT.search.db (same settings and calibration)
+            db = LevelDatabase(Path(db_folder), json.loads((Path(db_folder) / "index.json").read_text()))
+        else:
+            db = build_database(ad, calib, spaces, torch.device("cpu"), Path(d) / "db", {},
+                                ffn_step=search["ffn_step"], damp=cfg.damp, head_score=cfg.head_score,
+                                batch_size=cfg.batch_size)
+        p = make_problem(spaces, cfg.ratio * dense, search["ffn_step"], attn_removed=db.attn_removed)
+        alloc = widths_for(p, spaces, search["levels"], db.attn_shapes, db.ffn_levels)
+        plans = stitch(ad, db, search["levels"], alloc.fixup_layer, alloc.widths, search["ffn_step"], cfg.damp)
+        slim = shrink_model(model, plans)
+    build_s = time.perf_counter() - t
+    ppl = perplexity(slim, tok, "wikitext2", seqlen=128, max_windows=windows)
+    return {"ppl": ppl["ppl"], "windows": ppl["windows"], "params": parameter_count(slim), "build_s": build_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", nargs="+", required=True, help="output folders of `slimgpt prune --schedule search`")
+    ap.add_argument("--stitch", action="store_true", help="also evaluate the stitched model at each found allocation")
+    ap.add_argument("--ppl-windows", type=int, default=256)
+    ap.add_argument("--db", nargs="*", default=[], help="per run: a copy of its OUT.search.db to stitch from")
+    ap.add_argument("--out", default="benchmarks/results/search_smollm2.json")
+    a = ap.parse_args()
+    out = Path(a.out)
+    result = json.loads(out.read_text()) if out.exists() else {"log_schedule_reference": LOG_REFERENCE, "runs": {}}
+    for k, folder in enumerate(map(Path, a.runs)):
+        run = json.loads((folder / "slimgpt.json").read_text())
+        ev = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
+        ppl = {e["label"]: e.get("ppl", {}).get("128", {}).get("ppl") for e in ev.get("models", ev.get("entries", []))}
+        s = run["method"]["search"]
+        ratio = run["config"]["ratio"]
+        entry = result["runs"].get(str(ratio), {})
+        entry.update({
+            "command": f"slimgpt prune --schedule search --ratio {ratio} --out {folder} (see its slimgpt.json config)",
+            "dense_ppl": ppl.get("dense"), "pruned_ppl": ppl.get("pruned"), "final": s["final"],
+            "log_schedule_ppl": LOG_REFERENCE.get(str(ratio)),
+            "removed_ratio": run["params"]["removed_ratio"], "params_off_by": s["params"]["off_by"],
+            "kl": s["kl"], "starts": s["starts"], "generations": s["generations"], "stopped_by": s["stopped_by"],
+            "improvements": s["improvements"], "evaluations": s["evaluations"], "time_s": s["time_s"],
+            "prune_total_s": run["time_s"]["prune_total"], "torch_threads": run["torch_threads"],
+            "allocation": [(r["heads"], r["kv_heads"], r["channels"]) for r in s["allocation"]],
+        })
+        if a.stitch:
+            entry["stitched"] = stitched_ppl(run, a.ppl_windows, a.db[k] if k < len(a.db) else None)
+        if entry.get("pruned_ppl") is None:  # run without --ppl: evaluate the saved model
+            from slimgpt.evaluation.perplexity import perplexity
+            from slimgpt.io import load_pruned
+
+            model, tok = load_pruned(folder)
+            entry["pruned_ppl"] = perplexity(model, tok, "wikitext2", seqlen=128, max_windows=a.ppl_windows)["ppl"]
+            entry["dense_ppl"] = entry["dense_ppl"] or LOG_REFERENCE["dense"]
+        result["runs"][str(ratio)] = entry
+        out.write_text(json.dumps(result, indent=1))
+        print(json.dumps({k: v for k, v in entry.items() if k != "allocation"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

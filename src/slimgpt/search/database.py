@@ -1,0 +1,230 @@
+"""The level database: every (unit, level) variant pruned once with SlimGPT's OBS solvers.
+
+**Dense inputs.** Variants are built from the *dense* model's inputs (EvoPress's choice): one pass
+over the calibration windows collects, per layer, the Hessian of ``o_proj``'s input and of
+``down_proj``'s input (after the dense attention), so every variant is independent of the others
+and the search may combine them freely. Whether the final model stitches these variants or re-runs
+sequential SlimGPT (propagated inputs) at the found widths is ``--search-final``.
+
+**Attention** levels are pruned independently with :func:`~slimgpt.solvers.heads.prune_heads`
+(batched greedy, GQA-aware, ``--head-score``); where two shapes remove the same parameters the one
+with the lower OBS error is kept. **FFN** levels come from one greedy OBS path per layer removing
+``s`` channels per step with compensation (``prune_channels`` with a fixed group of ``s``, the
+'-DGS' variant, which is *nested*: the path's state after ``k`` steps equals a fresh prune of ``k·s``
+channels, so one pass yields the whole ladder; with ``s = 64`` its groups are finer than DGS's
+first groups). The top level of either kind removes the block and stores nothing.
+
+**Storage.** A variant is its kept indices and the compensated ``o_proj`` / ``down_proj`` columns
+of what it keeps, one ``torch.save`` file per variant in a folder, read back memory-mapped
+(SmolLM2 at ``s = 64``: 1.5 GB). The folder has an ``index.json`` with a fingerprint, so a resumed
+run reuses a finished database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from slimgpt.arch.base import ModelAdapter
+from slimgpt.methods.base import LayerRunner, Timer, embed_batches
+from slimgpt.schedule import LayerSpace
+from slimgpt.search.levels import attention_shapes, ffn_channels
+from slimgpt.solvers.heads import HeadScore, prune_heads
+from slimgpt.solvers.hessian import damped_inverse
+from slimgpt.solvers.obs import column_errors, remove_columns
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Variant:
+    """Kept query heads or channels (sorted) and the compensated output-projection columns."""
+
+    kept: list[int]
+    weight: torch.Tensor  # (rows, kept·head_dim) for attention, (rows, kept) for the FFN
+    error: float
+
+
+def ffn_path(W: torch.Tensor, Hinv: torch.Tensor, counts: list[int]) -> list[tuple[list[int], torch.Tensor, float]]:
+    """Greedy OBS removal of ``down_proj`` columns (``W`` and ``Hinv`` edited in place), one
+    joint group per step down ``counts`` (kept channels, descending); the state at each count."""
+    alive = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
+    out: list[tuple[list[int], torch.Tensor, float]] = []
+    err = 0.0
+    for prev, c in zip(counts, counts[1:]):
+        g = int(alive.sum()) - c
+        if g < 0 or prev - c != g:
+            raise ValueError("counts must follow the current width down")
+        scores = column_errors(W, Hinv)
+        scores[~alive] = torch.inf
+        idx = torch.topk(scores, g, largest=False).indices
+        err += remove_columns(W, Hinv, idx)
+        alive[idx] = False
+        kept = torch.nonzero(alive).flatten()
+        out.append((kept.tolist(), W[:, kept].clone(), err))
+    return out
+
+
+def ffn_variant_at(W: torch.Tensor, H: torch.Tensor, channels: int, step: int, damp: float) -> Variant:
+    """The FFN variant at any width: the ladder path down to the nearest ladder point above
+    ``channels``, then one more joint group (so ladder widths reproduce the database exactly)."""
+    C = W.shape[1]
+    counts = [c for c in ffn_channels_from(C, step) if c > channels] + [channels]
+    if channels == C:
+        return Variant(list(range(C)), W.clone(), 0.0)
+    Hinv, _ = damped_inverse(H, damp)
+    kept, w, err = ffn_path(W.float().clone(), Hinv, counts)[-1]
+    return Variant(kept, w, err)
+
+
+def ffn_channels_from(C: int, step: int) -> list[int]:
+    return [*range(C, 0, -step), 0]
+
+
+class LevelDatabase:
+    """Variants on disk; ``attn_shapes[i]`` / ``ffn_levels[i]`` name each level of layer ``i``."""
+
+    def __init__(self, folder: Path, index: dict[str, Any]) -> None:
+        self.folder, self.index = folder, index
+        self.attn_shapes: list[list[tuple[int, int]]] = [[tuple(x) for x in a] for a in index["attn_shapes"]]
+        self.attn_removed: list[list[int]] = index["attn_removed"]
+        self.ffn_levels: list[list[int]] = index["ffn_levels"]
+        self.errors: dict[str, list[list[float]]] = index["errors"]  # "attn"/"ffn" → [layer][level]
+        self.input_norms: list[list[float]] = index["input_norms"]  # [layer] → [attn in, mlp in] mean ||x||²
+        self.seconds: dict[str, float] = index.get("seconds", {})
+        self._cache: dict[tuple[str, int, int], Variant | None] = {}  # memory-mapped, so cheap to hold
+
+    def path(self, kind: str, layer: int, level: int) -> Path:
+        return self.folder / f"{kind}_{layer:03d}_{level:03d}.pt"
+
+    def variant(self, kind: str, layer: int, level: int) -> Variant | None:
+        """The stored variant; ``None`` for level 0 (dense) and the top level (block removed)."""
+        k = (kind, layer, level)
+        if k not in self._cache:
+            p = self.path(kind, layer, level)
+            d = torch.load(p, mmap=True, weights_only=True) if p.exists() else None
+            self._cache[k] = None if d is None else Variant(d["kept"].tolist(), d["weight"], float(d["error"]))
+        return self._cache[k]
+
+    def hessian(self, layer: int) -> torch.Tensor:
+        return torch.load(self.folder / f"ffn_hessian_{layer:03d}.pt", mmap=True, weights_only=True)
+
+    @staticmethod
+    def open(folder: Path, key: dict[str, Any]) -> LevelDatabase | None:
+        """A finished database built with ``key``, or ``None``."""
+        try:
+            index = json.loads((folder / "index.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if index.get("key") != json.loads(json.dumps(key, default=str)) or not index.get("complete"):
+            return None
+        return LevelDatabase(folder, index)
+
+
+def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
+    """``trace(W H Wᵀ)``: the OBS error of removing every column (the whole block), no compensation."""
+    Wf = W.float()
+    return float(((Wf @ H.float()) * Wf).sum())
+
+
+@torch.no_grad()
+def build_database(
+    adapter: ModelAdapter,
+    calib: torch.Tensor,
+    spaces: list[LayerSpace],
+    device: torch.device,
+    folder: Path,
+    key: dict[str, Any],
+    *,
+    ffn_step: int,
+    damp: float = 0.01,
+    head_score: HeadScore = "gcd",
+    batch_size: int = 8,
+    timer: Timer | None = None,
+    progress: bool = True,
+) -> LevelDatabase:
+    """Build (or reuse, when ``folder`` holds a finished one with the same ``key``) the database."""
+    db = LevelDatabase.open(folder, key)
+    if db is not None:
+        log.info("reusing the level database in %s", folder)
+        return db
+    timer = timer or Timer()
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    torch.set_flush_denormal(True)
+    dtype = next(adapter.model.parameters()).dtype
+    ctx = adapter.context(calib.shape[1], device, dtype)
+    with timer("forward"):
+        hidden = embed_batches(adapter, calib, batch_size, torch.device("cpu"))
+    index: dict[str, Any] = {"key": json.loads(json.dumps(key, default=str)), "ffn_step": ffn_step,
+                             "attn_shapes": [], "attn_removed": [], "ffn_levels": [],
+                             "errors": {"attn": [], "ffn": []}, "input_norms": []}
+    for i in tqdm(range(adapter.num_layers), desc="search: level database", disable=not progress):
+        layer, s = adapter.layers[i], spaces[i]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        run = LayerRunner(i, layer, adapter, hidden, ctx, device, timer)
+        geo = adapter.geometry(layer)
+        norms = [float(sum(x.float().pow(2).sum() for x in hidden) / sum(x.shape[0] * x.shape[1] for x in hidden))]
+        # attention ladder
+        o = adapter.attention(layer).o
+        Ho = run.attention_hessian(o)
+        shapes, removed, errors = [], [], []
+        with timer("solver"):
+            Hinv0, _ = damped_inverse(Ho, damp, where=f"layer {i} o_proj")
+            for level, (rem, options) in enumerate(attention_shapes(s)):
+                removed.append(rem)
+                if level == 0 or options[0][0] == s.num_kv_heads:  # dense, or the block removed
+                    shapes.append(options[0])
+                    errors.append(0.0 if level == 0 else _energy(o.weight.data, Ho))
+                    continue
+                best = None
+                for g, r in options:
+                    W = o.weight.data.float().clone()
+                    res = prune_heads(W, Hinv0.clone(), geo.num_heads, geo.num_kv_heads, geo.head_dim, g, r, head_score)
+                    e = sum(res.errors)
+                    if best is None or e < best[0]:
+                        cols = torch.tensor([h * geo.head_dim + d for h in res.kept_heads for d in range(geo.head_dim)])
+                        best = (e, (g, r), res.kept_heads, W[:, cols].clone())
+                e, shape, kept, w = best
+                shapes.append(shape)
+                errors.append(e)
+                torch.save({"kept": torch.tensor(kept), "weight": w.contiguous(), "error": torch.tensor(e)},
+                           folder / f"attn_{i:03d}_{level:03d}.pt")
+        index["attn_shapes"].append(shapes)
+        index["attn_removed"].append(removed)
+        index["errors"]["attn"].append(errors)
+        # FFN ladder, on the dense attention's outputs
+        mids = run.attention_outputs()
+        norms.append(float(sum(x.float().pow(2).sum() for x in mids) / sum(x.shape[0] * x.shape[1] for x in mids)))
+        Hd = run.mlp_hessian()
+        counts = ffn_channels(s, ffn_step)
+        with timer("solver"):
+            down = adapter.mlp(layer).down
+            Hinv, _ = damped_inverse(Hd, damp, where=f"layer {i} down_proj")
+            path = ffn_path(down.weight.data.float().clone(), Hinv, counts)
+            ffn_err = [0.0]
+            for level, (kept, w, e) in enumerate(path[:-1], start=1):  # the last one removes the block
+                torch.save({"kept": torch.tensor(kept), "weight": w.contiguous(), "error": torch.tensor(e)},
+                           folder / f"ffn_{i:03d}_{level:03d}.pt")
+                ffn_err.append(e)
+            ffn_err.append(_energy(down.weight.data, Hd))
+            torch.save(Hd.cpu(), folder / f"ffn_hessian_{i:03d}.pt")
+        index["ffn_levels"].append(counts)
+        index["errors"]["ffn"].append(ffn_err)
+        index["input_norms"].append(norms)
+        hidden = [o_.to("cpu") for o_ in run.outputs()]  # dense propagation: the next layer's inputs
+        del run
+        layer.to(home)
+    index["complete"] = True
+    index["seconds"] = dict(timer.seconds)
+    (folder / "index.json").write_text(json.dumps(index))
+    return LevelDatabase(folder, index)

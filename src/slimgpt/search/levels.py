@@ -1,0 +1,184 @@
+"""Units, ladders of levels, the budget lattice and the level-switch mutation (ALGORITHMS.md §9).
+
+A *unit* is one residual block: unit ``2i`` is layer ``i``'s attention, ``2i+1`` its FFN (the same
+numbering as BlockPruner). Each unit has a ladder of levels, level 0 = dense, the top level = the
+block removed, and the parameters removed strictly increasing along it:
+
+* attention: the GQA-valid shapes (``remove_groups`` whole key/value groups, then
+  ``remove_per_group`` query heads from each remaining group); shapes that remove the same number
+  of parameters share one level (the database keeps the one with the lower OBS error);
+* FFN: ``C, C-s, C-2s, ..., 0`` channels (``s`` = ``--search-ffn-step``).
+
+**The budget.** Head steps are coarse (SmolLM2: one query or key/value head = 73,728 parameters
+= 42.7 FFN channels), so no ladder can make every step equal. The search therefore keeps every
+candidate on the *lattice* ``|removed - budget| <= F/2`` (``F`` = one FFN step in parameters) and
+:func:`widths_for` lands each lattice point on the budget with a fix-up of fewer than ``s/2`` FFN
+channels in one layer: every candidate's widths remove the budget to within half a channel (the
+same guarantee as the log schedule's solve; exactly the budget when it is a whole number of
+channels away). A mutation (:func:`mutate`) is an EvoPress level switch generalised to unequal
+steps: one unit goes up a level, then other units go down a level until the total is back under
+``budget + F/2``, then FFN units go up (steps ``<= F``) until it is above ``budget - F/2``; with
+equal FFN steps on both sides it is exactly EvoPress's switch (one up, one down, total unchanged).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from slimgpt.schedule import LayerSpace, LayerWidth
+
+
+def attention_shapes(s: LayerSpace) -> list[tuple[int, list[tuple[int, int]]]]:
+    """``(params removed, [(remove_groups, remove_per_group), ...])`` for every distinct removal,
+    ascending; the last entry removes the whole attention block."""
+    by_removed: dict[int, list[tuple[int, int]]] = {}
+    for g in range(s.num_kv_heads + 1):
+        for r in range(s.n_rep + 1):
+            w = LayerWidth(g, r, s.channels, 0.0)
+            if w.heads(s) == 0:
+                g, r = s.num_kv_heads, 0  # every empty attention is one shape
+            removed = s.params - LayerWidth(g, r, s.channels, 0.0).params(s)
+            shapes = by_removed.setdefault(removed, [])
+            if (g, r) not in shapes:
+                shapes.append((g, r))
+    return sorted(by_removed.items())
+
+
+def ffn_channels(s: LayerSpace, step: int) -> list[int]:
+    """Kept channel counts of the FFN ladder: ``C, C-step, ..., 0``."""
+    levels = list(range(s.channels, 0, -step))
+    return [*levels, 0]
+
+
+@dataclass
+class Problem:
+    """The search space: per unit the parameters removed at each level, and the budget."""
+
+    removed: list[list[int]]  # removed[u][level], strictly increasing, removed[u][0] == 0
+    is_ffn: list[bool]
+    budget: float  # parameters to remove
+    tol: float  # lattice tolerance: half the largest FFN step, in parameters
+
+    @property
+    def units(self) -> int:
+        return len(self.removed)
+
+    def top(self, u: int) -> int:
+        return len(self.removed[u]) - 1
+
+    def total(self, levels: list[int]) -> int:
+        return sum(r[lv] for r, lv in zip(self.removed, levels))
+
+    def feasible(self, levels: list[int]) -> bool:
+        return abs(self.total(levels) - self.budget) <= self.tol
+
+    def step(self, u: int, level: int) -> int:
+        """Parameters unit ``u`` removes going from ``level`` to ``level + 1``."""
+        return self.removed[u][level + 1] - self.removed[u][level]
+
+
+def make_problem(spaces: list[LayerSpace], budget: float, ffn_step: int,
+                 attn_removed: list[list[int]] | None = None) -> Problem:
+    """The problem for ``spaces``; ``attn_removed`` overrides the attention ladders (tests)."""
+    removed: list[list[int]] = []
+    is_ffn: list[bool] = []
+    big_step = 0
+    for i, s in enumerate(spaces):
+        removed.append(attn_removed[i] if attn_removed else [r for r, _ in attention_shapes(s)])
+        ch = ffn_channels(s, ffn_step)
+        removed.append([(s.channels - c) * s.per_channel for c in ch])
+        is_ffn += [False, True]
+        big_step = max(big_step, max(b - a for a, b in zip(removed[-1], removed[-1][1:])))
+    total = sum(r[-1] for r in removed)
+    if not 0 < budget < total:
+        raise ValueError(f"budget {budget:.0f} outside (0, {total})")
+    return Problem(removed, is_ffn, budget, big_step / 2)
+
+
+def repair(p: Problem, levels: list[int], rng: random.Random, frozen_up: set[int] | frozenset = frozenset(),
+           ) -> list[int] | None:
+    """Bring ``levels`` back onto the lattice: lower random units (not ``frozen_up``) while the
+    total is above ``budget + tol``, then raise random FFN units with steps ``<= 2·tol`` (not one
+    just lowered) while it is below ``budget - tol``. ``None`` when no unit can move."""
+    new = list(levels)
+    lowered: set[int] = set()
+    total = p.total(new)
+    while total > p.budget + p.tol:
+        down = [u for u in range(p.units) if new[u] > 0 and u not in frozen_up]
+        if not down:
+            return None
+        b = rng.choice(down)
+        new[b] -= 1
+        total -= p.step(b, new[b])
+        lowered.add(b)
+    while total < p.budget - p.tol:
+        up = [u for u in range(p.units) if p.is_ffn[u] and new[u] < p.top(u) and u not in lowered
+              and p.step(u, new[u]) <= 2 * p.tol]
+        if not up:
+            return None
+        c = rng.choice(up)
+        total += p.step(c, new[c])
+        new[c] += 1
+    return new
+
+
+def mutate(p: Problem, levels: list[int], rng: random.Random, tries: int = 50) -> list[int] | None:
+    """One level switch (see the module docstring): a random unit up one level, the total
+    repaired onto the lattice. ``None`` if ``tries`` draws all fail or change nothing."""
+    for _ in range(tries):
+        up = [u for u in range(p.units) if levels[u] < p.top(u)]
+        if not up:
+            return None
+        a = rng.choice(up)
+        new = list(levels)
+        new[a] += 1
+        new = repair(p, new, rng, frozen_up={a})
+        if new is not None and new != levels:
+            return new
+    return None
+
+
+def nearest_levels(p: Problem, removed: list[int]) -> list[int]:
+    """Per unit, the level whose removal is nearest ``removed[u]`` (ties: the lower level)."""
+    return [min(range(len(r)), key=lambda lv: (abs(r[lv] - want), lv)) for r, want in zip(p.removed, removed)]
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Final per-layer widths of a lattice point after the channel fix-up."""
+
+    widths: list[LayerWidth]
+    fixup_layer: int | None  # the layer whose FFN is off its ladder point, if any
+    fixup_channels: int  # channels the fix-up removed (negative: gave back)
+
+
+def widths_for(p: Problem, spaces: list[LayerSpace], levels: list[int],
+               attn_shapes: list[list[tuple[int, int]]], ffn_levels: list[list[int]]) -> Allocation:
+    """The widths of lattice point ``levels``, fixed up onto the budget (module docstring).
+
+    ``attn_shapes[i][level]`` is layer ``i``'s chosen ``(remove_groups, remove_per_group)`` and
+    ``ffn_levels[i][level]`` its kept channels. The fix-up goes to the FFN that keeps the most
+    channels and can absorb it (ties: the deepest), never reviving or emptying a block."""
+    widths = []
+    for i, s in enumerate(spaces):
+        g, r = attn_shapes[i][levels[2 * i]]
+        ch = ffn_levels[i][levels[2 * i + 1]]
+        w = LayerWidth(g, r, ch, 0.0)
+        widths.append(LayerWidth(g, r, ch, 1 - w.params(s) / s.params))
+    residual = p.budget - p.total(levels)
+    best: tuple[int, int] | None = None
+    k_best = 0
+    for i, s in enumerate(spaces):
+        k = round(residual / s.per_channel) if s.per_channel else 0
+        c = widths[i].channels
+        if k != 0 and c > 0 and 0 < c - k <= s.channels and (best is None or (c, i) > best):
+            best, k_best = (c, i), k
+    if best is None:
+        return Allocation(widths, None, 0)
+    i = best[1]
+    s, w = spaces[i], widths[i]
+    ch = w.channels - k_best
+    kept = LayerWidth(w.remove_groups, w.remove_per_group, ch, 0.0).params(s)
+    widths[i] = LayerWidth(w.remove_groups, w.remove_per_group, ch, 1 - kept / s.params)
+    return Allocation(widths, i, k_best)
