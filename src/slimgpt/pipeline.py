@@ -196,7 +196,21 @@ def context(run: Run, timer: Timer) -> PruneContext:
 
 
 # ---------------------------------------------------------------------------------- executions
-class LayerwiseExecution:
+class Execution:
+    """How a method runs (:meth:`execute`) and its result is written (``_save``, rank 0 only)."""
+
+    def execute(self, run: Run) -> Outcome:
+        raise NotImplementedError
+
+    def _save(self, run: Run, model: Any, report: dict[str, Any]) -> Path:
+        raise NotImplementedError
+
+    def save(self, run: Run, model: Any, report: dict[str, Any]) -> Path:
+        """Rank 0 writes the output folder; every rank gets its path."""
+        return distributed.agree(lambda: self._save(run, model, report), "saving the model")
+
+
+class LayerwiseExecution(Execution):
     """A layer-wise method: widths from the schedule, the driver over every layer (resuming from
     the checkpoint beside ``--out``), each layer cut as it finishes."""
 
@@ -271,10 +285,6 @@ class LayerwiseExecution:
         if not distributed.is_main():
             kill_point(index)  # (rank 0 passed it inside commit)
 
-    def save(self, run: Run, model: Any, report: dict[str, Any]) -> Path:
-        """Rank 0 writes the output folder; every rank gets its path."""
-        return distributed.agree(lambda: self._save(run, model, report), "saving the model")
-
     def _save(self, run: Run, model: Any, report: dict[str, Any]) -> Path:
         from slimgpt.io import save_pruned
 
@@ -294,7 +304,7 @@ class LayerwiseExecution:
         return out
 
 
-class WholeModelExecution:
+class WholeModelExecution(Execution):
     """A whole-model method: its own plan over the model (journalled beside ``--out`` when it
     can resume), then one cut of every layer."""
 
@@ -322,10 +332,6 @@ class WholeModelExecution:
         t1 = time.perf_counter()
         pruned = shrink_model(run.model, plans)
         return Outcome(plans, dict(timer.seconds), pruned, prune_s=t1 - t0, surgery_s=time.perf_counter() - t1)
-
-    def save(self, run: Run, model: Any, report: dict[str, Any]) -> Path:
-        """Rank 0 writes the output folder; every rank gets its path."""
-        return distributed.agree(lambda: self._save(run, model, report), "saving the model")
 
     def _save(self, run: Run, model: Any, report: dict[str, Any]) -> Path:
         from slimgpt.io import save_pruned
