@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from slimgpt.io import saved_tensors
+
 SLICED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "norm", "embed")
 
 
@@ -60,18 +62,9 @@ def run(cmd: list[str]) -> dict:
     return {"wall_s": round(wall, 1), "command": " ".join(["OMP_NUM_THREADS=1", *cmd])}
 
 
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def compare_weights(ref: Path, got: Path) -> dict:
     """Same kept structure (sliced tensors equal) and the worst relative difference elsewhere."""
-    a, b = weights(ref), weights(got)
+    a, b = saved_tensors(ref), saved_tensors(got)
     same_structure = a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     sliced_equal = same_structure and all(torch.equal(a[k], b[k]) for k in a if any(s in k for s in SLICED))
     worst, where = 0.0, ""

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from conftest import build_tiny
@@ -24,6 +23,7 @@ from slimgpt import streaming
 from slimgpt.api import prune
 from slimgpt.config import PruneConfig
 from slimgpt.errors import ConfigError
+from slimgpt.io import saved_tensors as weights  # other tests import it from here
 
 RUN = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4", "--ratio", "0.3"]
 KINDS = {
@@ -57,14 +57,6 @@ def calib_text(path: Path, docs: int = 30, words: int = 200, seed: int = 0) -> P
     rnd = random.Random(seed)
     path.write_text("\n\n".join(" ".join(f"t{rnd.randrange(3, 128)}" for _ in range(words)) for _ in range(docs)))
     return path
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a saved folder, whatever its sharding."""
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

@@ -103,6 +103,16 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None,
     return model, tokenizer
 
 
+def saved_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved folder, whatever its sharding (for comparing two saved runs)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 def _source_folder(config: Any) -> Path | None:
     name = getattr(config, "_name_or_path", "") or ""
     path = Path(name).expanduser()
