@@ -386,7 +386,7 @@ def write_report(
     if layer_error:
         try:
             errors, error_note = _compute_errors(run_dir, source, dense, pruned, error_data, error_windows,
-                                                 error_seqlen, data_dir)
+                                                 error_seqlen, data_dir, cfg.get("calib"))
         except SlimGPTError as e:
             if dense is not None:  # asked for explicitly: the user should hear it failed
                 raise
@@ -452,7 +452,7 @@ def write_report(
 
 
 def _compute_errors(run_dir: Path, source: str, dense: str | tuple[Any, Any] | None, pruned: tuple[Any, Any] | None,
-                    error_data: str, windows: int, seqlen: int, data_dir: str | None
+                    error_data: str, windows: int, seqlen: int, data_dir: str | None, calib: str | None = None
                     ) -> tuple[dict[str, list[float]], str]:
     from slimgpt.zoo import load_model
 
@@ -468,7 +468,6 @@ def _compute_errors(run_dir: Path, source: str, dense: str | tuple[Any, Any] | N
         pmodel, ptok = load_pruned(run_dir, dtype=next(dmodel.parameters()).dtype)
     from slimgpt.evaluation.perplexity import dataset_label, resolve_eval_dataset
 
-    calib = load_run(run_dir).get("config", {}).get("calib")
     error_data = resolve_eval_dataset(error_data, data_dir, calib)
     ids = _error_windows(ptok if ptok is not None else dtok, error_data, windows, seqlen, data_dir)
     errors = layer_error_stats(dmodel, pmodel, ids)

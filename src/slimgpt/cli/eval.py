@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from slimgpt.cli.common import add_task_args, check_task_args, parse_limit
 from slimgpt.errors import ConfigError
@@ -12,6 +10,7 @@ from slimgpt.evaluation.results import (
     eval_document,
     evaluate_model,
     ppl_table,
+    run_config,
     source_model,
     write_json,
     zeroshot_table,
@@ -55,10 +54,7 @@ def run(a: argparse.Namespace) -> int:
     if a.ppl:
         from slimgpt.evaluation.perplexity import resolve_eval_dataset
 
-        calib = None
-        if (Path(a.model) / "slimgpt.json").is_file():
-            calib = json.loads((Path(a.model) / "slimgpt.json").read_text()).get("config", {}).get("calib")
-        a.ppl = resolve_eval_dataset(a.ppl, a.data_dir, calib)
+        a.ppl = resolve_eval_dataset(a.ppl, a.data_dir, run_config(a.model).get("calib"))
     limit = parse_limit(a.limit)
     check_task_args(a.tasks, a.num_fewshot, a.tasks_data)
     device = distributed.init(resolve_device(a.device))  # torchrun: perplexity windows split across ranks

@@ -23,12 +23,15 @@ EVAL_FILE = "eval.json"
 """What ``prune --eval`` writes into the output folder (and ``report`` looks for first)."""
 
 
+def run_config(path: str | Path) -> dict[str, Any]:
+    """The prune config recorded in a pruned folder's slimgpt.json (empty for any other model)."""
+    meta = Path(path) / "slimgpt.json"
+    return json.loads(meta.read_text()).get("config", {}) if meta.is_file() else {}
+
+
 def source_model(path: str | Path) -> str | None:
     """The model a pruned folder was made from, as recorded in its slimgpt.json."""
-    meta = Path(path) / "slimgpt.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("config", {}).get("model")
-    return None
+    return run_config(path).get("model")
 
 
 def zeroshot_sources(entries: list[dict[str, Any]]) -> dict[str, Any]:
