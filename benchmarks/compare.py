@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="blockpruner: score candidates on the first N calibration windows (default: all)")
     ap.add_argument("--search-dtype", default="auto")
     ap.add_argument("--max-windows", type=int, default=None, help="evaluate the first N windows only (default: all)")
+    ap.add_argument("--ppl-seqlen", default="128", help="window length(s), e.g. 128,2048")
+    ap.add_argument("--protocol", default="slimgpt", choices=("slimgpt", "gptq"))
+    ap.add_argument("--search-budget", default="25m", help="slimgpt@search rows: database + search time budget")
     ap.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. commonsense (default: none)")
     ap.add_argument("--task-limit", type=int, default=None)
     ap.add_argument("--device", default="auto")
@@ -46,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.nsamples, a.seqlen, a.max_windows = a.nsamples or 8, a.seqlen or 128, a.max_windows or 32
     base = PruneConfig(model=a.model, nsamples=a.nsamples, seqlen=a.seqlen, device=a.device, data_dir=a.data_dir,
-                       search_nsamples=a.search_nsamples, search_dtype=a.search_dtype)
+                       search_nsamples=a.search_nsamples, search_dtype=a.search_dtype, search_budget=a.search_budget)
     result = run_compare(a.model, a.ratios, a.methods, a.out, base=base, max_windows=a.max_windows,
+                         ppl_seqlen=a.ppl_seqlen, ppl_protocol=a.protocol,
                          tasks=a.tasks, task_limit=a.task_limit, resume=a.resume)
     print(format_table(result))
     return 0

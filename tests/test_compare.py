@@ -128,3 +128,48 @@ def test_resume_keeps_finished_rows_and_refuses_other_settings(tiny_llama, tiny_
     with pytest.raises(ConfigError, match="--resume: .* another settings"):
         run_compare("tiny", "0.3", "magnitude", out, loaded=(tiny_llama, tiny_tokenizer), resume=True,
                     **{**kw, "base": other})
+
+
+def test_schedule_variants_and_two_window_lengths(tiny_llama_gqa, tiny_tokenizer, text_file, tmp_path):
+    """``slimgpt@uniform`` / ``slimgpt@search`` are rows of their own; perplexity at a second length
+    reads the same tokens and equals a direct evaluation."""
+    from slimgpt.evaluation.perplexity import perplexity
+
+    base = PruneConfig(model="tiny", calib=text_file, nsamples=8, seqlen=32, batch_size=4, search_tokens="32,64",
+                       search_survivors="3", search_offspring=4, search_generations=2, search_ffn_step=16)
+    out = tmp_path / "cmp"
+    res = run_compare("tiny", "0.3", "slimgpt,slimgpt@uniform,slimgpt@search", out, base=base,
+                      ppl_dataset=text_file, ppl_seqlen="16,64", max_windows=8, ppl_protocol="gptq",
+                      loaded=(tiny_llama_gqa, tiny_tokenizer), progress=False)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["dense", "slimgpt", "slimgpt@uniform", "slimgpt@search"]
+    assert "error" not in rows["slimgpt@search"], rows["slimgpt@search"].get("error")
+    assert rows["slimgpt@search"]["allocation_search"]["generations"] == 2
+    for r in rows.values():
+        assert set(r["ppl"]["by_seqlen"]) == {"16", "64"}
+        cells = r["ppl"]["by_seqlen"]
+        assert (cells["16"]["windows"], cells["64"]["windows"]) == (8, 2)  # 128 tokens at either length
+    assert rows["slimgpt"]["ppl"]["ppl"] != rows["slimgpt@uniform"]["ppl"]["ppl"]  # another schedule ran
+    direct = perplexity(tiny_llama_gqa, tiny_tokenizer, text_file, seqlen=64, max_windows=2, protocol="gptq",
+                        progress=False)
+    assert rows["dense"]["ppl"]["by_seqlen"]["64"]["ppl"] == pytest.approx(direct["ppl"], rel=1e-6)
+    md = (out / "compare.md").read_text()
+    assert "PPL (seq 16) | seq 64 |" in md and "gptq protocol" in md and "slimgpt@search at 0.30: start" in md
+    with pytest.raises(ConfigError, match="after '@'"):
+        resolve_methods("slimgpt@nope")
+
+
+def test_resume_reads_a_table_from_before_window_lengths(tiny_llama, tiny_tokenizer, text_file, tmp_path):
+    base = PruneConfig(model="tiny", calib=text_file, nsamples=8, seqlen=32, batch_size=4)
+    out = tmp_path / "cmp"
+    kw = dict(base=base, ppl_dataset=text_file, ppl_seqlen=32, max_windows=4, progress=False)
+    first = run_compare("tiny", "0.3", "shortgpt", out, loaded=(tiny_llama, tiny_tokenizer), **kw)
+    old = json.loads((out / "compare.json").read_text())
+    for key in ("ppl_seqlens", "ppl_protocol"):
+        del old["settings"][key]
+    for r in old["rows"]:
+        del r["ppl"]["by_seqlen"]
+    (out / "compare.json").write_text(json.dumps(old))
+    again = run_compare("tiny", "0.3", "shortgpt", out, loaded=(tiny_llama, tiny_tokenizer), resume=True, **kw)
+    assert [r["ppl"]["ppl"] for r in again["rows"]] == [r["ppl"]["ppl"] for r in first["rows"]]
+    assert f"{first['rows'][1]['ppl']['ppl']:.2f}" in format_table(again)

@@ -8,7 +8,10 @@ records the exact parameter count and its distance from the matched target, prun
 memory and WikiText-2 perplexity (optionally zero-shot accuracies).
 
 The method list is read from :data:`slimgpt.methods.METHODS` at run time, so methods registered by
-other modules take part without changes here. A method that fails is recorded with its error and
+other modules take part without changes here. ``NAME@SCHEDULE`` runs a layer-wise method under another
+width schedule (``slimgpt@uniform``, ``slimgpt@search`` for the searched allocation), one row each.
+Perplexity can be taken at several window lengths (``ppl_seqlen="128,2048"``: the paper's 128 and
+BlockPruner's and SliceGPT's 2048) and under either window protocol (``slimgpt`` or ``gptq``). A method that fails is recorded with its error and
 the run goes on; the JSON and Markdown are rewritten after every row, so a long run that is
 interrupted keeps what it finished.
 """
@@ -53,16 +56,35 @@ def parse_ratios(text: str | list[float]) -> list[float]:
     return ratios
 
 
+def split_variant(name: str) -> tuple[str, str | None]:
+    """``"slimgpt@search"`` → ``("slimgpt", "search")``; a plain name has no schedule override."""
+    method, _, schedule = name.partition("@")
+    return method, (schedule or None)
+
+
 def resolve_methods(spec: str | list[str]) -> list[str]:
-    """``all`` (whatever METHODS holds now) or a comma list of registered names."""
+    """``all`` (whatever METHODS holds now) or a comma list of registered names, each optionally
+    ``NAME@SCHEDULE`` (a width schedule of ``slimgpt prune --schedule``, e.g. ``slimgpt@search``)."""
     from slimgpt.methods import METHODS
+    from slimgpt.schedule import SCHEDULES
 
     names = list(METHODS) if spec in ("all", ["all"]) else (spec.split(",") if isinstance(spec, str) else list(spec))
     names = [n.strip() for n in names if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if split_variant(n)[0] not in METHODS]
     if unknown or not names:
         raise ConfigError(f"unknown method(s) {unknown or spec}; choose from {', '.join(METHODS)} or 'all'")
+    for n in names:
+        schedule = split_variant(n)[1]
+        if schedule is not None and schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule in '{n}'; after '@' use one of {', '.join(SCHEDULES)}")
     return list(dict.fromkeys(names))
+
+
+def method_config(base: PruneConfig, name: str, ratio: float) -> PruneConfig:
+    """The shared settings with this row's method, schedule override and matched ratio."""
+    method, schedule = split_variant(name)
+    return PruneConfig(**{**base.to_dict(), "method": method, "ratio": ratio,
+                          **({"schedule": schedule} if schedule else {})})
 
 
 def depth_unit(name: str, cfg: PruneConfig) -> str | None:
@@ -70,9 +92,23 @@ def depth_unit(name: str, cfg: PruneConfig) -> str | None:
     from slimgpt.methods import METHODS
 
     try:
-        return getattr(METHODS[name](cfg), "depth_unit", None)
+        return getattr(METHODS[split_variant(name)[0]](method_config(cfg, name, cfg.ratio)), "depth_unit", None)
     except Exception:  # a factory that cannot build with the shared settings fails later, in its row
         return None
+
+
+def parse_seqlens(text: int | str | list[int]) -> list[int]:
+    """``128`` / ``"128,2048"`` → ``[128, 2048]`` (the first is the table's main column)."""
+    if isinstance(text, int):
+        values = [text]
+    else:
+        try:
+            values = [int(x) for x in (text.split(",") if isinstance(text, str) else text) if str(x).strip()]
+        except ValueError:
+            raise ConfigError(f"--ppl-seqlen must be comma-separated integers, e.g. 128,2048; got '{text}'") from None
+    if not values or any(v < 2 for v in values):
+        raise ConfigError(f"--ppl-seqlen must be integers of at least 2; got '{text}'")
+    return list(dict.fromkeys(values))
 
 
 def order_methods(names: list[str], cfg: PruneConfig) -> list[tuple[str, str | None]]:
@@ -81,15 +117,27 @@ def order_methods(names: list[str], cfg: PruneConfig) -> list[tuple[str, str | N
     return sorted(units, key=lambda nu: _DEPTH_ORDER.get(nu[1], 2) if nu[1] else 2)
 
 
-def _eval_ppl(model: Any, tok: Any, dataset: str, seqlen: int, max_windows: int | None, data_dir: str | None,
-              batch_size: int, device: torch.device) -> dict[str, Any]:
+def _eval_ppl(model: Any, tok: Any, dataset: str, seqlens: list[int], max_windows: int | None, data_dir: str | None,
+              batch_size: int, device: torch.device, protocol: str) -> dict[str, Any]:
+    """``{"ppl": <first seqlen>, "by_seqlen": {"2048": ...}}``: at every window length the same number
+    of *tokens* as the first one reads (``max_windows`` counts windows of the first length), so the
+    long windows cost no more than the short ones."""
     from slimgpt.evaluation.perplexity import perplexity
 
-    t = time.perf_counter()
-    r = perplexity(model, tok, dataset, seqlen=seqlen, batch_size=batch_size, max_windows=max_windows,
-                   data_dir=data_dir, device=device, progress=False)
-    return {"ppl": r["ppl"], "windows": r["windows"], "tokens": r["tokens"], "seqlen": seqlen,
-            "eval_s": time.perf_counter() - t}
+    out: dict[str, Any] = {}
+    for i, seqlen in enumerate(seqlens):
+        windows = max_windows if max_windows is None or i == 0 else max(1, max_windows * seqlens[0] // seqlen)
+        bs = batch_size if i == 0 else max(1, batch_size * seqlens[0] // seqlen)
+        t = time.perf_counter()
+        r = perplexity(model, tok, dataset, seqlen=seqlen, batch_size=bs, max_windows=windows,
+                       data_dir=data_dir, device=device, progress=False, protocol=protocol)
+        cell = {"ppl": r["ppl"], "windows": r["windows"], "tokens": r["tokens"], "seqlen": seqlen,
+                "eval_s": time.perf_counter() - t}
+        if i == 0:
+            out.update(cell)
+            out["by_seqlen"] = {}
+        out["by_seqlen"][str(seqlen)] = cell
+    return out
 
 
 def _eval_tasks(model: Any, tok: Any, tasks: str | None, limit: float | None, batch_size: int) -> dict[str, Any] | None:
@@ -115,8 +163,9 @@ def run_compare(
     *,
     base: PruneConfig | None = None,
     ppl_dataset: str = "wikitext2",
-    ppl_seqlen: int = 128,
+    ppl_seqlen: int | str | list[int] = 128,
     max_windows: int | None = None,
+    ppl_protocol: str = "slimgpt",
     tasks: str | None = None,
     task_limit: float | None = None,
     eval_batch_size: int = 8,
@@ -131,13 +180,18 @@ def run_compare(
     gets a copy with its own ``method`` and matched ``ratio``. ``loaded`` is an in-memory
     ``(model, tokenizer)`` to use instead of loading ``model`` (tests). With ``resume``, rows
     already in ``out_dir/compare.json`` (same model and settings, no error) are kept, not rerun.
+    ``ppl_seqlen`` may list several window lengths; ``max_windows`` counts windows of the first.
     """
     from slimgpt.api import prune
+    from slimgpt.evaluation.perplexity import PROTOCOLS
     from slimgpt.surgery import parameter_count
     from slimgpt.utils import resolve_device, resolve_dtype
     from slimgpt.zoo import load_model
 
     ratio_list = parse_ratios(ratios)
+    seqlens = parse_seqlens(ppl_seqlen)
+    if ppl_protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}; got '{ppl_protocol}'")
     names = resolve_methods(methods)
     base = base or PruneConfig(model=model)
     base = PruneConfig(**{f.name: getattr(base, f.name) for f in fields(PruneConfig)})
@@ -167,7 +221,8 @@ def run_compare(
         "slimgpt_version": __version__, "model": model, "dense_params": dense_params,
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
         "settings": {**{k: v for k, v in base.to_dict().items() if k not in ("model", "out", "method", "ratio", "blocks")},
-                     "ppl_dataset": ppl_dataset, "ppl_seqlen": ppl_seqlen, "max_windows": max_windows,
+                     "ppl_dataset": ppl_dataset, "ppl_seqlen": seqlens[0], "ppl_seqlens": seqlens,
+                     "ppl_protocol": ppl_protocol, "max_windows": max_windows,
                      "tasks": tasks, "task_limit": task_limit},
         "matching": "depth methods first (whole layers, then blocks); later methods target the first one's achieved ratio",
         "methods": [n for n, _ in ordered],
@@ -185,8 +240,8 @@ def run_compare(
     if dense_row is None:
         dense_model.to(device)
         dense_row = {"ratio": 0.0, "method": "dense", "params": dense_params, "removed_ratio": 0.0}
-        dense_row["ppl"] = _eval_ppl(dense_model, tok, ppl_dataset, ppl_seqlen, max_windows, base.data_dir,
-                                     eval_batch_size, device)
+        dense_row["ppl"] = _eval_ppl(dense_model, tok, ppl_dataset, seqlens, max_windows, base.data_dir,
+                                     eval_batch_size, device, ppl_protocol)
         dense_row["zeroshot"] = _eval_tasks(dense_model, tok, tasks, task_limit, eval_batch_size)
         dense_model.to("cpu")
     result["rows"].append(dense_row)
@@ -197,7 +252,7 @@ def run_compare(
         matched_by: str | None = None
         for name, unit in ordered:
             target = matched if matched is not None else ratio
-            cfg = PruneConfig(**{**base.to_dict(), "method": name, "ratio": target})
+            cfg = method_config(base, name, target)
             row: dict[str, Any] = {"ratio": ratio, "method": name, "depth_unit": unit, "target_ratio": target,
                                    "matched_to": matched_by}
             if (ratio, name) in done:
@@ -235,14 +290,17 @@ def run_compare(
                 matched, matched_by = row["removed_ratio"], name
             row["off_target_params"] = pruned - round((1 - (matched if matched is not None else ratio)) * dense_params)
             search = rep["method"].get("search")
-            if isinstance(search, dict):
+            if isinstance(search, dict) and rep["method"].get("schedule") == "search":  # the searched allocation
+                row["allocation_search"] = {k: search.get(k) for k in ("generations", "stopped_by", "kl", "starts",
+                                                                       "evaluations", "time_s", "allocation")}
+            elif isinstance(search, dict):
                 row["search"] = {k: search[k] for k in ("removed", "removed_layers", "evaluations", "search_s",
                                                         "calibration_tokens") if k in search}
                 row["search"].update({k: v for k, v in (search.get("extra") or {}).items() if k.startswith("search_")})
             model = res.model.to(device)
             try:
-                row["ppl"] = _eval_ppl(model, tok, ppl_dataset, ppl_seqlen, max_windows, base.data_dir,
-                                       eval_batch_size, device)
+                row["ppl"] = _eval_ppl(model, tok, ppl_dataset, seqlens, max_windows, base.data_dir,
+                                       eval_batch_size, device, ppl_protocol)
                 row["zeroshot"] = _eval_tasks(model, tok, tasks, task_limit, eval_batch_size)
             except SlimGPTError as e:
                 row["error"] = f"evaluation: {e}"
@@ -261,10 +319,21 @@ def _finished_rows(out: Path | None, result: dict[str, Any], resume: bool) -> di
         return {}
     prev = json.loads(path.read_text())
     now = json.loads(json.dumps(result, default=str))
+    old = prev.get("settings") or {}  # files from before several window lengths and protocols were offered
+    old.setdefault("ppl_seqlens", [old.get("ppl_seqlen")])
+    old.setdefault("ppl_protocol", "slimgpt")
     for key in ("model", "dense_params", "device", "dtype", "settings"):
         if prev.get(key) != now.get(key):
             raise ConfigError(f"--resume: {path} was made with another {key}; drop --resume or choose another --out")
     return {(r["ratio"], r["method"]): r for r in prev.get("rows", []) if "error" not in r}
+
+
+def _ppl_at(row: dict[str, Any], seqlen: int, i: int) -> float | None:
+    ppl = row.get("ppl") or {}
+    cell = (ppl.get("by_seqlen") or {}).get(str(seqlen))
+    if cell is None and i == 0:  # rows from before several lengths were offered
+        return ppl.get("ppl")
+    return None if cell is None else cell["ppl"]
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -282,8 +351,10 @@ def format_table(result: dict[str, Any]) -> str:
                 task_names.append(t)
     from slimgpt.evaluation.perplexity import dataset_label
 
-    ppl_label = f"{dataset_label(s['ppl_dataset'])} PPL (seq {s['ppl_seqlen']})"
-    head = ["ratio", "method", "params", "removed", "Δ params vs matched", ppl_label,
+    seqlens = s.get("ppl_seqlens") or [s["ppl_seqlen"]]
+    protocol = s.get("ppl_protocol", "slimgpt")
+    ppl_labels = [f"{dataset_label(s['ppl_dataset'])} PPL (seq {seqlens[0]})", *(f"seq {n}" for n in seqlens[1:])]
+    head = ["ratio", "method", "params", "removed", "Δ params vs matched", *ppl_labels,
             *task_names, *(["zero-shot avg"] if task_names else []), "prune s", "peak RSS MiB"]
     cuda = any(r.get("peak_cuda_mib") for r in rows)
     if cuda:
@@ -294,7 +365,10 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"Model {result['model']} ({result['dense_params']:,} parameters), {result['device']} {result['dtype']}; "
         f"calibration {s['calib']} {nsamples}×{seqlen}; "
-        f"perplexity on {'the first ' + str(s['max_windows']) if s['max_windows'] else 'all'} windows.",
+        f"perplexity ({protocol} protocol) on "
+        + (f"the first {s['max_windows']} windows" + (f" of {seqlens[0]} tokens (the same tokens at every length)"
+                                                     if len(seqlens) > 1 else "")
+           if s['max_windows'] else "all windows") + ".",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -314,7 +388,7 @@ def format_table(result: dict[str, Any]) -> str:
         cells = [
             "dense" if r["method"] == "dense" else f"{r['ratio']:.2f}", r["method"], f"{r['params']:,}",
             f"{r['removed_ratio']:.2%}", _fmt(r.get("off_target_params"), "+,d"),
-            _fmt((r.get("ppl") or {}).get("ppl"), ".2f"), *accs,
+            *(_fmt(_ppl_at(r, n, i), ".2f") for i, n in enumerate(seqlens)), *accs,
             _fmt(r.get("prune_s"), ".1f"), _fmt(r.get("peak_rss_mib"), ".0f"),
         ]
         if cuda:
@@ -328,6 +402,13 @@ def format_table(result: dict[str, Any]) -> str:
                      f"(search dtype {s.get('search_dtype', 'auto')}): "
                      + "; ".join(f"{r['method']} at {r['ratio']:.2f}: {r['search']['evaluations']:,} evaluations "
                                  f"in {r['search']['search_s']:.0f} s" for r in searched) + ".")
+    for r in rows:
+        a = r.get("allocation_search")
+        if a:
+            t = a.get("time_s") or {}
+            lines.append(f"{r['method']} at {r['ratio']:.2f}: start {a['starts'].get('chosen')}, KL "
+                         f"{a['kl']['start']:.4f} → {a['kl']['final']:.4f} in {a['generations']} generations "
+                         f"({a['stopped_by']}); database {t.get('database', 0):.0f} s, search {t.get('search', 0):.0f} s.")
     if task_names:
         lines.append("Zero-shot: accuracy in %, acc_norm where the task reports it, else acc (lm-eval).")
     return "\n".join(lines)

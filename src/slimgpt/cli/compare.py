@@ -12,13 +12,20 @@ from slimgpt.errors import ConfigError
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"zoo name or folder (default {DEFAULT_MODEL})")
     p.add_argument("--ratio", default="0.2,0.5", help="comma-separated shares of ALL parameters to remove")
-    p.add_argument("--methods", default="all", help="'all' (every registered method) or a comma list")
+    p.add_argument("--methods", default="all",
+                   help="'all' (every registered method) or a comma list; NAME@SCHEDULE runs a layer-wise method under "
+                        "another --schedule, e.g. slimgpt@uniform or slimgpt@search (the searched allocation)")
     p.add_argument("--out", required=True, help="folder for compare.json and compare.md")
     p.add_argument("--max-windows", type=int, help="perplexity on the first N windows only (quick runs)")
     p.add_argument("--ppl", default="auto",
                    help="perplexity data set: auto (WikiText-2 when available, else a named held-out text) | wikitext2 "
                         "| wiki | c4 | FILE")
-    p.add_argument("--ppl-seqlen", type=int, default=128, help="perplexity window length (paper: 128)")
+    p.add_argument("--ppl-seqlen", default="128",
+                   help="perplexity window length(s), e.g. 128,2048 (paper: 128; BlockPruner/SliceGPT: 2048); "
+                        "--max-windows counts windows of the first, the others read the same tokens")
+    p.add_argument("--protocol", default="slimgpt", choices=("slimgpt", "gptq"),
+                   help="perplexity windows: slimgpt (a BOS per window) | gptq (one BOS for the whole text, as the "
+                        "papers' code does)")
     p.add_argument("--tasks", help="zero-shot tasks for lm-eval, e.g. commonsense or boolq,piqa (default: none)")
     p.add_argument("--task-limit", type=float, help="documents per task (smoke tests only)")
     p.add_argument("--eval-batch-size", type=int, default=8)
@@ -28,6 +35,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     p.add_argument("--depth-share", type=float, default=0.5, help="slimgpt+blockpruner: share of removed params in blocks")
     add_search_args(p)
+    from slimgpt.search.options import add_allocation_args  # --search-* of slimgpt@search rows
+
+    add_allocation_args(p)
     p.add_argument("--resume", action="store_true", help="keep the rows already in OUT/compare.json (same settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -38,6 +48,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace) -> int:
     """Compare pruning methods at matched parameter counts (one Markdown + JSON table)."""
     from slimgpt.compare import format_table, run_compare
+    from slimgpt.search.options import allocation_kwargs
 
     if a.max_windows is not None and a.max_windows < 1:
         raise ConfigError(f"--max-windows must be at least 1; got {a.max_windows}")
@@ -46,9 +57,9 @@ def run(a: argparse.Namespace) -> int:
         limit = int(limit)  # lm-eval reads an int as a document count, a float below 1 as a fraction
     base = PruneConfig(model=a.model, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size,
                        seed=a.seed, device=a.device, dtype=a.dtype, data_dir=a.data_dir, depth_share=a.depth_share,
-                       search_dtype=a.search_dtype, search_nsamples=a.search_nsamples)
+                       search_dtype=a.search_dtype, search_nsamples=a.search_nsamples, **allocation_kwargs(a))
     result = run_compare(a.model, a.ratio, a.methods, a.out, base=base, ppl_dataset=a.ppl, ppl_seqlen=a.ppl_seqlen,
-                         max_windows=a.max_windows, tasks=a.tasks, task_limit=limit,
+                         max_windows=a.max_windows, ppl_protocol=a.protocol, tasks=a.tasks, task_limit=limit,
                          eval_batch_size=a.eval_batch_size, resume=a.resume)
     from slimgpt import distributed
 
