@@ -319,9 +319,12 @@ def _finished_rows(out: Path | None, result: dict[str, Any], resume: bool) -> di
         return {}
     prev = json.loads(path.read_text())
     now = json.loads(json.dumps(result, default=str))
-    old = prev.get("settings") or {}  # files from before several window lengths and protocols were offered
+    old = prev.get("settings") or {}  # files from before a setting existed held its default
     old.setdefault("ppl_seqlens", [old.get("ppl_seqlen")])
     old.setdefault("ppl_protocol", "slimgpt")
+    for k, v in PruneConfig().to_dict().items():
+        if k in now["settings"]:
+            old.setdefault(k, v)
     for key in ("model", "dense_params", "device", "dtype", "settings"):
         if prev.get(key) != now.get(key):
             raise ConfigError(f"--resume: {path} was made with another {key}; drop --resume or choose another --out")
