@@ -12,8 +12,14 @@ two ways of realising one allocation are compared on the same levels:
 
     python benchmarks/search_smollm2.py --runs /tmp/s20 /tmp/s50 --stitch --ppl-windows 256
 
-Writes ``benchmarks/results/search_smollm2.json``. The log-schedule references (256 windows) are
-the README's: dense 54.22, SlimGPT log 20 % 114.8, 50 % 488.5.
+``--refs`` adds other saved runs at the same ratios as rows of the table (e.g. the uniform schedule:
+``slimgpt prune --schedule uniform --ratio 0.2 --ppl --ppl-windows 256 --out /tmp/U20``):
+
+    python benchmarks/search_smollm2.py --runs /tmp/S20 /tmp/S50 --refs /tmp/U20 /tmp/U50
+
+Writes ``benchmarks/results/search_smollm2.json`` and ``.md``. The log-schedule rows (256 windows,
+same 64 × 512 C4 calibration) are the README's SlimGPT table (``ppl_protocols_smollm2.json``):
+dense 54.22, log 20 % 114.79, 50 % 490.01.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-LOG_REFERENCE = {"dense": 54.22, "0.2": 114.8, "0.5": 488.5}
+LOG_REFERENCE = {"dense": 54.22, "0.2": 114.79, "0.5": 490.01}
 
 
 def stitched_ppl(run: dict[str, Any], windows: int, db_folder: str | None = None) -> dict[str, Any]:
@@ -66,33 +72,76 @@ def stitched_ppl(run: dict[str, Any], windows: int, db_folder: str | None = None
     return {"ppl": ppl["ppl"], "windows": ppl["windows"], "params": parameter_count(slim), "build_s": build_s}
 
 
+def _eval_ppl(folder: Path) -> dict[str, float | None]:
+    ev = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
+    return {e["label"]: e.get("ppl", {}).get("128", {}).get("ppl") for e in ev.get("models", ev.get("entries", []))}
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> None:
+    """One table: per ratio, the log schedule, each reference run and the searched allocation."""
+    dense = LOG_REFERENCE["dense"]
+    lines = ["| ratio | allocation | removed | WikiText-2 PPL (seq 128, 256 windows) | × dense | prune s | search |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for ratio, run in sorted(result["runs"].items()):
+        rows = [("log (paper, Eq. 6)", None, LOG_REFERENCE.get(ratio), None, "")]
+        for label, ref in sorted((result.get("references") or {}).get(ratio, {}).items()):
+            rows.append((label, ref["removed_ratio"], ref["pruned_ppl"], ref["prune_total_s"], ""))
+        kl = run["kl"]
+        rows.append(("searched (`--schedule search`)", run["removed_ratio"], run["pruned_ppl"], run["prune_total_s"],
+                     f"start {run['starts']['chosen']}, KL {kl['start']:.4f} → {kl['final']:.4f} in "
+                     f"{run['generations']} generations; database "
+                     + (f"{run['time_s']['database']:.0f} s, " if run["time_s"]["database"] >= 1 else
+                        "reused from the 20 % run (same calibration; built in the time above), ")
+                     + f"starts {run['time_s']['starts']:.0f} s, "
+                     f"search {run['time_s']['search']:.0f} s"))
+        for label, removed, ppl, secs, note in rows:
+            lines.append(f"| {float(ratio):.2f} | {label} | {'–' if removed is None else f'{removed:.2%}'} | "
+                         f"{'–' if ppl is None else f'{ppl:.2f}'} | {'–' if ppl is None else f'{ppl / dense:.2f}'} | "
+                         f"{'–' if secs is None else f'{secs:.0f}'} | {note} |")
+    lines += ["", f"Dense {dense:.2f}. SmolLM2-135M, C4 64 × 512 calibration, cpu float32, "
+              f"{result.get('torch_threads', 2)} torch threads."]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", required=True, help="output folders of `slimgpt prune --schedule search`")
+    ap.add_argument("--refs", nargs="*", default=[], help="other saved runs (with --ppl) to put beside them")
     ap.add_argument("--stitch", action="store_true", help="also evaluate the stitched model at each found allocation")
     ap.add_argument("--ppl-windows", type=int, default=256)
     ap.add_argument("--db", nargs="*", default=[], help="per run: a copy of its OUT.search.db to stitch from")
     ap.add_argument("--out", default="benchmarks/results/search_smollm2.json")
     a = ap.parse_args()
     out = Path(a.out)
-    result = json.loads(out.read_text()) if out.exists() else {"log_schedule_reference": LOG_REFERENCE, "runs": {}}
+    result = json.loads(out.read_text()) if out.exists() else {"runs": {}}
+    result["log_schedule_reference"] = LOG_REFERENCE
+    for folder in map(Path, a.refs):
+        run = json.loads((folder / "slimgpt.json").read_text())
+        ratio = str(run["config"]["ratio"])
+        label = f"{run['config']['schedule']} schedule"
+        result.setdefault("references", {}).setdefault(ratio, {})[label] = {
+            "command": f"slimgpt prune --schedule {run['config']['schedule']} --ratio {ratio} --ppl --ppl-windows "
+                       f"{a.ppl_windows} --out {folder}",
+            "pruned_ppl": _eval_ppl(folder).get("pruned"), "removed_ratio": run["params"]["removed_ratio"],
+            "prune_total_s": run["time_s"]["prune_total"]}
     for k, folder in enumerate(map(Path, a.runs)):
         run = json.loads((folder / "slimgpt.json").read_text())
-        ev = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
-        ppl = {e["label"]: e.get("ppl", {}).get("128", {}).get("ppl") for e in ev.get("models", ev.get("entries", []))}
+        ppl = _eval_ppl(folder)
         s = run["method"]["search"]
         ratio = run["config"]["ratio"]
-        entry = result["runs"].get(str(ratio), {})
-        entry.update({
-            "command": f"slimgpt prune --schedule search --ratio {ratio} --out {folder} (see its slimgpt.json config)",
+        result["torch_threads"] = run["torch_threads"]
+        entry = {
+            "command": f"slimgpt prune --schedule search --ratio {ratio} --ppl --ppl-windows {a.ppl_windows} "
+                       f"--out {folder}",
             "dense_ppl": ppl.get("dense"), "pruned_ppl": ppl.get("pruned"), "final": s["final"],
             "log_schedule_ppl": LOG_REFERENCE.get(str(ratio)),
             "removed_ratio": run["params"]["removed_ratio"], "params_off_by": s["params"]["off_by"],
             "kl": s["kl"], "starts": s["starts"], "generations": s["generations"], "stopped_by": s["stopped_by"],
             "improvements": s["improvements"], "evaluations": s["evaluations"], "time_s": s["time_s"],
             "prune_total_s": run["time_s"]["prune_total"], "torch_threads": run["torch_threads"],
+            "history": s.get("history"),
             "allocation": [(r["heads"], r["kv_heads"], r["channels"]) for r in s["allocation"]],
-        })
+        }
         if a.stitch:
             entry["stitched"] = stitched_ppl(run, a.ppl_windows, a.db[k] if k < len(a.db) else None)
         if entry.get("pruned_ppl") is None:  # run without --ppl: evaluate the saved model
@@ -103,8 +152,9 @@ def main() -> None:
             entry["pruned_ppl"] = perplexity(model, tok, "wikitext2", seqlen=128, max_windows=a.ppl_windows)["ppl"]
             entry["dense_ppl"] = entry["dense_ppl"] or LOG_REFERENCE["dense"]
         result["runs"][str(ratio)] = entry
-        out.write_text(json.dumps(result, indent=1))
-        print(json.dumps({k: v for k, v in entry.items() if k != "allocation"}, indent=1))
+        print(json.dumps({k: v for k, v in entry.items() if k not in ("allocation", "history")}, indent=1))
+    out.write_text(json.dumps(result, indent=1))
+    write_markdown(result, out.with_suffix(".md"))
 
 
 if __name__ == "__main__":
