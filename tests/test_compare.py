@@ -122,6 +122,10 @@ def test_resume_keeps_finished_rows_and_refuses_other_settings(tiny_llama, tiny_
                         resume=True, **kw)
     assert calls == ["wanda-sp"]  # only the new method ran
     assert again["rows"][:3] == first["rows"]
+    calls.clear()
+    last = run_compare("tiny", "0.3", "shortgpt,magnitude", out, loaded=(tiny_llama, tiny_tokenizer), resume=True,
+                       **kw)  # every row kept: the file must still be rewritten to what was asked
+    assert calls == [] and json.loads((out / "compare.json").read_text())["rows"] == last["rows"]  # kept rows saved
     wanda = again["rows"][3]
     assert wanda["target_ratio"] == first["rows"][1]["removed_ratio"] and wanda["matched_to"] == "shortgpt"
     other = PruneConfig(model="tiny", calib=text_file, nsamples=4, seqlen=32, batch_size=4)

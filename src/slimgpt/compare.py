@@ -308,6 +308,7 @@ def run_compare(
             gc.collect()
             result["rows"].append(row)
             write()
+    write()  # rows kept by --resume after the last new one
     return result
 
 
