@@ -91,7 +91,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
                      f"start {run['starts']['chosen']}, KL {kl['start']:.4f} → {kl['final']:.4f} in "
                      f"{run['generations']} generations; database "
                      + (f"{run['time_s']['database']:.0f} s, " if run["time_s"]["database"] >= 1 else
-                        "reused from the 20 % run (same calibration; built in the time above), ")
+                        "reused (built by an earlier run with the same calibration), ")
                      + f"starts {run['time_s']['starts']:.0f} s, "
                      f"search {run['time_s']['search']:.0f} s"))
         for label, removed, ppl, secs, note in rows:

@@ -124,20 +124,16 @@ def _eval_ppl(model: Any, tok: Any, dataset: str, seqlens: list[int], max_window
     long windows cost no more than the short ones."""
     from slimgpt.evaluation.perplexity import perplexity
 
-    out: dict[str, Any] = {}
+    by_seqlen: dict[str, dict[str, Any]] = {}
     for i, seqlen in enumerate(seqlens):
         windows = max_windows if max_windows is None or i == 0 else max(1, max_windows * seqlens[0] // seqlen)
         bs = batch_size if i == 0 else max(1, batch_size * seqlens[0] // seqlen)
         t = time.perf_counter()
         r = perplexity(model, tok, dataset, seqlen=seqlen, batch_size=bs, max_windows=windows,
                        data_dir=data_dir, device=device, progress=False, protocol=protocol)
-        cell = {"ppl": r["ppl"], "windows": r["windows"], "tokens": r["tokens"], "seqlen": seqlen,
-                "eval_s": time.perf_counter() - t}
-        if i == 0:
-            out.update(cell)
-            out["by_seqlen"] = {}
-        out["by_seqlen"][str(seqlen)] = cell
-    return out
+        by_seqlen[str(seqlen)] = {"ppl": r["ppl"], "windows": r["windows"], "tokens": r["tokens"], "seqlen": seqlen,
+                                  "eval_s": time.perf_counter() - t}
+    return {**by_seqlen[str(seqlens[0])], "by_seqlen": by_seqlen}
 
 
 def _eval_tasks(model: Any, tok: Any, tasks: str | None, limit: float | None, batch_size: int) -> dict[str, Any] | None:
@@ -366,13 +362,13 @@ def format_table(result: dict[str, Any]) -> str:
     gpu = str(result["device"]).startswith("cuda")
     nsamples = s["nsamples"] or (GPU_NSAMPLES if gpu else CPU_NSAMPLES)
     seqlen = s["seqlen"] or (GPU_SEQLEN if gpu else CPU_SEQLEN)
+    scope = f"the first {s['max_windows']} windows" if s["max_windows"] else "all windows"
+    if s["max_windows"] and len(seqlens) > 1:
+        scope += f" of {seqlens[0]} tokens (the same tokens at every length)"
     lines = [
         f"Model {result['model']} ({result['dense_params']:,} parameters), {result['device']} {result['dtype']}; "
         f"calibration {s['calib']} {nsamples}×{seqlen}; "
-        f"perplexity ({protocol} protocol) on "
-        + (f"the first {s['max_windows']} windows" + (f" of {seqlens[0]} tokens (the same tokens at every length)"
-                                                     if len(seqlens) > 1 else "")
-           if s['max_windows'] else "all windows") + ".",
+        f"perplexity ({protocol} protocol) on {scope}.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
