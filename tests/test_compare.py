@@ -64,6 +64,8 @@ def test_all_takes_whatever_the_registry_holds(monkeypatch):
     assert ordered.index("shortgpt") < ordered.index("blockpruner") < ordered.index("slimgpt")
     with pytest.raises(ConfigError):
         resolve_methods("slimgpt,nope")
+    # "all" inside a list: the registry plus variants, each once, in the order given
+    assert resolve_methods("all, slimgpt@search,flap") == list(METHODS) + ["slimgpt@search"]
     assert parse_ratios("0.2, 0.5") == [0.2, 0.5]
     with pytest.raises(ConfigError):
         parse_ratios("0.2,1.5")

@@ -63,13 +63,14 @@ def split_variant(name: str) -> tuple[str, str | None]:
 
 
 def resolve_methods(spec: str | list[str]) -> list[str]:
-    """``all`` (whatever METHODS holds now) or a comma list of registered names, each optionally
-    ``NAME@SCHEDULE`` (a width schedule of ``slimgpt prune --schedule``, e.g. ``slimgpt@search``)."""
+    """A comma list of registered names, each optionally ``NAME@SCHEDULE`` (a width schedule of
+    ``slimgpt prune --schedule``, e.g. ``slimgpt@search``); ``all`` in the list stands for every
+    registered method, so ``all,slimgpt@search`` is the whole table plus the searched allocation."""
     from slimgpt.methods import METHODS
     from slimgpt.schedule import SCHEDULES
 
-    names = list(METHODS) if spec in ("all", ["all"]) else (spec.split(",") if isinstance(spec, str) else list(spec))
-    names = [n.strip() for n in names if n.strip()]
+    given = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [m for n in given if n.strip() for m in (list(METHODS) if n.strip() == "all" else [n.strip()])]
     unknown = [n for n in names if split_variant(n)[0] not in METHODS]
     if unknown or not names:
         raise ConfigError(f"unknown method(s) {unknown or spec}; choose from {', '.join(METHODS)} or 'all'")

@@ -13,8 +13,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"zoo name or folder (default {DEFAULT_MODEL})")
     p.add_argument("--ratio", default="0.2,0.5", help="comma-separated shares of ALL parameters to remove")
     p.add_argument("--methods", default="all",
-                   help="'all' (every registered method) or a comma list; NAME@SCHEDULE runs a layer-wise method under "
-                        "another --schedule, e.g. slimgpt@uniform or slimgpt@search (the searched allocation)")
+                   help="comma list of methods, 'all' for every registered one; NAME@SCHEDULE runs a layer-wise method "
+                        "under another --schedule, e.g. all,slimgpt@uniform,slimgpt@search (the searched allocation)")
     p.add_argument("--out", required=True, help="folder for compare.json and compare.md")
     p.add_argument("--max-windows", type=int, help="perplexity on the first N windows only (quick runs)")
     p.add_argument("--ppl", default="auto",
