@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -287,6 +288,15 @@ def test_summarize_results_average_from_per_task_numbers() -> None:
     assert list(out["subtasks"]) == ["mmlu_anatomy"]
     table = zs.format_table({**out, "num_fewshot": 0})
     assert "| piqa | validation | 50 | 70.00 |" in table and "54.00" in table
+    assert out["average_stderr"] is None  # piqa's acc_norm has no standard error
+    raw["results"]["piqa"]["acc_norm_stderr,none"] = 0.03
+    out = zs.summarize_results(raw, ["boolq", "piqa", "mmlu"])
+    assert out["average_stderr"] == pytest.approx(math.sqrt(0.01**2 + 0.03**2 + 0.004**2) / 3)
+    from slimgpt.evaluation.results import zeroshot_table
+
+    md = zeroshot_table([{"label": "dense", "zeroshot": {**out, "num_fewshot": 0}}])
+    assert "piqa (acc_norm, n=50)" in md and "| 72.00 ± 3.00 |" in md
+    assert f"{100 * out['average']:.2f} ± {100 * out['average_stderr']:.2f}" in md
 
 
 # ------------------------------------------------------------------------------------ end to end

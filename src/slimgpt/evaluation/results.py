@@ -98,21 +98,31 @@ def zeroshot_table(entries: list[dict[str, Any]]) -> str:
     z0 = scored[0]["zeroshot"]
     metric = {t: next((e["zeroshot"]["tasks"][t].get("metric") for e in scored if t in e["zeroshot"]["tasks"]), None)
               for t in tasks}
+    docs = {t: next((e["zeroshot"]["tasks"][t].get("n") for e in scored if t in e["zeroshot"]["tasks"]), None)
+            for t in tasks}
     rows = [
-        f"{z0.get('num_fewshot', 0)}-shot accuracy (%), lm-eval {z0.get('lm_eval_version', '?')}"
+        f"{z0.get('num_fewshot', 0)}-shot accuracy (%) ± lm-eval's standard error, lm-eval {z0.get('lm_eval_version', '?')}"
         + (f", limit {z0['limit']} per task" if z0.get("limit") is not None else "")
         + f"; {'offline data from ' + str(z0.get('data_root')) if z0.get('offline') else 'hub data'}",
         "",
-        "| | " + " | ".join(f"{t} ({metric[t] or '–'})" for t in tasks) + " | average |",
+        "| | " + " | ".join(f"{t} ({metric[t] or '–'}, n={docs[t] or '?'})" for t in tasks) + " | average |",
         "|---|" + "---:|" * (len(tasks) + 1),
     ]
     for e in scored:
         r = e["zeroshot"]["tasks"]
-        cells = [f"{100 * r[t]['score']:.2f}" if t in r and r[t].get("score") is not None else "–" for t in tasks]
-        avg = e["zeroshot"].get("average")
-        rows.append(f"| {e['label']} | " + " | ".join(cells) + f" | {'–' if avg is None else f'{100 * avg:.2f}'} |")
-    rows += ["", f"Average metric: {z0.get('average_metric', '')}."]
+        cells = [_with_stderr(r[t].get("score"), r[t].get(f"{r[t].get('metric')}_stderr")) if t in r else "–"
+                 for t in tasks]
+        z = e["zeroshot"]
+        rows.append(f"| {e['label']} | " + " | ".join(cells) + f" | {_with_stderr(z.get('average'), z.get('average_stderr'))} |")
+    rows += ["", f"Average metric: {z0.get('average_metric', '')}; its standard error is the tasks' combined "
+                 "(independent documents)."]
     return "\n".join(rows)
+
+
+def _with_stderr(score: float | None, stderr: float | None) -> str:
+    if score is None:
+        return "–"
+    return f"{100 * score:.2f}" + ("" if stderr is None else f" ± {100 * stderr:.2f}")
 
 
 def evaluate_model(

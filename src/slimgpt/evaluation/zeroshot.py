@@ -624,10 +624,14 @@ def summarize_results(
     subtasks = {name: entry(name) for name in results if name not in per_task}
     scored = [t for t in tasks if per_task[t]["score"] is not None]
     average = sum(per_task[t]["score"] for t in scored) / len(scored) if scored else None
+    # The tasks' documents are independent, so the mean's variance is the sum of theirs over k².
+    errs = [per_task[t].get(f"{per_task[t]['metric']}_stderr") for t in scored]
+    average_stderr = math.sqrt(sum(e * e for e in errs)) / len(errs) if errs and None not in errs else None
     return {
         "tasks": per_task,
         "subtasks": subtasks,
         "average": average,
+        "average_stderr": average_stderr,
         "average_metric": AVERAGE_METRIC,
         "average_over": scored,
     }
