@@ -294,6 +294,12 @@ def test_summarize_results_average_from_per_task_numbers() -> None:
     assert out["average_stderr"] == pytest.approx(math.sqrt(0.01**2 + 0.03**2 + 0.004**2) / 3)
     from slimgpt.evaluation.results import zeroshot_table
 
+    raw["group_subtasks"] = {"mmlu": ["mmlu_other"], "mmlu_other": ["mmlu_anatomy", "mmlu_law"], "boolq": []}
+    raw["n-samples"].update({"mmlu_anatomy": {"original": 135, "effective": 5}, "mmlu_law": {"original": 1534,
+                                                                                           "effective": 5}})
+    out = zs.summarize_results(raw, ["boolq", "piqa", "mmlu"])
+    assert (out["tasks"]["mmlu"]["n"], out["tasks"]["mmlu"]["n_total"]) == (10, 1669)
+    assert "n" not in out["tasks"]["boolq"]
     md = zeroshot_table([{"label": "dense", "zeroshot": {**out, "num_fewshot": 0}}])
     assert "piqa (acc_norm, n=50)" in md and "| 72.00 ± 3.00 |" in md
     assert f"{100 * out['average']:.2f} ± {100 * out['average_stderr']:.2f}" in md

@@ -581,6 +581,12 @@ def primary_metric(metrics: dict[str, Any]) -> str | None:
     return None
 
 
+def _leaves(name: str, groups: dict[str, list[str]]) -> list[str]:
+    """The tasks under a group, recursively (``mmlu`` → its categories → 57 subjects); a task is its own leaf."""
+    children = groups.get(name) or []
+    return [leaf for c in children for leaf in _leaves(c, groups)] if children else [name]
+
+
 def summarize_results(
     raw: dict[str, Any], tasks: Sequence[str], sources: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
@@ -593,6 +599,7 @@ def summarize_results(
     results = raw.get("results", {})
     configs = raw.get("configs", {})
     n_samples = raw.get("n-samples", {})
+    groups = raw.get("group_subtasks", {})
     sources = sources or {}
 
     def entry(name: str) -> dict[str, Any]:
@@ -604,9 +611,11 @@ def summarize_results(
         out["metric"] = metric
         out["score"] = metrics.get(metric) if metric else None
         out["split"] = split
-        if name in n_samples:
-            out["n"] = n_samples[name].get("effective")
-            out["n_total"] = n_samples[name].get("original")
+        leaves = _leaves(name, groups)
+        if all(leaf in n_samples for leaf in leaves):  # a group (MMLU) counts its subjects' documents
+            for key, field in (("n", "effective"), ("n_total", "original")):
+                counts = [n_samples[leaf].get(field) for leaf in leaves]
+                out[key] = None if None in counts else sum(counts)
         if name in sources:
             out["source"] = sources[name]
         elif cfg.get("dataset_path"):
