@@ -179,3 +179,20 @@ def test_resume_reads_a_table_from_before_window_lengths(tiny_llama, tiny_tokeni
     again = run_compare("tiny", "0.3", "shortgpt", out, loaded=(tiny_llama, tiny_tokenizer), resume=True, **kw)
     assert [r["ppl"]["ppl"] for r in again["rows"]] == [r["ppl"]["ppl"] for r in first["rows"]]
     assert f"{first['rows'][1]['ppl']['ppl']:.2f}" in format_table(again)
+
+
+def test_benchmark_wrapper_is_the_cli_with_its_own_defaults():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
+    spec = importlib.util.spec_from_file_location("bench_compare", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = bench.parse(["--methods", "all,slimgpt@search", "--max-windows", "256", "--search-nsamples", "4"])
+    assert (a.model, a.ratio, a.out, a.methods) == ("smollm2-135m", "0.2,0.5", str(bench.OUT), "all,slimgpt@search")
+    assert (a.max_windows, a.search_nsamples, a.search_budget, a.nsamples) == (256, 4, "25m", None)
+    q = bench.parse(["--quick", "--model", "qwen2.5-0.5b", "--ratios", "0.2", "--nsamples", "16", "--out", "x"])
+    assert (q.model, q.ratio, q.out, q.nsamples, q.seqlen, q.max_windows) == ("qwen2.5-0.5b", "0.2", "x", 16, 128, 32)
+    with pytest.raises(SystemExit):
+        bench.parse(["--no-such-flag"])
