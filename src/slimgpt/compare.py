@@ -34,6 +34,7 @@ import torch
 from slimgpt import __version__, distributed
 from slimgpt.config import CPU_NSAMPLES, CPU_SEQLEN, GPU_NSAMPLES, GPU_SEQLEN, PruneConfig
 from slimgpt.errors import ConfigError, SlimGPTError
+from slimgpt.evaluation.perplexity import DEFAULT_PROTOCOL
 from slimgpt.methods import make_method
 from slimgpt.utils import rss_bytes
 
@@ -162,7 +163,7 @@ def run_compare(
     ppl_dataset: str = "wikitext2",
     ppl_seqlen: int | str | list[int] = 128,
     max_windows: int | None = None,
-    ppl_protocol: str = "slimgpt",
+    ppl_protocol: str = DEFAULT_PROTOCOL,
     tasks: str | None = None,
     task_limit: float | None = None,
     eval_batch_size: int = 8,
@@ -319,7 +320,7 @@ def _finished_rows(out: Path | None, result: dict[str, Any], resume: bool) -> di
     now = json.loads(json.dumps(result, default=str))
     old = prev.get("settings") or {}  # files from before a setting existed held its default
     old.setdefault("ppl_seqlens", [old.get("ppl_seqlen")])
-    old.setdefault("ppl_protocol", "slimgpt")
+    old.setdefault("ppl_protocol", DEFAULT_PROTOCOL)
     for k, v in PruneConfig().to_dict().items():
         if k in now["settings"]:
             old.setdefault(k, v)
@@ -353,7 +354,7 @@ def format_table(result: dict[str, Any]) -> str:
     from slimgpt.evaluation.perplexity import dataset_label
 
     seqlens = s.get("ppl_seqlens") or [s["ppl_seqlen"]]
-    protocol = s.get("ppl_protocol", "slimgpt")
+    protocol = s.get("ppl_protocol", DEFAULT_PROTOCOL)
     ppl_labels = [f"{dataset_label(s['ppl_dataset'])} PPL (seq {seqlens[0]})", *(f"seq {n}" for n in seqlens[1:])]
     head = ["ratio", "method", "params", "removed", "Δ params vs matched", *ppl_labels,
             *task_names, *(["zero-shot avg"] if task_names else []), "prune s", "peak RSS MiB"]

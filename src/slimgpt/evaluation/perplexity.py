@@ -99,6 +99,7 @@ def eval_text(dataset: str = "wikitext2", data_dir: str | Path | None = None,
 
 
 PROTOCOLS = ("slimgpt", "gptq")
+DEFAULT_PROTOCOL = PROTOCOLS[0]  # tables made before the choice existed used it
 """How windows are cut. ``slimgpt``: every window starts with BOS (for tokenizers that add one) and
 holds ``seqlen - 1`` text tokens, so every window is scored like a fresh document. ``gptq``: the
 published convention (GPTQ, SparseGPT, SlimGPT's and SliceGPT's code): the text is tokenised once
