@@ -3,7 +3,8 @@
 # log schedule (slimgpt), the uniform schedule, SlimGPT+BlockPruner and the peers, at matched
 # parameter counts, C4 64 × 512 calibration, WikiText-2 seq 128 (JSON + Markdown per model).
 #   SmolLM2-135M at 20 % and 50 %: benchmarks/results/compare_all/   (~3.5 h on 2 cores: block searches, two 25-min searches)
-#   Qwen2.5-Coder-0.5B at 20 %:    benchmarks/results/compare_qwen2.5-0.5b/   (~1 h)
+#   Qwen2.5-Coder-0.5B at 20 %:    benchmarks/results/compare_qwen2.5-0.5b/   (~1.5 h; no SlimGPT+BlockPruner row:
+#                                  its block search on all 64 calibration windows takes hours on 2 cores)
 # Extra arguments (e.g. --resume, --device cuda) go to both runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
