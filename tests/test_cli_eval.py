@@ -59,7 +59,7 @@ def test_eval_tasks_cli_writes_json(tiny_folder: Path, data_root: Path, tmp_path
                "--batch-size", "2", "--tasks-data", str(data_root), "--device", "cpu", "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "| model |" in printed and "piqa (acc_norm)" in printed
+    assert "| model |" in printed and "piqa (acc_norm, n=4)" in printed
 
     doc = json.loads(out.read_text())
     assert doc["kind"] == "slimgpt-eval" and doc["lm_eval_version"] == lm_eval.__version__
