@@ -2,7 +2,7 @@
 # The README's zero-shot tables: dense vs SlimGPT 20 % vs 50 % on the default model, the seven
 # commonsense tasks (0-shot) and MMLU (5-shot), through lm-evaluation-harness with its standard errors.
 # CPU-sized: the first LIMIT documents of each task (MMLU: of each of its 57 subjects); pass "full"
-# for the whole sets (about 69k requests, ~2 h per model on 2 cores at ~9 requests/s).
+# for the whole sets (about 69k requests, ~2.3 h per model on 2 cores at ~8.4 requests/s).
 # Usage: bash benchmarks/zeroshot.sh [LIMIT] [MMLU_LIMIT]      (defaults 500 and 20)
 set -euo pipefail
 LIMIT=${1:-500}

@@ -3,7 +3,7 @@
     python benchmarks/zeroshot_table.py benchmarks/results/zeroshot/p20.json benchmarks/results/zeroshot/p50.json \
         --out benchmarks/results/zeroshot/zeroshot.md
 
-Rows are the files' models in order (a pruned folder is named by its removed share); cells are
+Rows are the files' models in order (a pruned model is named by its folder); cells are
 lm-eval's accuracies with their standard errors, as ``slimgpt eval`` prints them.
 """
 
@@ -24,11 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     entries = []
     for f in a.files:
         for m in json.loads(Path(f).read_text())["models"]:
-            if m["label"] != "dense":
-                m["label"] = f"{Path(m['model']).name} ({m['params'] / 1e6:.1f}M params)"
-            else:
-                m["label"] = f"dense ({m['params'] / 1e6:.1f}M params)"
-            entries.append(m)
+            name = "dense" if m["label"] == "dense" else Path(m["model"]).name
+            entries.append({**m, "label": f"{name} ({m['params'] / 1e6:.1f}M params)"})
     table = zeroshot_table(entries)
     print(table)
     if a.out:

@@ -71,8 +71,17 @@ def dataset_label(name: str) -> str:
     return _LABELS.get(name, Path(name).name if name else "?")
 
 
+PROTOCOLS = ("slimgpt", "gptq")
+"""How windows are cut. ``slimgpt``: every window starts with BOS (for tokenizers that add one) and
+holds ``seqlen - 1`` text tokens, so every window is scored like a fresh document. ``gptq``: the
+published convention (GPTQ, SparseGPT, SlimGPT's and SliceGPT's code): the text is tokenised once
+with the tokenizer's own special tokens (one BOS for the whole text) and cut into ``seqlen``-token
+windows of that one stream, so only the first window starts with BOS."""
+DEFAULT_PROTOCOL = PROTOCOLS[0]  # also what tables made before the choice existed used
+
+
 def eval_text(dataset: str = "wikitext2", data_dir: str | Path | None = None,
-              protocol: str = "slimgpt") -> tuple[str, dict[str, Any]]:
+              protocol: str = DEFAULT_PROTOCOL) -> tuple[str, dict[str, Any]]:
     """Evaluation text and its provenance: ``wikitext2`` (the raw test split), ``wiki`` / ``c4``
     (documents joined with blank lines), ``auto`` (see :func:`resolve_eval_dataset`) or a file path
     (plain text as is; ``.jsonl``/``.json`` records joined with blank lines)."""
@@ -98,17 +107,10 @@ def eval_text(dataset: str = "wikitext2", data_dir: str | Path | None = None,
                   "chars": len(text), "protocol": protocol}
 
 
-PROTOCOLS = ("slimgpt", "gptq")
-DEFAULT_PROTOCOL = PROTOCOLS[0]  # tables made before the choice existed used it
-"""How windows are cut. ``slimgpt``: every window starts with BOS (for tokenizers that add one) and
-holds ``seqlen - 1`` text tokens, so every window is scored like a fresh document. ``gptq``: the
-published convention (GPTQ, SparseGPT, SlimGPT's and SliceGPT's code): the text is tokenised once
-with the tokenizer's own special tokens (one BOS for the whole text) and cut into ``seqlen``-token
-windows of that one stream, so only the first window starts with BOS."""
 
 
 def eval_windows(
-    tokenizer: Any, text: str, seqlen: int, max_windows: int | None = None, protocol: str = "slimgpt"
+    tokenizer: Any, text: str, seqlen: int, max_windows: int | None = None, protocol: str = DEFAULT_PROTOCOL
 ) -> tuple[torch.Tensor, bool]:
     """``(windows, bos)``: the non-overlapping evaluation windows of ``text`` as a LongTensor
     (``bos``: every window starts with BOS)."""
@@ -196,7 +198,7 @@ def perplexity(
     data_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
-    protocol: str = "slimgpt",
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` on ``dataset`` (``wikitext2`` or a text file), windows cut by
     ``protocol`` (:data:`PROTOCOLS`).

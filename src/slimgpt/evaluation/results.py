@@ -96,10 +96,11 @@ def zeroshot_table(entries: list[dict[str, Any]]) -> str:
     for e in scored:
         tasks += [t for t in e["zeroshot"]["tasks"] if t not in tasks]
     z0 = scored[0]["zeroshot"]
-    metric = {t: next((e["zeroshot"]["tasks"][t].get("metric") for e in scored if t in e["zeroshot"]["tasks"]), None)
-              for t in tasks}
-    docs = {t: next((e["zeroshot"]["tasks"][t].get("n") for e in scored if t in e["zeroshot"]["tasks"]), None)
-            for t in tasks}
+    def first(task: str, key: str) -> Any:  # the first model that ran the task says its metric and size
+        return next((e["zeroshot"]["tasks"][task].get(key) for e in scored if task in e["zeroshot"]["tasks"]), None)
+
+    metric = {t: first(t, "metric") for t in tasks}
+    docs = {t: first(t, "n") for t in tasks}
     rows = [
         f"{z0.get('num_fewshot', 0)}-shot accuracy (%) ± lm-eval's standard error, lm-eval {z0.get('lm_eval_version', '?')}"
         + (f", limit {z0['limit']} per task" if z0.get("limit") is not None else "")
