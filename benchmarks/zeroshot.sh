@@ -4,20 +4,32 @@
 # CPU-sized: the first LIMIT documents of each task (MMLU: of each of its 57 subjects); pass "full"
 # for the whole sets (about 69k requests, ~2.3 h per model on 2 cores at ~8.4 requests/s).
 # Usage: bash benchmarks/zeroshot.sh [LIMIT] [MMLU_LIMIT]      (defaults 500 and 20)
+# Environment: BATCH (lm-eval requests per forward, default 8: fastest on 2 cores; 64 on a GPU),
+# DTYPE (default float32 everywhere, so that a GPU run prunes and scores the same way as the CPU),
+# RESULTS (output folder, default benchmarks/results/zeroshot), RESUME=1 (skip steps whose JSON exists).
 set -euo pipefail
 LIMIT=${1:-500}
 MMLU_LIMIT=${2:-20}
-OUT=benchmarks/results/zeroshot
+BATCH=${BATCH:-8}
+DTYPE=${DTYPE:-float32}
+RES=${RESULTS:-benchmarks/results/zeroshot}
+RESUME=${RESUME:-0}
 DATA=${SLIMGPT_DATA:-../shared/data}
 lim() { [ "$1" = full ] || echo "--limit $1"; }
-mkdir -p "$OUT"
-[ -d "$OUT/p20" ] || slimgpt prune smollm2-135m --ratio 0.2 --out "$OUT/p20" --data-dir "$DATA"
-[ -d "$OUT/p50" ] || slimgpt prune smollm2-135m --ratio 0.5 --out "$OUT/p50" --data-dir "$DATA"
+# ev JSON MODEL ARGS...: one evaluation, skipped under RESUME=1 when its JSON is already there
+ev() {
+  local json=$1; shift
+  [ "$RESUME" = 1 ] && [ -f "$json" ] && { echo "skip: $json exists"; return; }
+  slimgpt eval "$@" --batch-size "$BATCH" --dtype "$DTYPE" --json "$json"
+}
+mkdir -p "$RES"
+[ -d "$RES/p20" ] || slimgpt prune smollm2-135m --ratio 0.2 --out "$RES/p20" --data-dir "$DATA" --dtype "$DTYPE"
+[ -d "$RES/p50" ] || slimgpt prune smollm2-135m --ratio 0.5 --out "$RES/p50" --data-dir "$DATA" --dtype "$DTYPE"
 # shellcheck disable=SC2046
 {
-slimgpt eval "$OUT/p20" --tasks commonsense $(lim "$LIMIT") --json "$OUT/p20.json"            # dense + 20 %
-slimgpt eval "$OUT/p50" --tasks commonsense $(lim "$LIMIT") --json "$OUT/p50.json" --no-baseline
+ev "$RES/p20.json" "$RES/p20" --tasks commonsense $(lim "$LIMIT")            # dense + 20 %
+ev "$RES/p50.json" "$RES/p50" --tasks commonsense $(lim "$LIMIT") --no-baseline
 [ "$MMLU_LIMIT" = 0 ] && exit 0
-slimgpt eval "$OUT/p20" --tasks mmlu --num-fewshot 5 $(lim "$MMLU_LIMIT") --json "$OUT/mmlu_p20.json"
-slimgpt eval "$OUT/p50" --tasks mmlu --num-fewshot 5 $(lim "$MMLU_LIMIT") --json "$OUT/mmlu_p50.json" --no-baseline
+ev "$RES/mmlu_p20.json" "$RES/p20" --tasks mmlu --num-fewshot 5 $(lim "$MMLU_LIMIT")
+ev "$RES/mmlu_p50.json" "$RES/p50" --tasks mmlu --num-fewshot 5 $(lim "$MMLU_LIMIT") --no-baseline
 }
