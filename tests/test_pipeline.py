@@ -103,6 +103,8 @@ def test_api_prune_save_reload_and_generate(tiny_llama_gqa, tiny_tokenizer, cali
     assert abs(rep["params"]["removed_ratio"] - 0.3) < 0.01
     assert rep["params"]["pruned"] == parameter_count(res.model)
     assert len(rep["layers"]) == 4 and rep["time_s"]["solver"] > 0
+    # what no bucket timed: never negative (a bucket counting time outside the prune would make it so)
+    assert 0 <= rep["time_s"]["other"] < rep["time_s"]["prune_total"]
     assert (out / "slimgpt.json").is_file() and not list(tmp_path.glob("*.tmp*"))
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(logits(reloaded), logits(res.model), atol=0, rtol=0)
@@ -220,3 +222,25 @@ def test_slimgpt_removes_dead_channels_first_at_no_cost(tiny_llama):
     plan = res.plans[0]
     assert 5 not in plan.kept_channels and 17 not in plan.kept_channels
     assert plan.stats["mlp_error"] == 0.0
+
+
+def test_timer_waits_for_the_gpu_on_cuda_only(monkeypatch):
+    """CUDA kernels run asynchronously: a bucket must synchronise when it opens and closes, or it
+    times only the launches. On CPU it must not touch CUDA at all."""
+    from slimgpt.methods.base import Timer
+
+    calls: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    gpu = Timer(torch.device("cuda", 0))
+    with gpu("forward"):
+        assert calls == [torch.device("cuda", 0)]
+    with gpu("solver"):
+        pass
+    assert len(calls) == 4 and set(gpu.seconds) == {"forward", "solver"}
+    calls.clear()
+    cpu = Timer(torch.device("cpu"))
+    with cpu("forward"):
+        pass
+    with Timer()("forward"):
+        pass
+    assert calls == [] and cpu.seconds["forward"] >= 0

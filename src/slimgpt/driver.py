@@ -108,7 +108,7 @@ def run_layerwise(
     offload = offload or torch.device("cpu")
     store = store or LayerStore()
     torch.set_flush_denormal(True)  # fp32 solves on CPU can slow 50x on denormals (measured here)
-    timer = Timer()
+    timer = Timer(device)
     model_dtype = next(adapter.model.parameters()).dtype
     with timer("forward"):
         hidden = inputs if inputs is not None else store.inputs(adapter, distributed.shard(calib, batch_size),

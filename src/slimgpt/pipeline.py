@@ -315,7 +315,7 @@ class WholeModelExecution(Execution):
         method = run.method
         assert isinstance(method, GlobalMethod)
         t0 = time.perf_counter()
-        timer = Timer()
+        timer = Timer(run.device)
         ctx = context(run, timer)
         if run.cfg.out is not None and getattr(method, "resumable", False):
             from slimgpt.methods.blockpruner import SearchJournal
@@ -394,6 +394,8 @@ def build_report(run: Run, outcome: Outcome) -> dict[str, Any]:
             "solver_over_forward": secs.get("solver", 0.0) / max(secs.get("forward", 1e-9), 1e-9),
             "communication": secs.get("communication", 0.0),  # torchrun: reductions, broadcasts (rank 0)
             "stream_read": io.get("load", 0.0), "checkpoint_write": io.get("write", 0.0),
+            # prune_total outside every bucket above (bookkeeping, moving activations between devices)
+            "other": outcome.prune_s - sum(secs.values()) - io.get("load", 0.0) - io.get("write", 0.0),
         },
         "streamed": run.stream,
         "resumed_from_layer": outcome.resumed_from_layer,
@@ -419,7 +421,8 @@ def format_layer_table(report: dict[str, Any]) -> str:
     )
     rows.append(
         f"time: {t['prune_total']:.1f} s pruning (forward {t['calibration_forward']:.1f} s, Hessian {t['hessian']:.1f} s, "
-        f"solver {t['solver']:.1f} s; solver/forward {t['solver_over_forward']:.2f}), load {t['load']:.1f} s"
+        f"solver {t['solver']:.1f} s, other {t['other']:.1f} s; solver/forward {t['solver_over_forward']:.2f}), "
+        f"load {t['load']:.1f} s"
     )
     mem = f"peak memory: {m['peak_rss_mib']:.0f} MiB resident"
     if "peak_cuda_mib" in m:

@@ -308,7 +308,7 @@ def block_search(
             f"the target removes {target_params / 1e6:.2f}M parameters but all attention and MLP blocks hold "
             f"{sum(sizes) / 1e6:.2f}M; lower --ratio"
         )
-    timer = timer or Timer()
+    timer = timer or Timer(device)
     dense_params = dense_params or sum(sizes)
     chain = BlockChain(adapter, calib.shape[1], device)
     batches = list(calib.split(batch_size))

@@ -155,7 +155,7 @@ def build_database(
     if db is not None:
         log.info("reusing the level database in %s", folder)
         return db
-    timer = timer or Timer()
+    timer = timer or Timer(device)
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
