@@ -121,9 +121,15 @@ def run_layerwise(
         store.acquire(i)
         layer = adapter.layers[i]
         home = next(layer.parameters()).device
-        layer.to(device)
+        with timer("offload"):
+            layer.to(device)
         run = LayerRunner(i, layer, adapter, hidden, ctx, device, timer)
-        dense_out = [o.to(offload) for o in run.outputs()] if propagate == "original" else None
+        dense_out = None
+        if propagate == "original":
+            dense = run.outputs()
+            with timer("offload"):  # moving activations off the compute device, a cost of its own on a GPU
+                dense_out = [o.to(offload) for o in dense]
+            del dense
         try:
             plan = method.prune_layer(run, widths[i], spaces[i])
         except NumericalError as e:  # solvers do not know the layer; the user needs it
@@ -139,10 +145,13 @@ def run_layerwise(
             channels=len(plan.kept_channels) if plan.kept_channels is not None else spaces[i].channels,
             ratio=widths[i].ratio,
         )
-        out = [o.to(offload) for o in run.outputs()]
+        out = run.outputs()
+        with timer("offload"):
+            out = [o.to(offload) for o in out]
         hidden = dense_out if dense_out is not None else out
         del run
-        layer.to(home)
+        with timer("offload"):
+            layer.to(home)
         plans[i] = plan
         bar.set_postfix(heads=plan.stats["heads"], channels=plan.stats["channels"])
         store.release(i, plan)
