@@ -7,6 +7,7 @@ import argparse
 from slimgpt.cli.common import add_search_args
 from slimgpt.config import CPU_NSAMPLES, CPU_SEQLEN, DEFAULT_MODEL, GPU_NSAMPLES, GPU_SEQLEN, PruneConfig
 from slimgpt.errors import ConfigError
+from slimgpt.evaluation.perplexity import DEFAULT_PROTOCOL, PROTOCOLS
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +24,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-seqlen", default="128",
                    help="perplexity window length(s), e.g. 128,2048 (paper: 128; BlockPruner/SliceGPT: 2048); "
                         "--max-windows counts windows of the first, the others read the same tokens")
-    p.add_argument("--protocol", default="slimgpt", choices=("slimgpt", "gptq"),
+    p.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=PROTOCOLS,
                    help="perplexity windows: slimgpt (a BOS per window) | gptq (one BOS for the whole text, as the "
                         "papers' code does)")
     p.add_argument("--tasks", help="zero-shot tasks for lm-eval, e.g. commonsense or boolq,piqa (default: none)")

@@ -6,6 +6,7 @@ import argparse
 
 from slimgpt.cli.common import add_task_args, check_task_args, parse_limit
 from slimgpt.errors import ConfigError
+from slimgpt.evaluation.perplexity import DEFAULT_PROTOCOL, PROTOCOLS
 from slimgpt.evaluation.results import (
     eval_document,
     evaluate_model,
@@ -24,7 +25,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "| wiki | c4 | FILE (default: auto when no --tasks are given; not evaluated with --tasks alone)")
     p.add_argument("--seqlen", default="128", help="comma-separated window lengths (paper: 128; also 2048)")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick runs)")
-    p.add_argument("--protocol", default="slimgpt", choices=("slimgpt", "gptq"),
+    p.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=PROTOCOLS,
                    help="slimgpt: BOS + seqlen-1 text tokens in every window; gptq: the published convention (GPTQ, "
                         "SlimGPT's and SliceGPT's code): text tokenised once with one BOS, cut into seqlen windows")
     add_task_args(p, "--tasks")
