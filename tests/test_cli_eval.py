@@ -66,6 +66,7 @@ def test_eval_tasks_cli_writes_json(tiny_folder: Path, data_root: Path, tmp_path
     assert doc["settings"]["limit"] == 4 and doc["settings"]["tasks"] == "piqa,arc_easy"
     (entry,) = doc["models"]
     assert entry["label"] == "model" and entry["ppl"] == {}
+    assert set(entry["time_s"]) == {"zeroshot"} and entry["time_s"]["zeroshot"] > 0  # what was run, timed
     zs = entry["zeroshot"]
     assert zs["offline"] is True and zs["tasks"]["piqa"]["n"] == 4
 
@@ -178,6 +179,7 @@ def test_eval_ppl_cli_matches_hand_computed(tiny_folder: Path, tmp_path: Path) -
                  "--json", str(out)]) == 0
     entry = json.loads(out.read_text())["models"][0]
     assert set(entry["ppl"]) == {"8", "16"} and "zeroshot" not in entry
+    assert set(entry["time_s"]) == {"ppl_8", "ppl_16"} and min(entry["time_s"].values()) > 0
     tok = _tiny_tokenizer()
     model = _tiny_model(len(tok))
     ids = tok(words, add_special_tokens=False)["input_ids"]

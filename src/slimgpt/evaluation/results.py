@@ -130,22 +130,28 @@ def evaluate_model(
     label: str, name: str, model: Any, tokenizer: Any, *, ppl: str | None = None, seqlens: list[int] | None = None,
     max_windows: int | None = None, tasks: str | None = None, num_fewshot: int = 0,
     limit: int | float | None = None, batch_size: int = 8, data_dir: str | None = None,
-    tasks_data: str | None = None, precomputed_ppl: dict[str, Any] | None = None, protocol: str = "slimgpt",
+    tasks_data: str | None = None, precomputed_ppl: dict[str, Any] | None = None, protocol: str | None = None,
 ) -> dict[str, Any]:
-    """One entry of the eval JSON: perplexity per window length and/or lm-eval tasks."""
+    """One entry of the eval JSON: perplexity per window length and/or lm-eval tasks, and the wall
+    time of each (``time_s``), so that a published evaluation time comes from the JSON."""
     from slimgpt.surgery import parameter_count
 
     entry: dict[str, Any] = {"label": label, "model": name, "params": parameter_count(model),
-                             "ppl": dict(precomputed_ppl or {})}
+                             "ppl": dict(precomputed_ppl or {}), "time_s": {}}
     if ppl:
-        from slimgpt.evaluation.perplexity import perplexity
+        from slimgpt.evaluation.perplexity import DEFAULT_PROTOCOL, perplexity
 
         for s in seqlens or []:
+            t = time.perf_counter()
             entry["ppl"][str(s)] = perplexity(model, tokenizer, ppl, seqlen=s, batch_size=batch_size,
-                                              max_windows=max_windows, data_dir=data_dir, protocol=protocol)
+                                              max_windows=max_windows, data_dir=data_dir,
+                                              protocol=protocol or DEFAULT_PROTOCOL)
+            entry["time_s"][f"ppl_{s}"] = time.perf_counter() - t  # a float back: the device has finished
     if tasks:
         from slimgpt.evaluation.zeroshot import evaluate_tasks
 
+        t = time.perf_counter()
         entry["zeroshot"] = evaluate_tasks(model, tokenizer, tasks, num_fewshot=num_fewshot, limit=limit,
                                            batch_size=batch_size, data_root=tasks_data)
+        entry["time_s"]["zeroshot"] = time.perf_counter() - t
     return entry
