@@ -196,3 +196,39 @@ def test_benchmark_wrapper_is_the_cli_with_its_own_defaults():
     assert (q.model, q.ratio, q.out, q.nsamples, q.seqlen, q.max_windows) == ("qwen2.5-0.5b", "0.2", "x", 16, 128, 32)
     with pytest.raises(SystemExit):
         bench.parse(["--no-such-flag"])
+
+
+def test_kept_models_are_evaluated_again_when_only_the_evaluation_changes(tiny_llama, tiny_tokenizer, text_file,
+                                                                          tmp_path, monkeypatch):
+    """--keep-models saves each row's model; a --resume that adds a window length evaluates those
+    models again (no pruning) and reproduces the first length exactly; a row without a kept model
+    is pruned again."""
+    import slimgpt.api
+
+    base = PruneConfig(model="tiny", calib=text_file, nsamples=8, seqlen=32, batch_size=4)
+    out, keep = tmp_path / "cmp", tmp_path / "models"
+    kw = dict(base=base, ppl_dataset=text_file, max_windows=4, progress=False, loaded=(tiny_llama, tiny_tokenizer))
+    first = run_compare("tiny", "0.3", "shortgpt,magnitude", out, ppl_seqlen=16, keep_models=keep, **kw)
+    rows = {r["method"]: r for r in first["rows"]}
+    assert sorted(p.name for p in keep.iterdir()) == ["0.3-magnitude", "0.3-shortgpt"]
+    assert rows["magnitude"]["model_dir"] == str((keep / "0.3-magnitude").resolve())
+    saved = json.loads((out / "compare.json").read_text())
+    for r in saved["rows"]:  # a row without its kept model must be pruned again
+        if r["method"] == "shortgpt":
+            del r["model_dir"]
+    (out / "compare.json").write_text(json.dumps(saved))
+
+    calls = []
+    real = slimgpt.api.prune
+    monkeypatch.setattr(slimgpt.api, "prune", lambda cfg, **k: calls.append(cfg.method) or real(cfg, **k))
+    again = run_compare("tiny", "0.3", "shortgpt,magnitude", out, ppl_seqlen="16,32", resume=True, **kw)
+    assert calls == ["shortgpt"]
+    new = {r["method"]: r for r in again["rows"]}
+    for m in ("dense", "shortgpt", "magnitude"):
+        assert set(new[m]["ppl"]["by_seqlen"]) == {"16", "32"}
+        assert new[m]["ppl"]["by_seqlen"]["16"]["ppl"] == rows[m]["ppl"]["by_seqlen"]["16"]["ppl"]
+    assert new["magnitude"]["prune_s"] == rows["magnitude"]["prune_s"]  # the first run's pruning, not a new one
+    assert json.loads((out / "compare.json").read_text())["settings"]["ppl_seqlens"] == [16, 32]
+    with pytest.raises(ConfigError, match="another settings"):  # a pruning setting still may not change
+        run_compare("tiny", "0.3", "magnitude", out, ppl_seqlen=16, resume=True,
+                    **{**kw, "base": PruneConfig(model="tiny", calib=text_file, nsamples=4, seqlen=32, batch_size=4)})

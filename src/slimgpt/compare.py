@@ -170,6 +170,7 @@ def run_compare(
     loaded: tuple[Any, Any] | None = None,
     progress: bool = True,
     resume: bool = False,
+    keep_models: str | Path | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` with every method at every ratio (matched parameter counts), evaluate,
     write ``compare.json`` and ``compare.md`` to ``out_dir``; returns the JSON dict.
@@ -179,6 +180,9 @@ def run_compare(
     ``(model, tokenizer)`` to use instead of loading ``model`` (tests). With ``resume``, rows
     already in ``out_dir/compare.json`` (same model and settings, no error) are kept, not rerun.
     ``ppl_seqlen`` may list several window lengths; ``max_windows`` counts windows of the first.
+    ``keep_models`` saves every pruned model under ``keep_models/<ratio>-<method>`` (recorded in its
+    row as ``model_dir``); a later ``resume`` whose *evaluation* settings differ (another window
+    length, protocol, task set) then re-evaluates those models instead of pruning again.
     """
     from slimgpt.api import prune
     from slimgpt.evaluation.perplexity import PROTOCOLS
@@ -227,7 +231,8 @@ def run_compare(
         "rows": [],
     }
 
-    done = _finished_rows(out, result, resume)
+    done, reevaluate = _finished_rows(out, result, resume)
+    keep = Path(keep_models) if keep_models is not None else None
 
     def write() -> None:
         if out is not None and distributed.is_main():
@@ -253,12 +258,21 @@ def run_compare(
             cfg = method_config(base, name, target)
             row: dict[str, Any] = {"ratio": ratio, "method": name, "depth_unit": unit, "target_ratio": target,
                                    "matched_to": matched_by}
-            if (ratio, name) in done:
-                row = done[(ratio, name)]
-                log.info("compare: %s at ratio %.2f already in %s; kept", name, ratio, out)
+            if (ratio, name) in done or (ratio, name) in reevaluate:
+                row = done.get((ratio, name)) or reevaluate[(ratio, name)]
+                if (ratio, name) in reevaluate:  # pruned before; only the evaluation changed
+                    log.info("compare: %s at ratio %.2f: evaluating its kept model %s", name, ratio, row["model_dir"])
+                    model, _ = load_model(row["model_dir"], dtype=dtype, device=device)
+                    row.pop("error", None)
+                    _evaluate_row(row, model, tok, ppl_dataset, seqlens, max_windows, base.data_dir, eval_batch_size,
+                                  device, ppl_protocol, tasks, task_limit)
+                    del model
+                else:
+                    log.info("compare: %s at ratio %.2f already in %s; kept", name, ratio, out)
                 if unit and matched is None:
                     matched, matched_by = row["removed_ratio"], name
                 result["rows"].append(row)
+                write()
                 continue
             log.info("compare: %s at ratio %.4f (nominal %.2f)", name, target, ratio)
             rss0 = rss_bytes()
@@ -295,13 +309,14 @@ def run_compare(
                 row["search"] = {k: search[k] for k in ("removed", "removed_layers", "evaluations", "search_s",
                                                         "calibration_tokens") if k in search}
                 row["search"].update({k: v for k, v in (search.get("extra") or {}).items() if k.startswith("search_")})
+            if keep is not None and distributed.is_main():
+                from slimgpt.io import save_pruned
+
+                row["model_dir"] = str(save_pruned(res.model, tok, keep / f"{ratio:g}-{name}", metadata=rep,
+                                                   overwrite=True))
             model = res.model.to(device)
-            try:
-                row["ppl"] = _eval_ppl(model, tok, ppl_dataset, seqlens, max_windows, base.data_dir,
-                                       eval_batch_size, device, ppl_protocol)
-                row["zeroshot"] = _eval_tasks(model, tok, tasks, task_limit, eval_batch_size)
-            except SlimGPTError as e:
-                row["error"] = f"evaluation: {e}"
+            _evaluate_row(row, model, tok, ppl_dataset, seqlens, max_windows, base.data_dir, eval_batch_size,
+                          device, ppl_protocol, tasks, task_limit)
             del res, model
             gc.collect()
             result["rows"].append(row)
@@ -310,12 +325,30 @@ def run_compare(
     return result
 
 
-def _finished_rows(out: Path | None, result: dict[str, Any], resume: bool) -> dict[tuple[float, str], dict]:
-    """Rows of an earlier run in ``out`` to keep, by ``(ratio, method)``; an earlier run made with
-    other settings is refused rather than mixed in."""
+def _evaluate_row(row: dict[str, Any], model: Any, tok: Any, ppl_dataset: str, seqlens: list[int],
+                  max_windows: int | None, data_dir: str | None, batch_size: int, device: torch.device,
+                  protocol: str, tasks: str | None, task_limit: float | None) -> None:
+    """Fill ``row``'s perplexity and zero-shot cells; an evaluation error is the row's error."""
+    try:
+        row["ppl"] = _eval_ppl(model, tok, ppl_dataset, seqlens, max_windows, data_dir, batch_size, device, protocol)
+        row["zeroshot"] = _eval_tasks(model, tok, tasks, task_limit, batch_size)
+    except SlimGPTError as e:
+        row["error"] = f"evaluation: {e}"
+
+
+# Settings that change only how rows are scored: a resume that changes them re-evaluates kept models.
+EVAL_SETTINGS = ("ppl_dataset", "ppl_seqlen", "ppl_seqlens", "ppl_protocol", "max_windows", "tasks", "task_limit")
+
+
+def _finished_rows(out: Path | None, result: dict[str, Any], resume: bool
+                   ) -> tuple[dict[tuple[float, str], dict], dict[tuple[float, str], dict]]:
+    """Rows of an earlier run in ``out``, by ``(ratio, method)``: those to keep as they are, and
+    (when only the evaluation settings changed) those whose kept model is to be evaluated again;
+    rows without a kept model are then pruned again. An earlier run made with other pruning
+    settings is refused rather than mixed in."""
     path = out / "compare.json" if out is not None else None
     if not resume or path is None or not path.is_file():
-        return {}
+        return {}, {}
     prev = json.loads(path.read_text())
     now = json.loads(json.dumps(result, default=str))
     old = prev.get("settings") or {}  # files from before a setting existed held its default
@@ -324,10 +357,23 @@ def _finished_rows(out: Path | None, result: dict[str, Any], resume: bool) -> di
     for k, v in PruneConfig().to_dict().items():
         if k in now["settings"]:
             old.setdefault(k, v)
-    for key in ("model", "dense_params", "device", "dtype", "settings"):
+    prev["settings"] = old
+    for key in ("model", "dense_params", "device", "dtype"):
         if prev.get(key) != now.get(key):
             raise ConfigError(f"--resume: {path} was made with another {key}; drop --resume or choose another --out")
-    return {(r["ratio"], r["method"]): r for r in prev.get("rows", []) if "error" not in r}
+
+    def split(settings: dict[str, Any], evaluation: bool) -> dict[str, Any]:
+        return {k: v for k, v in settings.items() if (k in EVAL_SETTINGS) == evaluation}
+
+    if split(old, False) != split(now["settings"], False):
+        raise ConfigError(f"--resume: {path} was made with another settings; drop --resume or choose another --out")
+    rows = {(r["ratio"], r["method"]): r for r in prev.get("rows", []) if "error" not in r or r.get("model_dir")}
+    if split(old, True) == split(now["settings"], True):
+        return {k: r for k, r in rows.items() if "error" not in r}, {}
+    kept = {k: r for k, r in rows.items() if r.get("model_dir") and Path(r["model_dir"]).is_dir()}
+    log.info("compare: evaluation settings changed; %d kept models are evaluated again, %d rows pruned again",
+             len(kept), len([k for k in rows if k not in kept and k[1] != "dense"]))
+    return {}, kept
 
 
 def _ppl_at(row: dict[str, Any], seqlen: int, i: int) -> float | None:

@@ -39,7 +39,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     from slimgpt.search.options import add_allocation_args  # --search-* of slimgpt@search rows
 
     add_allocation_args(p)
-    p.add_argument("--resume", action="store_true", help="keep the rows already in OUT/compare.json (same settings)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in OUT/compare.json (same settings; with other evaluation settings, "
+                        "e.g. another --ppl-seqlen or --tasks, models kept by --keep-models are evaluated again)")
+    p.add_argument("--keep-models", metavar="DIR",
+                   help="save every pruned model under DIR/<ratio>-<method>/ (loadable like any pruned folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -61,7 +65,7 @@ def run(a: argparse.Namespace) -> int:
                        search_dtype=a.search_dtype, search_nsamples=a.search_nsamples, **allocation_kwargs(a))
     result = run_compare(a.model, a.ratio, a.methods, a.out, base=base, ppl_dataset=a.ppl, ppl_seqlen=a.ppl_seqlen,
                          max_windows=a.max_windows, ppl_protocol=a.protocol, tasks=a.tasks, task_limit=limit,
-                         eval_batch_size=a.eval_batch_size, resume=a.resume)
+                         eval_batch_size=a.eval_batch_size, resume=a.resume, keep_models=a.keep_models)
     from slimgpt import distributed
 
     if distributed.is_main():  # under torchrun rank 0 prints and writes
