@@ -42,18 +42,19 @@ class Timer:
         self.seconds: dict[str, float] = {}
         self._cuda = device if device is not None and device.type == "cuda" else None
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Wait for the device (CUDA only), for code that times a slice of a bucket itself."""
         if self._cuda is not None:
             torch.cuda.synchronize(self._cuda)
 
     @contextmanager
     def __call__(self, bucket: str) -> Iterator[None]:
-        self._sync()
+        self.sync()
         t = time.perf_counter()
         try:
             yield
         finally:
-            self._sync()
+            self.sync()
             self.seconds[bucket] = self.seconds.get(bucket, 0.0) + time.perf_counter() - t
 
     def move(self, src: str, dst: str, secs: float) -> None:
@@ -147,8 +148,10 @@ class LayerRunner:
         hook_time = [0.0]
 
         def hook(_m: nn.Module, args: tuple) -> None:
+            self.timer.sync()  # the accumulation's own time, not the attention still queued before it
             t = time.perf_counter()
             acc.add(args[0])
+            self.timer.sync()
             hook_time[0] += time.perf_counter() - t
 
         handle = module.register_forward_pre_hook(hook)
