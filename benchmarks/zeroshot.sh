@@ -25,12 +25,9 @@ ev() {
 }
 # needs P: a model folder is needed unless RESUME=1 and every JSON made from it is there already
 needs() {
-  local p=$1 j
   [ "$RESUME" = 1 ] || return 0
-  for j in "$RES/$p.json" "$RES/mmlu_$p.json"; do
-    [ "$j" = "$RES/mmlu_$p.json" ] && [ "$MMLU_LIMIT" = 0 ] && continue
-    [ -f "$j" ] || return 0
-  done
+  [ -f "$RES/$1.json" ] || return 0
+  [ "$MMLU_LIMIT" = 0 ] || [ -f "$RES/mmlu_$1.json" ] || return 0
   return 1
 }
 mkdir -p "$RES"

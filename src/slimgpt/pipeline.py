@@ -395,7 +395,7 @@ def build_report(run: Run, outcome: Outcome) -> dict[str, Any]:
             "communication": secs.get("communication", 0.0),  # torchrun: reductions, broadcasts (rank 0)
             "offload": secs.get("offload", 0.0),  # layers and their outputs moved between devices
             "stream_read": io.get("load", 0.0), "checkpoint_write": io.get("write", 0.0),
-            # prune_total outside every bucket above (bookkeeping, moving activations between devices)
+            # prune_total outside every bucket above (bookkeeping the buckets do not cover)
             "other": outcome.prune_s - sum(secs.values()) - io.get("load", 0.0) - io.get("write", 0.0),
         },
         "streamed": run.stream,
@@ -423,8 +423,7 @@ def format_layer_table(report: dict[str, Any]) -> str:
     rows.append(
         f"time: {t['prune_total']:.1f} s pruning (forward {t['calibration_forward']:.1f} s, Hessian {t['hessian']:.1f} s, "
         f"solver {t['solver']:.1f} s, offload {t['offload']:.1f} s, other {t['other']:.1f} s; "
-        f"solver/forward {t['solver_over_forward']:.2f}), "
-        f"load {t['load']:.1f} s"
+        f"solver/forward {t['solver_over_forward']:.2f}), load {t['load']:.1f} s"
     )
     mem = f"peak memory: {m['peak_rss_mib']:.0f} MiB resident"
     if "peak_cuda_mib" in m:

@@ -107,8 +107,6 @@ def eval_text(dataset: str = "wikitext2", data_dir: str | Path | None = None,
                   "chars": len(text), "protocol": protocol}
 
 
-
-
 def eval_windows(
     tokenizer: Any, text: str, seqlen: int, max_windows: int | None = None, protocol: str = DEFAULT_PROTOCOL
 ) -> tuple[torch.Tensor, bool]:
