@@ -7,18 +7,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from slimgpt.defaults import CPU_NSAMPLES, CPU_SEQLEN, DEFAULT_MODEL, GPU_NSAMPLES, GPU_SEQLEN
 from slimgpt.errors import ConfigError
 from slimgpt.schedule import SCHEDULES
-from slimgpt.utils import parse_size
 
-DEFAULT_MODEL = "smollm2-135m"
-# The paper calibrates on 256 × 2048 tokens (GPU). On 2 CPU cores that is hours for the default
-# model, so CPU runs default to 64 × 512 tokens (a few minutes for SmolLM2-135M).
-GPU_NSAMPLES, GPU_SEQLEN = 256, 2048
-CPU_NSAMPLES, CPU_SEQLEN = 64, 512
+if TYPE_CHECKING:  # torch is imported by whoever runs the config, not by argument parsing
+    import torch
+
+__all__ = ["CPU_NSAMPLES", "CPU_SEQLEN", "DEFAULT_MODEL", "GPU_NSAMPLES", "GPU_SEQLEN", "PruneConfig"]
 
 
 @dataclass
@@ -76,21 +74,14 @@ class PruneConfig:
             raise ConfigError(f"--first-ratio must be in [0, 1); got {self.first_ratio}")
         if self.schedule not in SCHEDULES and not Path(self.schedule).is_file():
             raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)} or an existing file; got '{self.schedule}'")
-        from slimgpt.methods import METHODS
-
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown --method '{self.method}'; choose from {', '.join(METHODS)}")
         if self.head_score not in ("gcd", "gcd-exact", "initial"):
             raise ConfigError(f"--head-score must be gcd, gcd-exact or initial; got '{self.head_score}'")
         if self.ffn_groups != "dynamic" and not (str(self.ffn_groups).isdigit() and int(self.ffn_groups) > 0):
             raise ConfigError(f"--ffn-groups must be 'dynamic' or a positive integer; got '{self.ffn_groups}'")
-        from slimgpt.methods.blockpruner import SEARCH_DTYPES
         from slimgpt.search.options import validate_allocation
 
         validate_allocation(self)
 
-        if self.search_dtype not in SEARCH_DTYPES:
-            raise ConfigError(f"--search-dtype must be one of {', '.join(SEARCH_DTYPES)}; got '{self.search_dtype}'")
         for name in ("nsamples", "seqlen", "batch_size", "min_group", "max_group", "search_nsamples"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -104,6 +95,8 @@ class PruneConfig:
         if not 0 <= self.depth_share <= 1:
             raise ConfigError(f"--depth-share must be within [0, 1]; got {self.depth_share}")
         if self.max_memory is not None:
+            from slimgpt.utils import parse_size
+
             parse_size(self.max_memory)  # ConfigError when unreadable
         if self.offload_activations is not None and Path(self.offload_activations).is_file():
             raise ConfigError(f"--offload-activations {self.offload_activations} is a file; give a folder")
@@ -116,6 +109,17 @@ class PruneConfig:
                 src = src.resolve()
                 if out == src or src in out.parents:
                     raise ConfigError(f"output folder {self.out} is inside the source model folder; choose another")
+            from slimgpt.preflight import check_writable
+
+            check_writable(self.out, "output folder")  # before the model is loaded, not when saving
+        # last: the method registry imports torch (seconds), the checks above answer a typo at once
+        from slimgpt.methods import METHODS
+        from slimgpt.methods.blockpruner import SEARCH_DTYPES
+
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method '{self.method}'; choose from {', '.join(METHODS)}")
+        if self.search_dtype not in SEARCH_DTYPES:
+            raise ConfigError(f"--search-dtype must be one of {', '.join(SEARCH_DTYPES)}; got '{self.search_dtype}'")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,12 +7,18 @@ float32 safetensors plus tokenizer, and load that folder afterwards. The convers
 temporary folder and renames it into place, so an interrupted run never leaves a half-written
 model that later runs would trust.
 
+A local ``.gguf`` file given as the model is converted the same way, once, into
+``models/gguf-<name>-<key>``, where the key hashes the file's absolute path, size and
+modification time (a replaced file is converted again; hashing the contents would cost as much
+as reading the file).
+
 Weight packages are located with :func:`importlib.util.find_spec` and read as files; they are
 never imported, except Gemma's, whose ``assemble()`` is the documented way to rebuild its GGUF.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -31,6 +37,7 @@ from typing import Any
 import torch
 
 from slimgpt.data.corpora import hub_reachable
+from slimgpt.defaults import DEFAULT_MODEL
 from slimgpt.errors import ModelError
 from slimgpt.utils import package_dir
 
@@ -105,7 +112,8 @@ ZOO: dict[str, ZooEntry] = {
         ),
     )
 }
-DEFAULT_MODEL = "smollm2-135m"
+__all__ = ["DEFAULT_MODEL", "ZOO", "ZooEntry", "cache_hint", "cache_root", "convert", "convert_gguf", "is_hub_id",
+           "load_model", "resolve_model"]
 
 
 def cache_root() -> Path:
@@ -184,14 +192,69 @@ def convert(name: str, force: bool = False) -> Path:
     if _is_converted(target) and not force:
         return target
     dirs = _package_dirs(entry)
+    log.info("converting zoo model %s into %s (one-time: about 20 s for the default model on 2 cores)", name, target)
+    return _convert_into(target, lambda tmp: _gguf_file(entry, dirs, tmp),
+                         {"zoo_name": name, "description": entry.description, "packages": _versions(entry)}, force)
+
+
+def gguf_cache_folder(path: Path) -> Path:
+    """Where a local GGUF file is converted to: keyed by its absolute path, size and mtime."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem)[:60] or "model"
+    return cache_root() / "models" / f"gguf-{stem}-{key}"
+
+
+def convert_gguf(path: str | Path, force: bool = False) -> Path:
+    """Convert a local GGUF file (a Llama, Qwen2 or Gemma 3 model transformers can dequantise) to
+    a safetensors folder in the cache, once; returns the folder."""
+    gguf_path = Path(path).expanduser()
+    target = gguf_cache_folder(gguf_path)
+    if _is_converted(target) and not force:
+        return target
+    arch = _gguf_architecture(gguf_path)
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    if arch == "deci":
+        raise ModelError(f"{path} is a llama.cpp 'deci' GGUF (a pruned export with per-layer sizes), which "
+                         "transformers cannot read; give the slimgpt folder it was exported from")
+    if arch not in GGUF_CONFIG_MAPPING or arch in ("general", "tokenizer"):
+        raise ModelError(f"{path} holds a '{arch}' model, which transformers cannot read from GGUF; give a Llama, "
+                         "Qwen2 or Gemma 3 GGUF, or a Hugging Face folder")
+    log.info("converting %s into %s (once; later runs load the converted folder)", gguf_path, target)
+    st = gguf_path.stat()
+    provenance = {"gguf_file": str(gguf_path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        return _convert_into(target, lambda tmp: gguf_path.resolve(), provenance, force)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise ModelError(f"could not convert {path} ({_first_line(exc)}); give a GGUF of a Llama, Qwen2 or Gemma 3 "
+                         "model, or a Hugging Face folder") from exc
+
+
+def _gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file, read from its header (one-line ModelError if the
+    file is not a GGUF)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ModelError(f"could not read {path} as a GGUF file ({_first_line(exc)})") from None
+
+
+def _convert_into(target: Path, make_gguf: Callable[[Path], Path], provenance: dict[str, Any],
+                  force: bool = False) -> Path:
+    """Dequantise the GGUF that ``make_gguf(tmp)`` returns (it may build it inside ``tmp``) into
+    float32 safetensors plus tokenizer at ``target``, atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         t0 = time.perf_counter()
-        log.info("converting zoo model %s into %s (one-time: about 20 s for the default model on 2 cores)", name, target)
-        gguf = _gguf_file(entry, dirs, tmp)
+        gguf = make_gguf(tmp)
         log.info("loading GGUF %s (%.0f MB)", gguf.name, gguf.stat().st_size / 2**20)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -206,11 +269,7 @@ def convert(name: str, force: bool = False) -> Path:
         if gguf.parent == tmp:
             gguf.unlink()
         (tmp / _PROVENANCE).write_text(
-            json.dumps(
-                {"zoo_name": name, "description": entry.description, "packages": _versions(entry),
-                 "gguf": gguf.name, "saved_dtype": "float32"},
-                indent=2,
-            )
+            json.dumps({**provenance, "gguf": gguf.name, "saved_dtype": "float32"}, indent=2)
         )
         _make_readable(tmp)
         if force and target.exists():
@@ -221,7 +280,7 @@ def convert(name: str, force: bool = False) -> Path:
             if not _is_converted(target):  # lost a race to another process: theirs is as good
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-        log.info("converted %s in %.1f s", name, time.perf_counter() - t0)
+        log.info("converted %s in %.1f s", gguf.name, time.perf_counter() - t0)
         return target
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -243,15 +302,19 @@ def is_hub_id(name: str) -> bool:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Zoo name → converted cache folder (converting on first use); existing local folder →
-    itself; ``org/name`` → returned unchanged as a hub id. Anything else is a ModelError."""
+    """Zoo name or local ``.gguf`` file → converted cache folder (converting on first use);
+    existing local folder → itself; ``org/name`` → returned unchanged as a hub id. Anything else
+    is a ModelError."""
     if name_or_path in ZOO:
         return str(convert(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return str(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(convert_gguf(path))
     if path.exists():
-        raise ModelError(f"'{name_or_path}' is a file, not a model folder; give the folder that holds config.json")
+        raise ModelError(f"'{name_or_path}' is a file, not a model folder or a .gguf file; give the folder that "
+                         "holds config.json")
     if is_hub_id(name_or_path):
         return name_or_path
     raise ModelError(
@@ -292,11 +355,7 @@ def load_model(
         what = f"could not fetch '{path}' from the Hugging Face Hub"
     else:
         what = f"could not load the model in {path}"
-    hint = (
-        f"use a zoo name ({', '.join(ZOO)}) or a local folder" if not local
-        else "delete the folder and run again to re-convert" if _in_cache(Path(path))
-        else "re-save it with save_pretrained"
-    )
+    hint = f"use a zoo name ({', '.join(ZOO)}) or a local folder" if not local else cache_hint(Path(path))
     # The library raises many exception types for these; the user needs one clear line each.
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -314,6 +373,11 @@ def load_model(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def cache_hint(folder: Path) -> str:
+    """What to do about a broken model folder: re-convert a cached one, re-save any other."""
+    return "delete the folder and run again to re-convert" if _in_cache(folder) else "re-save it with save_pretrained"
 
 
 def _in_cache(path: Path) -> bool:

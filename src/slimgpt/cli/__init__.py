@@ -3,6 +3,10 @@
 One module per subcommand, each with ``add_args(parser)`` and ``run(args) -> exit code``; they only
 parse arguments and call the library. Any :class:`~slimgpt.errors.SlimGPTError` becomes one line
 on stderr and exit code 2; Ctrl-C and SIGTERM say what was saved.
+
+Building the parser imports every subcommand module, so those modules import nothing heavy at
+module level (torch and transformers take seconds): ``--help`` and a mistyped option are answered
+in about a second. ``run()`` imports what it needs, after its cheap checks.
 """
 
 from __future__ import annotations
@@ -67,17 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as e:
         print(e, file=sys.stderr)
         return 2
-    from slimgpt import distributed
-
-    quiet = distributed.launched() and os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 speaks for all
+    launched = _launched()
+    quiet = launched and os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 speaks for all
     level = logging.DEBUG if args.verbose else logging.ERROR if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
+    if not args.verbose:
+        from slimgpt.lazy import when_imported
+
+        when_imported("transformers", _quiet_transformers)
     terminated = _sigterm_as_interrupt()
-    who = f" (rank {os.environ.get('RANK')})" if distributed.launched() else ""
+    who = f" (rank {os.environ.get('RANK')})" if launched else ""
     try:
-        if distributed.launched() and args.command not in TORCHRUN_SUBCOMMANDS:
+        if launched and args.command not in TORCHRUN_SUBCOMMANDS:
             raise ConfigError(f"slimgpt {args.command} does not split its work across torchrun processes; run it "
                               f"without torchrun (under torchrun: {', '.join(TORCHRUN_SUBCOMMANDS)})")
         return args.func(args)
@@ -90,6 +97,23 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if terminated else 130
     finally:
         _restore_sigterm(terminated)
+
+
+def _launched() -> bool:
+    """:func:`slimgpt.distributed.launched` without importing torch (that module needs it)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _quiet_transformers(_module: object) -> None:
+    """No "Loading weights" bar on every model load: transformers' own progress bars are off (the
+    Hub's download bars stay, a download can take minutes)."""
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
+    downloads = not hub.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    if downloads:
+        hub.enable_progress_bars()
 
 
 def _restore_sigterm(terminated: list) -> None:

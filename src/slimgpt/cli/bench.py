@@ -6,13 +6,12 @@ import argparse
 from pathlib import Path
 
 from slimgpt import __version__
+from slimgpt.defaults import TABLE4_NEW_TOKENS
 from slimgpt.errors import ConfigError
 from slimgpt.evaluation.results import write_json
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from slimgpt.evaluation.bench import TABLE4_NEW_TOKENS
-
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="zoo names or folders; the first is the reference for speed-ups (put the dense one first)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens")
@@ -40,12 +39,17 @@ def bench_labels(names: list[str]) -> list[str]:
 
 def run(a: argparse.Namespace) -> int:
     """Generation speed and memory of several models side by side (paper Table 4)."""
+    if a.threads is not None and a.threads < 1:
+        raise ConfigError(f"--threads must be >= 1; got {a.threads}")
+    from slimgpt.preflight import check_model, check_writable
+
+    if a.json:
+        check_writable(a.json, "--json file")
+    for name in a.models:  # every model opens before the first is loaded and timed
+        check_model(name)
     from slimgpt.evaluation.bench import benchmark_generation, format_table
     from slimgpt.utils import resolve_device, resolve_dtype
     from slimgpt.zoo import load_model
-
-    if a.threads is not None and a.threads < 1:
-        raise ConfigError(f"--threads must be >= 1; got {a.threads}")
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     loaded = []

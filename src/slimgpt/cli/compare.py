@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from slimgpt.cli.common import add_search_args
-from slimgpt.config import CPU_NSAMPLES, CPU_SEQLEN, DEFAULT_MODEL, GPU_NSAMPLES, GPU_SEQLEN, PruneConfig
+from slimgpt.defaults import (
+    CPU_NSAMPLES,
+    CPU_SEQLEN,
+    DEFAULT_MODEL,
+    DEFAULT_PROTOCOL,
+    GPU_NSAMPLES,
+    GPU_SEQLEN,
+    PROTOCOLS,
+)
 from slimgpt.errors import ConfigError
-from slimgpt.evaluation.perplexity import DEFAULT_PROTOCOL, PROTOCOLS
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -52,11 +60,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """Compare pruning methods at matched parameter counts (one Markdown + JSON table)."""
-    from slimgpt.compare import format_table, run_compare
-    from slimgpt.search.options import allocation_kwargs
-
     if a.max_windows is not None and a.max_windows < 1:
         raise ConfigError(f"--max-windows must be at least 1; got {a.max_windows}")
+    from slimgpt.preflight import check_writable
+
+    check_writable(Path(a.out) / "compare.json", "--out")  # before any model is loaded
+    if a.keep_models:
+        check_writable(Path(a.keep_models) / "x", "--keep-models")
+    from slimgpt.compare import format_table, run_compare
+    from slimgpt.config import PruneConfig
+    from slimgpt.preflight import check_model
+    from slimgpt.search.options import allocation_kwargs
+
+    check_model(a.model)
     limit = a.task_limit
     if limit is not None and limit >= 1:
         limit = int(limit)  # lm-eval reads an int as a document count, a float below 1 as a fraction

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from slimgpt.cli.common import add_task_args, check_task_args, parse_limit
+from slimgpt.defaults import DEFAULT_PROTOCOL, PROTOCOLS
 from slimgpt.errors import ConfigError
-from slimgpt.evaluation.perplexity import DEFAULT_PROTOCOL, PROTOCOLS
 from slimgpt.evaluation.results import (
     eval_document,
     evaluate_model,
@@ -40,14 +40,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """Perplexity and zero-shot accuracy of a model, beside its dense source model."""
-    from slimgpt import distributed
-    from slimgpt.utils import resolve_device, resolve_dtype
-    from slimgpt.zoo import load_model
-
     try:
         seqlens = [int(s) for s in a.seqlen.split(",") if s]
     except ValueError:
         raise ConfigError(f"--seqlen must be comma-separated integers; got '{a.seqlen}'") from None
+    if not seqlens or min(seqlens) < 2:
+        raise ConfigError(f"--seqlen must be window lengths of at least 2 tokens; got '{a.seqlen}'")
+    if a.max_windows is not None and a.max_windows < 1:
+        raise ConfigError(f"--max-windows must be at least 1; got {a.max_windows}")
+    if a.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1; got {a.batch_size}")
+    if a.json:
+        from slimgpt.preflight import check_writable
+
+        check_writable(a.json, "--json file")
+    from slimgpt import distributed
+    from slimgpt.utils import resolve_device, resolve_dtype
+    from slimgpt.zoo import load_model
     if a.ppl is None and not a.tasks:
         a.ppl = "auto"  # evaluate only what is asked: perplexity when asked, or when nothing else is
     if not a.ppl and not a.tasks:
@@ -64,8 +73,9 @@ def run(a: argparse.Namespace) -> int:
     dtype = resolve_dtype(a.dtype, device)
     models = [("pruned" if source_model(a.model) else "model", a.model)]
     base = a.baseline or source_model(a.model)
-    if base and not a.no_baseline:
-        models.insert(0, ("dense", base))
+    if base and not a.no_baseline:  # a --baseline may itself be pruned: only the recorded source is "dense"
+        models.insert(0, ("baseline" if a.baseline else "dense", base))
+    check_models(models, seqlens if a.ppl else [], a.batch_size, dtype.itemsize, device)
     entries = []
     for label, name in models:
         model, tok = load_model(name, dtype=dtype, device=device)
@@ -86,3 +96,16 @@ def run(a: argparse.Namespace) -> int:
                     "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
         write_json(a.json, eval_document(entries, settings))
     return 0
+
+
+def check_models(models: list[tuple[str, str]], seqlens: list[int], batch_size: int, itemsize: int,
+                 device: object) -> None:
+    """Before the first evaluation: every model opens (a truncated pruned folder fails now, not
+    after minutes of scoring the baseline), reads windows of every length, and fits the memory."""
+    from slimgpt.preflight import check_eval_memory, check_model, check_positions, geometry
+
+    for _, name in models:
+        geo = geometry(check_model(name))
+        for s in seqlens:
+            check_positions(name, geo, s)
+            check_eval_memory(name, geo, s, batch_size, itemsize, device)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slimgpt.cli.common import add_search_args, add_task_args, check_task_args, parse_limit, ratio_arg
-from slimgpt.config import CPU_NSAMPLES, CPU_SEQLEN, DEFAULT_MODEL, GPU_NSAMPLES, GPU_SEQLEN, PruneConfig
+from slimgpt.defaults import CPU_NSAMPLES, CPU_SEQLEN, DEFAULT_MODEL, GPU_NSAMPLES, GPU_SEQLEN
 from slimgpt.errors import ConfigError
-from slimgpt.evaluation.results import EVAL_FILE, eval_document, evaluate_model, write_json, zeroshot_table
 from slimgpt.schedule import SCHEDULES
+
+if TYPE_CHECKING:  # argument parsing imports nothing heavy: a typo is answered in about a second
+    from slimgpt.config import PruneConfig
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -81,6 +83,7 @@ def check_prune_eval_args(a: argparse.Namespace) -> None:
 
 
 def config_from_args(a: argparse.Namespace) -> PruneConfig:
+    from slimgpt.config import PruneConfig
     from slimgpt.search.options import allocation_kwargs
 
     return PruneConfig(
@@ -96,12 +99,13 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
 
 def run(a: argparse.Namespace) -> int:
     """Prune a model (SlimGPT by default, or --method ...) to a share of its parameters and save it."""
+    cfg = config_from_args(a)
+    cfg.validate()  # options and the output folder, before anything heavy is imported
+    check_prune_eval_args(a)
     from slimgpt import distributed
     from slimgpt.api import format_layer_table, prune
 
-    cfg = config_from_args(a)
-    cfg.validate()
-    check_prune_eval_args(a)
+    preflight(cfg)
     dense_ppl = pruned_ppl = None
     if a.ppl:
         from slimgpt.evaluation.perplexity import dataset_label, perplexity, resolve_eval_dataset
@@ -112,7 +116,8 @@ def run(a: argparse.Namespace) -> int:
         device = distributed.init(resolve_device(cfg.device))  # torchrun: the windows are split across ranks
         windows = a.ppl_windows or (None if device.type == "cuda" else 128)
         m, t = load_model(cfg.model)
-        dense_ppl = perplexity(m, t, ppl_data, seqlen=128, max_windows=windows, data_dir=cfg.data_dir)
+        dense_ppl = perplexity(m, t, ppl_data, seqlen=128, max_windows=windows, data_dir=cfg.data_dir,
+                               desc="perplexity (dense)")
         del m
     res = prune(cfg)
     say = distributed.is_main()  # under torchrun rank 0 prints and writes for all
@@ -124,10 +129,11 @@ def run(a: argparse.Namespace) -> int:
 
             res.model, _ = load_pruned(res.out)
         pruned_ppl = perplexity(res.model, res.tokenizer, ppl_data, seqlen=128, max_windows=windows,
-                                data_dir=cfg.data_dir)
+                                data_dir=cfg.data_dir, desc="perplexity (pruned)")
         if say:
             print(f"{dataset_label(ppl_data)} perplexity (seq 128, {pruned_ppl['windows']} windows): "
                   f"dense {dense_ppl['ppl']:.2f} → pruned {pruned_ppl['ppl']:.2f}")
+            print(process_peak_memory(res.report))
     if not say:
         return 0
     with distributed.solo():  # evaluation files and the report: rank 0 alone
@@ -137,6 +143,42 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
+def preflight(cfg: PruneConfig) -> None:
+    """Before any model is loaded: the model can be opened (a zoo name or GGUF file is converted
+    once, here), its calibration windows are no longer than it reads, and they fit the memory."""
+    import os
+
+    from slimgpt import distributed
+    from slimgpt.methods import make_method
+    from slimgpt.methods.base import GlobalMethod
+    from slimgpt.pipeline import check_architecture
+    from slimgpt.preflight import check_calibration_memory, check_model, check_positions, geometry
+    from slimgpt.utils import resolve_device, resolve_dtype
+
+    path = check_model(cfg.model, check_architecture)
+    geo = geometry(path)
+    device = resolve_device(cfg.device)
+    c = cfg.resolved(device)
+    assert c.nsamples is not None and c.seqlen is not None
+    check_positions(cfg.model, geo, c.seqlen)
+    whole = isinstance(make_method(c), GlobalMethod)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.launched() else 1
+    check_calibration_memory(cfg.model, geo, c.nsamples, c.seqlen, c.batch_size, resolve_dtype(c.dtype, device).itemsize,
+                             device, offload_activations=c.offload_activations is not None, whole_model=whole,
+                             processes=(local, distributed.world() if distributed.launched() else 1))
+
+
+def process_peak_memory(report: dict[str, Any]) -> str:
+    """The whole command's peak, perplexity included (the run's own peak stops when pruning ends)."""
+    import resource
+
+    from slimgpt.distributed import world
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return (f"peak memory of the whole command (model loads and perplexity included): {peak:,.0f} MiB resident"
+            f"{' (this process)' if world() > 1 else ''}; pruning alone: {report['memory']['peak_rss_mib']:,.0f} MiB")
+
+
 def after_prune(a: argparse.Namespace, res: Any, dense_ppl: dict[str, Any] | None = None,
                 pruned_ppl: dict[str, Any] | None = None) -> None:
     """``prune --eval`` / ``--ppl`` / ``--report``: evaluate the pruned model in memory, write
@@ -144,6 +186,14 @@ def after_prune(a: argparse.Namespace, res: Any, dense_ppl: dict[str, Any] | Non
     tasks = getattr(a, "tasks", None)
     if not (tasks or getattr(a, "report", False) or dense_ppl or pruned_ppl):
         return
+    from slimgpt.evaluation.results import (
+        EVAL_FILE,
+        eval_document,
+        evaluate_model,
+        write_json,
+        zeroshot_table,
+    )
+
     out = Path(res.out)
     src = res.report.get("config", {}).get("model", a.model)
     common = {"tasks": tasks, "num_fewshot": a.num_fewshot, "limit": parse_limit(a.limit),

@@ -21,6 +21,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """Markdown report with plots of a pruned folder: per-layer ratios and errors, PPL/accuracy."""
+    from pathlib import Path
+
+    from slimgpt.preflight import check_writable
+
+    check_writable(Path(a.out or a.run_dir) / "report.md", "--out")  # before the dense model is loaded
     from slimgpt.report import write_report
 
     path = write_report(

@@ -32,10 +32,8 @@ from typing import Any
 
 import torch
 
+from slimgpt.defaults import TABLE4_NEW_TOKENS as TABLE4_NEW_TOKENS  # re-exported
 from slimgpt.errors import ConfigError
-
-TABLE4_NEW_TOKENS = 512
-"""The paper's Table 4 setting: 512 generated tokens ("the maximum output limit is set to 512")."""
 
 _PROMPT_TEXT = (
     "The history of science is the study of the development of science and scientific knowledge, "

@@ -38,6 +38,8 @@ from slimgpt.data.corpora import (
     wikitext2_local,
     wikitext2_test_text,
 )
+from slimgpt.defaults import DEFAULT_PROTOCOL as _DEFAULT_PROTOCOL
+from slimgpt.defaults import PROTOCOLS as _PROTOCOLS
 from slimgpt.errors import ConfigError, DataError, NumericalError
 
 log = logging.getLogger(__name__)
@@ -71,13 +73,13 @@ def dataset_label(name: str) -> str:
     return _LABELS.get(name, Path(name).name if name else "?")
 
 
-PROTOCOLS = ("slimgpt", "gptq")
+PROTOCOLS = _PROTOCOLS
 """How windows are cut. ``slimgpt``: every window starts with BOS (for tokenizers that add one) and
 holds ``seqlen - 1`` text tokens, so every window is scored like a fresh document. ``gptq``: the
 published convention (GPTQ, SparseGPT, SlimGPT's and SliceGPT's code): the text is tokenised once
 with the tokenizer's own special tokens (one BOS for the whole text) and cut into ``seqlen``-token
 windows of that one stream, so only the first window starts with BOS."""
-DEFAULT_PROTOCOL = PROTOCOLS[0]  # also what tables made before the choice existed used
+DEFAULT_PROTOCOL = _DEFAULT_PROTOCOL  # also what tables made before the choice existed used
 
 
 def eval_text(dataset: str = "wikitext2", data_dir: str | Path | None = None,
@@ -145,9 +147,10 @@ def eval_windows(
 @torch.no_grad()
 def windows_nll(
     model: Any, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: bool = True, desc: str = "perplexity",
 ) -> tuple[float, int]:
-    """(summed NLL in float64, number of predicted tokens) of the model over ``windows``.
+    """(summed NLL in float64, number of predicted tokens) of the model over ``windows``; ``desc``
+    labels the progress bar (which model: a command often scores two).
 
     Under ``torchrun`` each rank scores its share of the batches and the per-batch sums are
     gathered and added in batch order: the same number as one process, bitwise."""
@@ -164,7 +167,7 @@ def windows_nll(
     mine = starts[distributed.batch_range(len(starts)).start : distributed.batch_range(len(starts)).stop]
     rows: list[tuple[float, int]] = []
     try:
-        for start in tqdm(mine, desc="perplexity", unit="batch", disable=not progress or not distributed.is_main(),
+        for start in tqdm(mine, desc=desc, unit="batch", disable=not progress or not distributed.is_main(),
                           leave=False):
             x = windows[start : start + batch_size].to(device)
             logits = model(input_ids=x, use_cache=False).logits
@@ -197,9 +200,10 @@ def perplexity(
     device: str | torch.device | None = None,
     progress: bool = True,
     protocol: str = DEFAULT_PROTOCOL,
+    desc: str = "perplexity",
 ) -> dict[str, Any]:
     """Perplexity of ``model`` on ``dataset`` (``wikitext2`` or a text file), windows cut by
-    ``protocol`` (:data:`PROTOCOLS`).
+    ``protocol`` (:data:`PROTOCOLS`); ``desc`` labels the progress bar.
 
     Returns ``ppl``, ``nll`` (mean per predicted token), ``tokens`` (predicted tokens scored),
     ``windows``, ``seqlen``, ``bos``, ``dataset`` (provenance: source, sha256, text protocol) and
@@ -208,7 +212,7 @@ def perplexity(
     dataset = resolve_eval_dataset(dataset, data_dir)
     text, info = eval_text(dataset, data_dir, protocol)
     windows, bos = eval_windows(tokenizer, text, seqlen, max_windows, protocol)
-    total, count = windows_nll(model, windows, batch_size, device, progress)
+    total, count = windows_nll(model, windows, batch_size, device, progress, desc)
     nll = total / count
     if protocol == "gptq":
         how = (f"gptq protocol: {len(windows)} non-overlapping windows of {seqlen} tokens cut from the text tokenised "

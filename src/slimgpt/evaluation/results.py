@@ -4,7 +4,7 @@
 :mod:`slimgpt.report` reads it back for its bar charts:
 
     {"kind": "slimgpt-eval", "slimgpt_version", "lm_eval_version", "settings": {...},
-     "models": [{"label": "dense" | "pruned" | "model", "model", "params",
+     "models": [{"label": "dense" | "pruned" | "model" | "baseline", "model", "params",
                  "ppl": {"128": perplexity() result, ...}, "zeroshot": evaluate_tasks() result}],
      "zeroshot_sources": {task: {"split", "path", "sha256"}}}
 """
@@ -145,7 +145,8 @@ def evaluate_model(
             t = time.perf_counter()
             entry["ppl"][str(s)] = perplexity(model, tokenizer, ppl, seqlen=s, batch_size=batch_size,
                                               max_windows=max_windows, data_dir=data_dir,
-                                              protocol=protocol or DEFAULT_PROTOCOL)
+                                              protocol=protocol or DEFAULT_PROTOCOL,
+                                              desc=f"perplexity ({label}, seq {s})")
             entry["time_s"][f"ppl_{s}"] = time.perf_counter() - t  # a float back: the device has finished
     if tasks:
         from slimgpt.evaluation.zeroshot import evaluate_tasks

@@ -18,6 +18,20 @@ Three things llama.cpp's ``deci`` code needs that the slim format does not have:
   Other attention-free layers are written as ``head_count = 0`` without attention tensors (or,
   when o_proj has a non-zero bias that the slim layer still adds, with the same zero head).
 
+**Weight types** (``dtype``, the CLI's ``--gguf-type``): ``f32``, ``f16`` (the CLI's default: half
+the size, within f16 rounding of the weights), ``bf16``, or ``q8_0`` (8-bit blocks of 32 with an
+f16 scale, about a quarter of f32: SmolLM2-135M's 513 MB of fp32 weights become about 145 MB),
+written with the ``gguf`` package's own quantiser, so no ``llama-quantize`` is needed. Norms and
+biases stay f32; a q8_0 matrix whose rows are not a multiple of 32 wide (a pruned FFN width such as
+1,100) is written f16, as llama.cpp's converter does.
+
+**Which llama.cpp reads it**: builds with the ``deci`` architecture, added in December 2024
+(ggml-org/llama.cpp#10669, Llama-3.1-Nemotron-51B; layers with no attention or no MLP at all were
+completed in April 2025, #12843), so any llama.cpp, llama-cpp-python, ollama or LM Studio release
+from mid-2025 on (f32 logits verified with llama-cpp-python 0.3.36: opt-in test
+``SLIMGPT_LLAMACPP=1``; the other types are ggml's standard ones, read by the same code). Older
+builds stop with "unknown model architecture: 'deci'"; bf16 needs a build from mid-2024 or later.
+
 The tokenizer goes in through gguf's vocab helpers (``BpeVocab`` for byte-level BPE, ``LlamaHfVocab``
 for SentencePiece-style tokenizers, ``SpecialVocab`` for merges, special ids and chat template).
 ``tokenizer.ggml.pre`` (llama.cpp's pre-tokenizer regex) cannot be read off a tokenizer reliably;
@@ -36,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimgpt.defaults import GGUF_TYPES
 from slimgpt.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -43,7 +58,7 @@ log = logging.getLogger(__name__)
 ARCH = "deci"
 # zoo model → llama.cpp pre-tokenizer (as in the zoo's source GGUF files)
 ZOO_PRE = {"smollm2-135m": "smollm", "qwen2.5-0.5b": "qwen2", "qwen2.5-1.5b": "qwen2"}
-DTYPES = ("f32", "f16", "bf16")
+DTYPES = GGUF_TYPES  # f32, f16, bf16, q8_0
 
 
 @dataclass(frozen=True)
@@ -188,18 +203,24 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str) -> Non
 
 
 def _array(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
-    """Matrices in the chosen type, vectors (norms, biases) always f32, as llama.cpp expects."""
+    """Matrices in the chosen type, vectors (norms, biases) always f32, as llama.cpp expects; a
+    q8_0 matrix whose rows do not split into 32-wide blocks falls back to f16."""
     import gguf
 
+    Q = gguf.GGMLQuantizationType
     a = t.detach().to(torch.float32).cpu().contiguous().numpy()
     if a.ndim == 1 or dtype == "f32":
-        return a, gguf.GGMLQuantizationType.F32
-    qtype = gguf.GGMLQuantizationType.F16 if dtype == "f16" else gguf.GGMLQuantizationType.BF16
-    return gguf.quants.quantize(a, qtype), qtype
+        return a, Q.F32
+    qtype = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
+    try:
+        return gguf.quants.quantize(a, qtype), qtype
+    except gguf.quants.QuantError:
+        return gguf.quants.quantize(a, Q.F16), Q.F16
 
 
 def write_gguf(model: Any, tokenizer: Any, path: Path, dtype: str = "f32", pre: str | None = None) -> None:
-    """Write ``model`` (slim or stock Llama/Qwen2) as a ``deci`` GGUF file at ``path``."""
+    """Write ``model`` (slim or stock Llama/Qwen2) as a ``deci`` GGUF file at ``path``, matrices in
+    ``dtype`` (f32, f16, bf16 or q8_0; see the module docstring)."""
     import gguf
 
     from slimgpt.arch import get_adapter
@@ -223,7 +244,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, dtype: str = "f32", pre: 
     names = gguf.TENSOR_NAMES
     T = gguf.MODEL_TENSOR
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
 
     writer = gguf.GGUFWriter(str(path), ARCH)
     writer.add_type(gguf.GGUFType.MODEL)
