@@ -69,6 +69,7 @@ class Run:
     dense_params: int = 0
     spaces: list[LayerSpace] = field(default_factory=list)
     mem: PeakMemory | None = None
+    allocation: dict[str, Any] | None = None  # --schedule auto: candidates, scores, choice, time
     t_start: float = field(default_factory=time.perf_counter)
     t_loaded: float = 0.0
 
@@ -157,13 +158,44 @@ def calibrate(run: Run) -> None:
 
 
 def plan_widths(run: Run) -> list[LayerWidth]:
-    """Per-layer widths from the schedule, solved to the whole-model parameter target."""
+    """Per-layer widths from the schedule, solved to the whole-model parameter target
+    (``auto``: chosen by :mod:`slimgpt.allocation` from the calibration windows)."""
     c = run.cfg
-    widths = solve_widths(run.spaces, run.dense_params, c.ratio, c.schedule, c.first_ratio)
+    if c.schedule == "auto" and c.method == "slimgpt":
+        widths = auto_widths(run)
+    else:  # other layer-wise methods keep the paper's schedule under the default
+        schedule = "log" if c.schedule == "auto" else c.schedule
+        widths = solve_widths(run.spaces, run.dense_params, c.ratio, schedule, c.first_ratio)
     planned = removed_params(run.spaces, widths)
     log.info("target: remove %.1f%% of %s parameters; planned %s (%.2f%%)", 100 * c.ratio,
              f"{run.dense_params:,}", f"{planned:,}", 100 * planned / run.dense_params)
     return widths
+
+
+def auto_widths(run: Run) -> list[LayerWidth]:
+    """``--schedule auto``: score the allocation family on the dense model (rank 0 under torchrun;
+    every rank gets the same widths) and keep the lowest calibration KL."""
+    from slimgpt import allocation
+
+    c = run.cfg
+    if run.stream:
+        raise ConfigError("--schedule auto scores allocations on the whole model in memory, but this run streams "
+                          "layers from disk (--max-memory); pass --schedule log (or uniform) to stream")
+    assert c.nsamples is not None and c.seqlen is not None and run.calib is not None
+    hess, score = allocation.auto_windows(c.nsamples, c.seqlen, run.spaces)
+    method = run.method
+    settings = allocation.AutoSettings(
+        hess, score, head_score=getattr(method, "head_score", "gcd"), ffn_groups=getattr(method, "ffn_groups", "dynamic"),
+        min_group=c.min_group, max_group=c.max_group, damp=c.damp, batch_size=c.batch_size)
+
+    def choose() -> allocation.AutoResult:
+        family = allocation.candidates(run.spaces, run.dense_params, c.ratio, c.first_ratio)
+        return allocation.choose_allocation(run.adapter, run.calib, run.spaces, family, run.device, settings,
+                                            progress=run.progress)
+
+    res = distributed.agree(choose, "choosing the --schedule auto allocation")
+    run.allocation = res.summary()
+    return res.widths
 
 
 def open_store(run: Run, ckpt: Checkpoint | None) -> LayerStore:
@@ -373,11 +405,12 @@ def build_report(run: Run, outcome: Outcome) -> dict[str, Any]:
             **{k: v for k, v in st.items() if k.endswith(("error", "damp", "groups"))},
         })
     secs, io = outcome.seconds, outcome.io_seconds
+    auto_s = float(run.allocation["time_s"]["total"]) if run.allocation else 0.0
     assert run.mem is not None
     return {
         "slimgpt_version": __version__,
         "config": cfg.to_dict(),
-        "method": run.method.config(),
+        "method": run.method.config() | ({"schedule": "auto", "auto": run.allocation} if run.allocation else {}),
         "device": str(run.device), "dtype": str(run.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "processes": distributed.world(),  # torchrun ranks that split the calibration windows
@@ -395,8 +428,10 @@ def build_report(run: Run, outcome: Outcome) -> dict[str, Any]:
             "communication": secs.get("communication", 0.0),  # torchrun: reductions, broadcasts (rank 0)
             "offload": secs.get("offload", 0.0),  # layers and their outputs moved between devices
             "stream_read": io.get("load", 0.0), "checkpoint_write": io.get("write", 0.0),
+            # --schedule auto: choosing the allocation (its own dense pass, solves and scoring)
+            "allocation": auto_s,
             # prune_total outside every bucket above (bookkeeping the buckets do not cover)
-            "other": outcome.prune_s - sum(secs.values()) - io.get("load", 0.0) - io.get("write", 0.0),
+            "other": outcome.prune_s - sum(secs.values()) - io.get("load", 0.0) - io.get("write", 0.0) - auto_s,
         },
         "streamed": run.stream,
         "resumed_from_layer": outcome.resumed_from_layer,

@@ -21,7 +21,8 @@ from slimgpt.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("log", "linear", "uniform", "log-decrease", "linear-decrease", "search")  # search: methods/searched.py
+SCHEDULES = ("auto", "log", "linear", "uniform", "log-decrease", "linear-decrease", "search")
+# auto: slimgpt.allocation (chosen from calibration statistics); search: methods/searched.py
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,30 @@ def schedule_ratios(kind: str, n: int, first: float, last: float) -> list[float]
     return r[::-1] if kind.endswith("-decrease") else r
 
 
-def round_layer(s: LayerSpace, ratio: float) -> LayerWidth:
-    """Round a layer's ratio to allowed shapes: attention to the (groups, per-group) combination
+def round_layer(s: LayerSpace, ratio: float, attn_scale: float | None = None) -> LayerWidth:
+    """Round a layer's ratio to allowed shapes.
+
+    ``attn_scale=None`` (the paper's schedules): attention to the (groups, per-group) combination
     whose parameter count is closest to ``(1 - ratio)`` of the attention parameters (ties: fewer
-    whole groups removed), FFN to the nearest whole channel."""
+    whole groups removed), FFN to the nearest whole channel of ``(1 - ratio)``.
+
+    ``attn_scale=a`` (the candidates of ``--schedule auto``): attention aims at ``a · ratio`` of its
+    parameters and the FFN gives what makes the *layer* lose ``ratio`` of its parameters, so the
+    head rounding is absorbed in the same layer (``a = 0``: FFN channels only)."""
     ratio = min(max(ratio, 0.0), 1.0)
+    attn_ratio = ratio if attn_scale is None else min(attn_scale * ratio, 1.0)
+    g, r = _nearest_attention(s, attn_ratio)
+    if attn_scale is None:
+        return LayerWidth(g, r, round((1 - ratio) * s.channels), ratio)
+    attn_removed = s.params - s.channels * s.per_channel - LayerWidth(g, r, 0, ratio).params(s)
+    ffn_removed = ratio * s.params - attn_removed
+    channels = min(max(round(s.channels - ffn_removed / s.per_channel), 0), s.channels)
+    return LayerWidth(g, r, channels, ratio)
+
+
+def _nearest_attention(s: LayerSpace, ratio: float) -> tuple[int, int]:
+    """``(remove_groups, remove_per_group)`` keeping the nearest to ``1 - ratio`` of the attention
+    parameters (ties: fewer whole groups removed); an empty attention is one shape."""
     attn_params = s.num_heads * s.per_q_head + s.num_kv_heads * s.per_kv_head
     want = (1 - ratio) * attn_params
     best = None
@@ -95,10 +115,11 @@ def round_layer(s: LayerSpace, ratio: float) -> LayerWidth:
             cost = abs(w.heads(s) * s.per_q_head + w.kv_heads(s) * s.per_kv_head - want)
             if best is None or cost < best[0] - 1e-9:
                 best = (cost, g, r)
+    assert best is not None
     _, g, r = best
     if (s.num_kv_heads - g) * (s.n_rep - r) == 0:
         g, r = s.num_kv_heads, 0  # an empty attention is one shape, however reached
-    return LayerWidth(g, r, round((1 - ratio) * s.channels), ratio)
+    return g, r
 
 
 def load_schedule_file(path: str | Path, n: int) -> list[float]:
@@ -129,14 +150,17 @@ def solve_widths(
     target_ratio: float,
     schedule: str = "log",
     first_ratio: float | None = None,
+    attn_scale: float | None = None,
 ) -> list[LayerWidth]:
     """Per-layer widths that remove ``target_ratio`` of ``total_params`` (all parameters).
 
     ``schedule`` may be a file of per-layer ratios; those are used as given and the target is
-    ignored (the achieved ratio is reported by the caller)."""
+    ignored (the achieved ratio is reported by the caller). ``attn_scale`` splits each layer's
+    ratio between attention and FFN (:func:`round_layer`); ``None`` is the paper's equal split."""
     n = len(spaces)
-    if schedule == "search":
-        raise ConfigError("--schedule search is chosen by the searched allocation (--method slimgpt), not solved here")
+    if schedule in ("search", "auto"):
+        raise ConfigError(f"--schedule {schedule} is chosen from calibration statistics (--method slimgpt), "
+                          "not solved here")
     if schedule not in SCHEDULES:
         return [round_layer(s, r) for s, r in zip(spaces, load_schedule_file(schedule, n))]
     if not 0 < target_ratio < 1:
@@ -160,7 +184,7 @@ def solve_widths(
         raise ConfigError(f"--first-ratio must be within [0, 1], got {first}")
 
     def widths_for(first: float, last: float) -> list[LayerWidth]:
-        return [round_layer(s, r) for s, r in zip(spaces, schedule_ratios(schedule, n, first, last))]
+        return [round_layer(s, r, attn_scale) for s, r in zip(spaces, schedule_ratios(schedule, n, first, last))]
 
     def bisect(make: Callable[[float], list[LayerWidth]], lo: float, hi: float) -> list[LayerWidth]:
         """The widths, monotone in the free parameter, whose removed count is nearest the target."""

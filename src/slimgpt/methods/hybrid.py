@@ -81,8 +81,10 @@ class SlimGPTBlockPruner(GlobalMethod):
         alive = [i for i, s in enumerate(spaces) if s.params > 0]
         self.summary = {"depth_params_removed": depth_removed, "width_params_target": max(rest, 0.0)}
         if rest > 0 and alive:
+            # the width part keeps the paper's schedule: auto/search score whole models, not a remainder
+            schedule = "log" if cfg.schedule in ("auto", "search") else cfg.schedule
             solved = solve_widths([spaces[i] for i in alive], ctx.dense_params, rest / ctx.dense_params,
-                                  cfg.schedule, cfg.first_ratio)
+                                  schedule, cfg.first_ratio)
             for i, w in zip(alive, solved):
                 widths[i] = w
             log.info("width: removing %s more parameters with %s over %d layers", f"{round(rest):,}",
