@@ -72,10 +72,12 @@ def test_all_takes_whatever_the_registry_holds(monkeypatch):
 
 
 def test_cli_compare(tiny_llama, tiny_tokenizer, text_file, tmp_path, monkeypatch):
+    import slimgpt.preflight as preflight
     import slimgpt.zoo as zoo
     from slimgpt.cli import main
 
     monkeypatch.setattr(zoo, "load_model", lambda name, dtype=None, device="cpu": (tiny_llama, tiny_tokenizer))
+    monkeypatch.setattr(preflight, "check_model", lambda name, check=None: name)  # "tiny" exists only in memory
     out = tmp_path / "c"
     rc = main(["compare", "tiny", "--ratio", "0.25", "--methods", "shortgpt,slimgpt", "--out", str(out),
                "--calib", text_file, "--nsamples", "4", "--seqlen", "32", "--ppl", text_file, "--ppl-seqlen", "32",

@@ -69,10 +69,9 @@ def run(a: argparse.Namespace) -> int:
         check_writable(Path(a.keep_models) / "x", "--keep-models")
     from slimgpt.compare import format_table, run_compare
     from slimgpt.config import PruneConfig
-    from slimgpt.preflight import check_model
     from slimgpt.search.options import allocation_kwargs
 
-    check_model(a.model)
+    check_windows(a)
     limit = a.task_limit
     if limit is not None and limit >= 1:
         limit = int(limit)  # lm-eval reads an int as a document count, a float below 1 as a fraction
@@ -88,3 +87,27 @@ def run(a: argparse.Namespace) -> int:
         print(format_table(result))
         print(f"written to {a.out}/compare.json and {a.out}/compare.md")
     return 0
+
+
+def check_windows(a: argparse.Namespace) -> None:
+    """Before the first method runs: the model opens, and its calibration and perplexity windows are
+    no longer than it reads and fit the memory (as a layer-wise method needs; whole-model methods
+    need the weights and logits on top)."""
+    from slimgpt.pipeline import check_architecture
+    from slimgpt.preflight import check_calibration_memory, check_model, check_positions, geometry
+    from slimgpt.utils import resolve_device, resolve_dtype
+
+    geo = geometry(check_model(a.model, check_architecture))
+    device = resolve_device(a.device)
+    gpu = device.type == "cuda"
+    nsamples = a.nsamples or (GPU_NSAMPLES if gpu else CPU_NSAMPLES)
+    seqlen = a.seqlen or (GPU_SEQLEN if gpu else CPU_SEQLEN)
+    check_positions(a.model, geo, seqlen)
+    try:
+        ppl_seqlens = [int(s) for s in str(a.ppl_seqlen).split(",") if s]
+    except ValueError:
+        raise ConfigError(f"--ppl-seqlen must be comma-separated integers; got '{a.ppl_seqlen}'") from None
+    for s in ppl_seqlens:
+        check_positions(a.model, geo, s, "--ppl-seqlen")
+    check_calibration_memory(a.model, geo, nsamples, seqlen, a.batch_size, resolve_dtype(a.dtype, device).itemsize,
+                             device)

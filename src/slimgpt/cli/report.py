@@ -26,6 +26,10 @@ def run(a: argparse.Namespace) -> int:
     from slimgpt.preflight import check_writable
 
     check_writable(Path(a.out or a.run_dir) / "report.md", "--out")  # before the dense model is loaded
+    if a.dense and not a.no_layer_error:
+        from slimgpt.preflight import check_model
+
+        check_model(a.dense)
     from slimgpt.report import write_report
 
     path = write_report(
