@@ -82,6 +82,17 @@ def read_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
+def check_architecture(folder: Path) -> None:
+    """Refuse a model type without an adapter (as :func:`slimgpt.pipeline.check_architecture`,
+    without importing the pipeline and transformers)."""
+    from slimgpt.arch import ADAPTERS
+
+    model_type = read_config(folder).get("model_type", "?")
+    if model_type not in ADAPTERS:
+        raise ModelError(f"architecture '{model_type}' is not supported yet (supported: {', '.join(sorted(ADAPTERS))}); "
+                         "add an adapter in src/slimgpt/arch/")
+
+
 def _check_weights(folder: Path, hint: str) -> None:
     """Every safetensors file named by the index exists, and every file is as long as its header
     says: a truncated copy fails here in milliseconds instead of after other work."""

@@ -93,8 +93,13 @@ def check_windows(a: argparse.Namespace) -> None:
     """Before the first method runs: the model opens, and its calibration and perplexity windows are
     no longer than it reads and fit the memory (as a layer-wise method needs; whole-model methods
     need the weights and logits on top)."""
-    from slimgpt.pipeline import check_architecture
-    from slimgpt.preflight import check_calibration_memory, check_model, check_positions, geometry
+    from slimgpt.preflight import (
+        check_architecture,
+        check_calibration_memory,
+        check_model,
+        check_positions,
+        geometry,
+    )
     from slimgpt.utils import resolve_device, resolve_dtype
 
     geo = geometry(check_model(a.model, check_architecture))

@@ -54,19 +54,14 @@ def run(a: argparse.Namespace) -> int:
         from slimgpt.preflight import check_writable
 
         check_writable(a.json, "--json file")
-    from slimgpt import distributed
-    from slimgpt.utils import resolve_device, resolve_dtype
-    from slimgpt.zoo import load_model
     if a.ppl is None and not a.tasks:
         a.ppl = "auto"  # evaluate only what is asked: perplexity when asked, or when nothing else is
     if not a.ppl and not a.tasks:
         raise ConfigError("nothing to evaluate: give --ppl DATA and/or --tasks TASKS")
-    if a.ppl:
-        from slimgpt.evaluation.perplexity import resolve_eval_dataset
-
-        a.ppl = resolve_eval_dataset(a.ppl, a.data_dir, run_config(a.model).get("calib"))
     limit = parse_limit(a.limit)
-    check_task_args(a.tasks, a.num_fewshot, a.tasks_data)
+    from slimgpt import distributed
+    from slimgpt.utils import resolve_device, resolve_dtype
+
     device = distributed.init(resolve_device(a.device))  # torchrun: perplexity windows split across ranks
     if a.tasks and distributed.is_distributed():
         raise ConfigError("zero-shot tasks are not split across torchrun processes; run --tasks in one process")
@@ -76,6 +71,13 @@ def run(a: argparse.Namespace) -> int:
     if base and not a.no_baseline:  # a --baseline may itself be pruned: only the recorded source is "dense"
         models.insert(0, ("baseline" if a.baseline else "dense", base))
     check_models(models, seqlens if a.ppl else [], a.batch_size, dtype.itemsize, device)
+    if a.ppl:
+        from slimgpt.evaluation.perplexity import resolve_eval_dataset
+
+        a.ppl = resolve_eval_dataset(a.ppl, a.data_dir, run_config(a.model).get("calib"))
+    check_task_args(a.tasks, a.num_fewshot, a.tasks_data)
+    from slimgpt.zoo import load_model
+
     entries = []
     for label, name in models:
         model, tok = load_model(name, dtype=dtype, device=device)

@@ -102,10 +102,10 @@ def run(a: argparse.Namespace) -> int:
     cfg = config_from_args(a)
     cfg.validate()  # options and the output folder, before anything heavy is imported
     check_prune_eval_args(a)
+    preflight(cfg)  # imports torch only: a refusal here takes a few seconds, not a model load
     from slimgpt import distributed
     from slimgpt.api import format_layer_table, prune
 
-    preflight(cfg)
     dense_ppl = pruned_ppl = None
     if a.ppl:
         from slimgpt.evaluation.perplexity import dataset_label, perplexity, resolve_eval_dataset
@@ -151,8 +151,13 @@ def preflight(cfg: PruneConfig) -> None:
     from slimgpt import distributed
     from slimgpt.methods import make_method
     from slimgpt.methods.base import GlobalMethod
-    from slimgpt.pipeline import check_architecture
-    from slimgpt.preflight import check_calibration_memory, check_model, check_positions, geometry
+    from slimgpt.preflight import (
+        check_architecture,
+        check_calibration_memory,
+        check_model,
+        check_positions,
+        geometry,
+    )
     from slimgpt.utils import resolve_device, resolve_dtype
 
     path = check_model(cfg.model, check_architecture)
