@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t
         auto = res.report["method"]["auto"]
         doc["auto"] = {**auto, "prune_s": res.report["time_s"]["prune_total"], "wall_s": wall,
-                       "ppl": evaluate(res), "time_s": res.report["time_s"]}
+                       "ppl": evaluate(res), "prune_time_s": res.report["time_s"]}
         doc["settings"] = {**base, "max_windows": a.max_windows, "torch_threads": res.report["torch_threads"]}
         path.write_text(json.dumps(doc, indent=1))
     names = list(doc["auto"]["kl"])
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(doc, indent=1))
         del res
     lines = [f"# `--schedule auto` candidates: {a.model} at {a.ratio:.0%}", "",
-             f"auto chose **{doc['auto']['chosen']}** in {doc['auto']['time_s']['allocation']:.1f} s "
+             f"auto chose **{doc['auto']['chosen']}** in {doc['auto']['time_s']['total']:.1f} s "
              f"(whole prune {doc['auto']['prune_s']:.1f} s); WikiText-2 perplexity of the auto model: "
              + ", ".join(f"seq {k} {v:.2f}" for k, v in doc["auto"]["ppl"].items()), "",
              "| candidate | calibration KL | " + " | ".join(f"PPL seq {L}" for L in lengths) + " | prune s |",

@@ -19,9 +19,9 @@ from slimgpt.config import PruneConfig
 from slimgpt.driver import layer_spaces
 from slimgpt.errors import ConfigError
 from slimgpt.schedule import LayerSpace, removed_params, round_layer, solve_widths
-from slimgpt.solvers.channels import prune_channels
 from slimgpt.solvers.heads import prune_heads
 from slimgpt.solvers.hessian import damped_inverse, dead_columns
+from slimgpt.solvers.obs import column_errors, remove_columns
 
 
 def _model(seed: int = 0):
@@ -66,10 +66,11 @@ def test_ffn_only_is_left_out_when_the_ffns_cannot_give_the_budget():
     assert not any(n.endswith("-a0") for n in fam)
 
 
-def _independent_kl(model, calib_h: torch.Tensor, calib_s: torch.Tensor, widths, settings) -> float:
+def _independent_kl(model, calib_h: torch.Tensor, calib_s: torch.Tensor, widths, settings, family) -> float:
     """The candidate's model built with zeroed (not sliced) weights from Hessians collected by
     plain forward hooks on the dense model, then KL(dense || candidate) by F.kl_div over all tokens
-    of each scoring window, averaged over windows."""
+    of each scoring window, averaged over windows. The FFN's greedy path steps through the grid and
+    every width any candidate of ``family`` needs in that layer (one path serves them all)."""
     dense = model
     pruned = copy.deepcopy(model)
     xs: dict[str, list[torch.Tensor]] = {}
@@ -107,9 +108,18 @@ def _independent_kl(model, calib_h: torch.Tensor, calib_s: torch.Tensor, widths,
             W = layer.mlp.down_proj.weight.data.float().clone()
             if w.channels == 0:
                 W.zero_()
-            else:
-                res = prune_channels(W, Hinv, C - w.channels, dead=dead_columns(H))
-                W[:, sorted(set(range(C)) - set(res.kept))] = 0
+            else:  # greedy OBS down the grid of C/64 (at least 8) channels, through w.channels
+                step = max(8, -(-C // 64))
+                widths_here = {ws[i].channels for ws in family.values()} - {0}
+                counts = sorted({*range(C, 0, -step), *widths_here}, reverse=True)
+                alive = torch.ones(C, dtype=torch.bool)
+                for c in counts[1:counts.index(w.channels) + 1]:
+                    err = column_errors(W, Hinv)
+                    err[~alive] = torch.inf
+                    idx = torch.topk(err, int(alive.sum()) - c, largest=False).indices
+                    remove_columns(W, Hinv, idx)
+                    alive[idx] = False
+                W[:, ~alive] = 0
             layer.mlp.down_proj.weight.data.copy_(W)
     total = 0.0
     with torch.no_grad():
@@ -133,7 +143,7 @@ def test_scores_are_the_kl_of_each_candidate_and_the_lowest_wins():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is left as it was
     assert set(res.scores) == set(fam)
     for name, widths in fam.items():
-        ref = _independent_kl(model, calib[:8], calib[:3], widths, st)
+        ref = _independent_kl(model, calib[:8], calib[:3], widths, st, fam)
         assert res.scores[name] == pytest.approx(ref, rel=1e-4, abs=1e-7), name
     assert res.scores[res.chosen] == min(res.scores.values())
     assert res.widths == fam[res.chosen]

@@ -13,8 +13,10 @@ best (docs/auto_schedule.md has the numbers that chose the family):
   they differ only in where the parameters go;
 * **one dense pass** over a subset of the calibration windows, layer by layer: per layer the
   Hessians of ``o_proj``'s and ``down_proj``'s inputs, every candidate's variant of the layer pruned
-  from them with SlimGPT's own solvers (grouped-Cholesky heads, Dynamic Group Size channels, with
-  compensation), and every candidate's hidden states on a few scoring windows advanced through its
+  from them with SlimGPT's OBS solvers (grouped-Cholesky heads; FFN channels along one nested
+  greedy path per layer, groups of at most C/64 channels with compensation, which passes through
+  every candidate's width in one solve: per-width Dynamic Group Size solves made the pass 2× too
+  slow), and every candidate's hidden states on a few scoring windows advanced through its
   variant. Only the current layer and the candidates' hidden states are held: no variant database;
 * **score**: mean per-token ``KL(p_dense || p_candidate)`` of the next-token distributions on the
   scoring windows (EvoPress's fitness); the lowest wins, and sequential SlimGPT then prunes the
@@ -41,7 +43,7 @@ from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import ConfigError, NumericalError
 from slimgpt.methods.base import LayerRunner, Timer, embed_batches
 from slimgpt.schedule import LayerSpace, LayerWidth, removed_params, solve_widths
-from slimgpt.solvers.channels import prune_channels
+from slimgpt.search.database import ffn_path
 from slimgpt.solvers.heads import HeadScore, prune_heads
 from slimgpt.solvers.hessian import damped_inverse, dead_columns
 
@@ -243,8 +245,8 @@ def choose_allocation(
 
 def _layer_variants(run: LayerRunner, s: LayerSpace, widths: dict[str, LayerWidth], st: AutoSettings,
                     timer: Timer) -> dict[str, _Variant]:
-    """Each candidate's variant of this layer, solved once per distinct shape from the dense
-    Hessians, with SlimGPT's own solvers and settings (as :class:`~slimgpt.methods.slimgpt.SlimGPT`)."""
+    """Each candidate's variant of this layer from the dense Hessians: heads solved once per
+    distinct shape (SlimGPT's ``prune_heads`` and head score), channels read off one nested path."""
     adapter, layer, i = run.adapter, run.layer, run.index
     geo = adapter.geometry(layer)
     attn: dict[tuple[int, int], tuple[list[int] | None, torch.Tensor | None]] = {}
@@ -271,22 +273,31 @@ def _layer_variants(run: LayerRunner, s: LayerSpace, widths: dict[str, LayerWidt
         H = run.mlp_hessian()
         with timer("solver"):
             Hinv, _ = damped_inverse(H, st.damp, where=f"layer {i} down_proj")
-            dead = dead_columns(H)
-            for c in sorted(need_ffn, reverse=True):
-                if c == 0:
-                    ffn[c] = ([], None)
-                    continue
-                W = down.weight.data.float().clone()
-                res = prune_channels(W, Hinv.clone(), s.channels - c, st.ffn_groups, st.min_group, st.max_group,
-                                     dead=dead)
-                kept = torch.tensor(res.kept, dtype=torch.long, device=W.device)
-                ffn[c] = (list(res.kept), W[:, kept].to(down.weight.dtype).contiguous())
+            if 0 in need_ffn:
+                ffn[0] = ([], None)
+            counts = ffn_counts(s.channels, need_ffn - {0}, ffn_step(s.channels, st.min_group))
+            path = ffn_path(down.weight.data.float().clone(), Hinv, counts) if len(counts) > 1 else []
+            for c, (kept, w, _err) in zip(counts[1:], path):
+                if c in need_ffn:
+                    ffn[c] = (kept, w.to(down.weight.dtype).contiguous())
     out = {}
     for n, w in widths.items():
         heads, ow = attn.get((w.remove_groups, w.remove_per_group), (None, None))
         ch, dw = ffn.get(w.channels, (None, None))
         out[n] = _Variant(heads, ow, ch, dw)
     return out
+
+
+def ffn_step(channels: int, min_group: int = 8) -> int:
+    """Channels per step of the scoring path: 64 steps across the FFN, at least ``min_group``."""
+    return max(min_group, math.ceil(channels / 64))
+
+
+def ffn_counts(channels: int, needed: set[int], step: int) -> list[int]:
+    """Kept-channel counts the scoring path passes through, descending from ``channels``: every
+    ``step`` channels, and every width a candidate needs."""
+    return sorted(set(range(channels, 0, -step)) | {c for c in needed if 0 < c < channels} | {channels},
+                  reverse=True)
 
 
 def _kl(adapter: ModelAdapter, dense: list[torch.Tensor], cand: list[torch.Tensor], device: torch.device) -> float:
