@@ -1,0 +1,188 @@
+"""Issue #23, large models: the blocked, in-place solvers used from ``LEAN_MIN_COLS`` columns must
+give today's results (the unblocked implementations are kept here as the reference, and the
+brute-force checks of test_solvers.py are re-run through the lean paths); activations kept on a
+device or spilled to disk must not change a CPU run; ``--max-memory`` must count the solve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimgpt.solvers import channels, hessian
+from slimgpt.solvers.channels import prune_channels
+from slimgpt.solvers.hessian import HessianAccumulator, damped_inverse, dead_columns
+from slimgpt.solvers.obs import column_errors, remove_columns
+
+D = torch.float64
+
+
+@pytest.fixture
+def lean(monkeypatch):
+    """The lean paths at test sizes: from 0 columns, in blocks of 16 (several blocks per matrix)."""
+    monkeypatch.setattr(hessian, "LEAN_MIN_COLS", 0)
+    monkeypatch.setattr(hessian, "BLOCK", 16)
+
+
+# ---- the implementations before issue #23, verbatim but for names ----------------------------------
+def reference_inverse(H: torch.Tensor, damp: float = 0.01, max_tries: int = 5) -> tuple[torch.Tensor, float]:
+    H = H.clone()
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    diag[dead] = 1.0
+    mean = diag.mean().item()
+    lam, applied = damp, 0.0
+    for _ in range(max_tries):
+        diag += (lam - applied) * mean
+        applied = lam
+        L, info = torch.linalg.cholesky_ex(H)
+        if info.item() == 0:
+            inv = torch.cholesky_solve(torch.eye(L.shape[0], dtype=L.dtype), L)
+            return (inv + inv.T) / 2, lam
+        lam = max(lam * 10, 1e-4)
+    raise AssertionError("reference did not factor")
+
+
+def reference_channels(W: torch.Tensor, Hinv: torch.Tensor, n_remove: int, group_size="dynamic",
+                       min_group=8, max_group=1024) -> tuple[list[int], list[int], list[float]]:
+    alive = torch.ones(W.shape[1], dtype=torch.bool)
+    removed, errors, left = [], [], n_remove
+    while left > 0:
+        g = channels.dynamic_group_size(left, min_group, max_group) if group_size == "dynamic" else min(group_size, left)
+        err = column_errors(W, Hinv)
+        err[~alive] = torch.inf
+        idx = torch.topk(err, g, largest=False).indices
+        errors.append(remove_columns(W, Hinv, idx))
+        alive[idx] = False
+        removed.extend(idx.tolist())
+        left -= g
+    return torch.nonzero(alive).flatten().tolist(), removed, errors
+
+
+def problem(cols: int, tokens: int, rows: int = 12, seed: int = 0, dtype=D, dead=()):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(cols, tokens, generator=g, dtype=dtype)
+    X = torch.randn(cols, cols, generator=g, dtype=dtype) @ X / cols**0.5 + 0.3 * X
+    X[list(dead)] = 0
+    W = torch.randn(rows, cols, generator=g, dtype=dtype)
+    return W, X, 2 * X @ X.T / tokens
+
+
+# ---- Hessian accumulation ------------------------------------------------------------------------
+@pytest.mark.parametrize("cols", [16, 37, 100])
+def test_upper_triangle_accumulation_equals_the_whole_product(lean, cols):
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(5, 7, cols, generator=g) * torch.rand(cols, generator=g) for _ in range(4)]
+    blocked = HessianAccumulator(cols, sum_dtype=D)
+    assert blocked.upper
+    whole = torch.zeros(cols, cols, dtype=D)
+    for x in batches:
+        blocked.add(x)
+        x = x.reshape(-1, cols)
+        whole += x.T @ x
+    H = blocked.finalize()
+    torch.testing.assert_close(H, (whole * (2.0 / 140)).float(), rtol=1e-6, atol=0)
+    assert torch.equal(H, H.T)
+    assert torch.equal(blocked.finalize(), H)  # mirroring again changes nothing
+
+
+def test_blocked_accumulation_is_bitwise_at_real_widths():
+    """At 4,096 columns and up the blocks' products are the whole product's, bit for bit (MKL)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 4096, generator=g)
+    acc = HessianAccumulator(4096, sum_dtype=D)
+    assert acc.upper
+    acc.add(x)
+    assert torch.equal(acc.finalize(), ((x.T @ x).double() * (2.0 / 256)).float())
+
+
+def test_split_sums_still_equal_one_process(lean):
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(64, 40, generator=g) * torch.rand(40, generator=g) * 10 for _ in range(6)]
+    one, parts = HessianAccumulator(40, sum_dtype=D), [HessianAccumulator(40, sum_dtype=D) for _ in range(2)]
+    for x in batches:
+        one.add(x)
+    for k, x in enumerate(batches):
+        parts[k >= 2].add(x)
+    parts[0].sum += parts[1].sum
+    parts[0].count += parts[1].count
+    assert torch.equal(one.finalize(), parts[0].finalize())
+
+
+# ---- the damped inverse --------------------------------------------------------------------------
+@pytest.mark.parametrize(("cols", "dtype", "tol"), [(50, D, 1e-12), (90, torch.float32, 3e-5)])
+def test_blocked_inverse_equals_cholesky_solve(lean, cols, dtype, tol):
+    _, _, H = problem(cols, 2 * cols, dtype=dtype, dead=(3, 40))
+    ref, lam_ref = reference_inverse(H)
+    got, lam = damped_inverse(H, 0.01)
+    assert lam == lam_ref and got.dtype == dtype and torch.equal(got, got.T)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < tol
+    assert torch.equal(H, problem(cols, 2 * cols, dtype=dtype, dead=(3, 40))[2])  # the caller's H untouched
+
+
+def test_blocked_inverse_retries_with_the_same_damping(lean, caplog):
+    H = torch.diag(torch.tensor([1.0, 0.5, -0.2] * 12, dtype=D))  # indefinite: needs λ = 1
+    ref, lam_ref = reference_inverse(H)
+    with caplog.at_level("WARNING"):
+        got, lam = damped_inverse(H, 0.01, where="layer 7 o_proj")
+    assert lam == lam_ref == 1.0 and "layer 7 o_proj" in caplog.text
+    torch.testing.assert_close(got, ref, rtol=1e-14, atol=0)
+    from slimgpt.errors import NumericalError
+
+    with pytest.raises(NumericalError, match="would not factor"):
+        damped_inverse(-torch.eye(40, dtype=D), max_tries=2)
+    with pytest.raises(NumericalError, match="NaN/inf"):
+        damped_inverse(torch.full((40, 40), float("nan")), where="layer 3")
+
+
+# ---- FFN channels ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("cols", "n", "kw"), [(40, 27, dict(min_group=2, max_group=8)), (120, 90, {}),
+                                              (75, 30, dict(group_size=1)), (64, 50, dict(group_size=16))])
+def test_packed_channel_pruning_equals_the_full_size_one(lean, cols, n, kw):
+    W, _, H = problem(cols, 3 * cols, dead=(5,))
+    Hinv, _ = reference_inverse(H)
+    ref_W, ref_H = W.clone(), Hinv.clone()
+    ref_W[:, dead_columns(H)] = 0  # as park_dead does (restored below for kept dead columns)
+    kept, removed, errors = reference_channels(ref_W, ref_H, n, kw.get("group_size", "dynamic"),
+                                               kw.get("min_group", 8), kw.get("max_group", 1024))
+    if 5 in kept:
+        ref_W[:, 5] = W[:, 5]
+    got_W, got_H = W.clone(), Hinv.clone()
+    res = prune_channels(got_W, got_H, n, dead=dead_columns(H), **kw)
+    assert res.kept == kept and res.removed == removed
+    assert res.errors == pytest.approx(errors, rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(got_W, ref_W, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got_H, ref_H, rtol=1e-9, atol=1e-12)  # full-size, removed rows/columns zero
+
+
+def test_packed_pruning_is_exact_greedy_obs(lean):
+    """test_solvers' brute force, through the packed path: group size 1 is exhaustive greedy OBS
+    and the compensation is the least-squares refit from the data."""
+    W, X, H = problem(10, 200, rows=5, seed=3)
+    Hinv, _ = damped_inverse(H, damp=0)
+    What = W.clone()
+    res = prune_channels(What, Hinv.clone(), n_remove=6, group_size=1)
+
+    def refit(keep):
+        Xr = X[keep]
+        Wr = (W @ X @ Xr.T) @ torch.linalg.inv(Xr @ Xr.T)
+        out = torch.zeros_like(W)
+        out[:, keep] = Wr
+        return out, (W @ X - out @ X).pow(2).sum().item()
+
+    keep, order = list(range(10)), []
+    for _ in range(6):
+        best = min(keep, key=lambda j: refit([c for c in keep if c != j])[1])
+        keep.remove(best)
+        order.append(best)
+    assert res.removed == order and res.kept == sorted(keep)
+    torch.testing.assert_close(What, refit(keep)[0])
+
+
+def test_packed_pruning_handles_a_transposed_inverse(lean):
+    W, _, H = problem(48, 150)
+    Hinv, _ = reference_inverse(H)
+    a, b = W.clone(), W.clone()
+    r1 = prune_channels(a, Hinv.clone().contiguous(), 30)
+    r2 = prune_channels(b, Hinv.T.contiguous().T, 30)  # column-major storage of the same matrix
+    assert r1.kept == r2.kept
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
