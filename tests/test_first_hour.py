@@ -151,6 +151,11 @@ def test_the_documented_defaults_are_not_refused() -> None:
     llama7b = Geometry(4096, 11008, 32, 32, 128, 32, 32000, False, 4096, 1)
     need = calibration_need(llama7b, 256, 2048, 8, 2)
     assert need.host(gpu=True) < 64 * 2**30 and need.device() < 24 * 2**30
+    check_calibration_memory("llama-7b", llama7b, 256, 2048, 8, 2, "cuda", host_free=64 * 2**30,
+                             device_free=24 * 2**30)
+    with pytest.raises(ConfigError, match=r"on cuda, 6\.0 GiB free .* --seqlen \d+ at --nsamples 256"):
+        check_calibration_memory("llama-7b", llama7b, 256, 2048, 8, 2, "cuda", host_free=64 * 2**30,
+                                 device_free=6 * 2**30)
     with pytest.raises(ConfigError, match="--seqlen 2048 at --nsamples 16|the largest"):
         check_calibration_memory("smollm2-135m", smol, 16, 8192, 8, 4, "cpu", host_free=2**30)
 
