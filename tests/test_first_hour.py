@@ -160,6 +160,20 @@ def test_the_documented_defaults_are_not_refused() -> None:
         check_calibration_memory("smollm2-135m", smol, 16, 8192, 8, 4, "cpu", host_free=2**30)
 
 
+def test_evaluation_that_cannot_fit_names_a_batch_and_a_length_that_would() -> None:
+    from slimgpt.preflight import check_eval_memory, eval_need
+
+    smol = Geometry(576, 1536, 9, 3, 64, 30, 49152, True, 8192, 1)
+    free = 4 * 2**30
+    check_eval_memory("smollm2-135m", smol, 128, 8, 4, "cpu", free=free)  # the default window: about 1.1 GiB
+    with pytest.raises(ConfigError, match=r"windows of 2048 tokens .* use --batch-size (\d+) or --seqlen (\d+) or less") as e:
+        check_eval_memory("smollm2-135m", smol, 2048, 8, 4, "cpu", free=free)
+    batch, seqlen = (int(x) for x in e.value.args[0].split("--batch-size ")[1].split(" or --seqlen ")[0:1]
+                     + [e.value.args[0].split("--seqlen ")[1].split()[0]])
+    assert eval_need(smol, 2048, batch, 4) <= free < eval_need(smol, 2048, batch + 1, 4)
+    assert eval_need(smol, seqlen, 8, 4) <= free < eval_need(smol, seqlen + 1, 8, 4)
+
+
 # ---- the models named --------------------------------------------------------------------------------
 
 

@@ -346,7 +346,9 @@ def check_eval_memory(name: str, geo: Geometry | None, seqlen: int, batch_size: 
     if free is None or eval_need(geo, seqlen, batch_size, itemsize) <= free:
         return
     best = _largest(lambda s: eval_need(geo, s, batch_size, itemsize) <= free, seqlen - 1)
-    advice = f"use --seqlen {best} or less" if best >= 2 else "the model alone does not fit"
+    batch = _largest(lambda b: eval_need(geo, seqlen, b, itemsize) <= free, batch_size - 1)
+    options = ([f"--batch-size {batch}"] if batch else []) + ([f"--seqlen {best} or less"] if best >= 2 else [])
+    advice = f"use {' or '.join(options)}" if options else "the model alone does not fit"
     raise ConfigError(f"evaluating {name} on windows of {seqlen} tokens needs about "
                       f"{_gib(eval_need(geo, seqlen, batch_size, itemsize))}, more than the {_gib(free)} "
                       f"{'free on ' + str(device) if gpu else 'of memory available'}; {advice}")
