@@ -12,7 +12,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "slimgpt"
 # Top to bottom; a module may import its own layer or lower ones, never a higher one.
 LAYERS: list[list[str]] = [
     ["slimgpt.cli", "slimgpt.cli.*"],
-    ["slimgpt.api", "slimgpt.compare", "slimgpt.finetune", "slimgpt.report"],
+    ["slimgpt.api", "slimgpt.compare", "slimgpt.finetune", "slimgpt.report", "slimgpt.recovery",
+     "slimgpt.recovery.*"],
     ["slimgpt.pipeline"],
     ["slimgpt.streaming", "slimgpt.checkpoint", "slimgpt.driver", "slimgpt.config"],
     ["slimgpt.methods", "slimgpt.methods.*", "slimgpt.search", "slimgpt.search.*"],

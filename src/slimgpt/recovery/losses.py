@@ -1,0 +1,199 @@
+"""Recovery losses: KL to the teacher's next-token distribution, top-k KL, and the LM loss.
+
+Per scored token ``i`` (a position whose label is not :data:`IGNORE`), with student logits ``s``,
+teacher logits ``t`` and temperature ``T``::
+
+    kd_i  = T² · KL(softmax(t/T) ‖ softmax(s/T)) = T² · Σ_v p_v (log p_v − log q_v)
+    lm_i  = −log softmax(s)[label_i]
+    loss  = Σ_i [(1 − w) · kd_i + w · lm_i] / N                (w = --lm-weight)
+
+The direction is the usual (forward) distillation one: the teacher's distribution is the target
+and the student is pushed to cover it. ``T²`` keeps the gradient's size independent of ``T``
+(Hinton et al.), so one learning rate serves every temperature. ``N`` is the number of scored
+tokens of the whole optimiser step over all micro-batches and processes, so every token weighs
+the same whatever micro-batch or rank it falls in.
+
+Top-k (``--teacher-topk k``): the teacher keeps its ``k`` most likely tokens per position,
+renormalised over those ``k`` (``p̃``); the student's log-probabilities are the full softmax read at
+those ids: ``Σ_k p̃ (log p̃ − log q)``. With ``k`` = the vocabulary this is the full KL exactly.
+
+Why a chunked loss (:func:`chunked_head_loss`) instead of ``model(...).logits``: the logits of a
+micro-batch are tokens × vocabulary floats (SmolLM2: 2,048 × 49,152 × 4 bytes = 400 MB per model;
+Qwen's 152k vocabulary triples that), and every elementwise pass over them (log-softmax, exp,
+the difference, its gradient) streams that memory. The head is applied a few hundred tokens at a
+time instead, the chunk's loss and its gradients with respect to the hidden states and the head
+weight are computed at once, and only those gradients are kept: no tokens × vocabulary tensor
+ever exists, and each chunk's passes stay in cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # label of tokens that are not scored (prompt, padding)
+
+
+# ---- per-token terms on materialised logits (the definitions; also the tests' references) ----------
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``KL(softmax(t/T) ‖ softmax(s/T))`` per row (last dimension = vocabulary), float32, without ``T²``."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's ``k`` most likely ids per row and their log-probabilities at ``T``,
+    renormalised over those ``k`` (so they sum to one)."""
+    values, ids = (teacher_logits.float() / temperature).topk(min(k, teacher_logits.shape[-1]), dim=-1)
+    return values - values.logsumexp(-1, keepdim=True), ids
+
+
+def token_kl_topk(student_logits: torch.Tensor, topk_logp: torch.Tensor, topk_ids: torch.Tensor,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """``Σ_k p̃ (log p̃ − log q)`` per row: the renormalised teacher top-k against the student's full
+    softmax at ``T`` read at the same ids."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, topk_ids.long())
+    logp = topk_logp.float()
+    return (logp.exp() * (logp - log_q)).sum(-1)
+
+
+def token_nll(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``−log softmax(s)[label]`` per row (0 where the label is :data:`IGNORE`)."""
+    return F.cross_entropy(student_logits.float(), labels.long(), ignore_index=IGNORE, reduction="none")
+
+
+# ---- the chunked loss ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherTargets:
+    """What the loss needs of the teacher for the scored rows: its final hidden states and head
+    (full KL, or top-k computed chunk by chunk), or top-k targets computed earlier (a cache)."""
+
+    hidden: torch.Tensor | None = None  # (N, d) teacher final hidden states of the scored rows
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None  # hidden → logits
+    topk: int | None = None  # keep only the k most likely teacher tokens
+    topk_logp: torch.Tensor | None = None  # (N, k) precomputed renormalised log-probs ...
+    topk_ids: torch.Tensor | None = None  # ... and their ids
+
+    def chunk(self, r0: int, r1: int, temperature: float) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                                  torch.Tensor | None]:
+        """``(teacher_logits, topk_logp, topk_ids)`` of rows ``r0:r1``; one of the two forms is None."""
+        if self.topk_logp is not None and self.topk_ids is not None:
+            return None, self.topk_logp[r0:r1], self.topk_ids[r0:r1]
+        assert self.hidden is not None and self.head is not None
+        with torch.no_grad():
+            logits = self.head(self.hidden[r0:r1]).float()
+        if self.topk is not None:
+            logp, ids = teacher_topk(logits, self.topk, temperature)
+            return None, logp, ids
+        return logits, None, None
+
+
+def loss_terms(logits: torch.Tensor, labels: torch.Tensor, teacher: TeacherTargets | None, r0: int, r1: int,
+               temperature: float, lm_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(weighted loss sum, KL sum, NLL sum)`` of rows ``r0:r1`` (every row is scored); the KL sum is
+    without ``T²``, at ``T``; the last two are detached, for logging."""
+    zero = logits.new_zeros(())
+    nll = token_nll(logits, labels[r0:r1]).sum() if lm_weight > 0 or teacher is None else zero
+    kl = zero
+    if teacher is not None:
+        t_logits, logp, ids = teacher.chunk(r0, r1, temperature)
+        kl = (token_kl(logits, t_logits, temperature) if t_logits is not None
+              else token_kl_topk(logits, logp, ids, temperature)).sum()  # type: ignore[arg-type]
+    w = 1.0 if teacher is None else lm_weight
+    total = (1.0 - w) * temperature ** 2 * kl + w * nll if teacher is not None else nll
+    return total, kl.detach(), nll.detach()
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Loss and both gradients computed in the forward pass, a chunk of rows at a time; the
+    backward only scales them by the incoming gradient (the loss is a scalar)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, run: Callable) -> torch.Tensor:  # type: ignore[override]
+        loss, grad_h, grad_w = run(hidden, weight)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out if ctx.needs_input_grad[0] else None
+        gw = grad_w * grad_out if ctx.needs_input_grad[1] and grad_w.numel() else None
+        return gh, gw, None
+
+
+@dataclass
+class LossParts:
+    """A micro-batch's loss (differentiable, already divided by the step's token count) and the
+    detached sums behind it, for logging."""
+
+    loss: torch.Tensor
+    kl_sum: float
+    nll_sum: float
+    tokens: int
+
+
+def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+                      teacher: TeacherTargets | None = None, temperature: float = 1.0, lm_weight: float = 0.0,
+                      scale: float = 1.0, chunk: int = 256) -> LossParts:
+    """The loss of the module docstring over the rows of ``hidden`` (N, d), each predicting
+    ``labels`` (N,) (all scored: select the rows first), times ``scale`` (1 / the step's token
+    count). ``head(h, w)`` turns hidden states into logits with the head weight ``w`` (V, d);
+    gradients reach ``hidden`` and ``weight`` through autograd like any other op."""
+    n = hidden.shape[0]
+    sums = {"kl": 0.0, "nll": 0.0}
+
+    def run(h_all: torch.Tensor, w_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        need_h, need_w = h_all.requires_grad, w_all.requires_grad
+        grad_h = torch.zeros_like(h_all) if need_h else h_all.new_zeros(0)
+        grad_w = torch.zeros_like(w_all, dtype=torch.float32) if need_w else w_all.new_zeros(0)
+        total = torch.zeros((), dtype=torch.float64, device=h_all.device)
+        w_leaf = w_all.detach().requires_grad_(need_w)
+        for r0 in range(0, n, chunk):
+            r1 = min(n, r0 + chunk)
+            with torch.enable_grad():
+                h = h_all[r0:r1].detach().requires_grad_(need_h)
+                loss, kl, nll = loss_terms(head(h, w_leaf), labels, teacher, r0, r1, temperature, lm_weight)
+                loss = loss * scale
+                wants = [t for t, need in ((h, need_h), (w_leaf, need_w)) if need]
+                grads = torch.autograd.grad(loss, wants) if wants else ()
+            it = iter(grads)
+            if need_h:
+                grad_h[r0:r1] = next(it)
+            if need_w:
+                grad_w += next(it)
+            total += loss.detach().double()
+            sums["kl"] += float(kl)
+            sums["nll"] += float(nll)
+        return total.float(), grad_h, grad_w.to(w_all.dtype) if need_w else grad_w
+
+    if n == 0:
+        loss = hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph (DDP-style reductions expect grads)
+        return LossParts(loss, 0.0, 0.0, 0)
+    loss = _ChunkedHeadLoss.apply(hidden, weight, run)
+    return LossParts(loss, sums["kl"], sums["nll"], n)
+
+
+def linear_head(softcap: float | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``h @ wᵀ`` (the untied or tied LM head), with Gemma's final logit soft-capping when set."""
+
+    def head(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, w)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return head
+
+
+__all__ = ["IGNORE", "LossParts", "TeacherTargets", "chunked_head_loss", "linear_head", "loss_terms", "teacher_topk",
+           "token_kl", "token_kl_topk", "token_nll"]
