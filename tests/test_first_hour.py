@@ -36,14 +36,16 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*_a, **_k):
         pytest.fail("a model was loaded or an evaluation ran before the refusal")
 
-    import slimgpt.cli.eval
-    import slimgpt.evaluation.perplexity
+    import importlib
+
+    import slimgpt.evaluation.results
     import slimgpt.zoo
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", boom)
     monkeypatch.setattr(slimgpt.zoo, "load_model", boom)
-    monkeypatch.setattr(slimgpt.cli.eval, "evaluate_model", boom)
-    monkeypatch.setattr(slimgpt.evaluation.perplexity, "perplexity", boom)
+    monkeypatch.setattr(slimgpt.evaluation.results, "evaluate_model", boom)
+    # the module, not the function of the same name that slimgpt.evaluation exports
+    monkeypatch.setattr(importlib.import_module("slimgpt.evaluation.perplexity"), "perplexity", boom)
 
 
 def refused(capsys: pytest.CaptureFixture, args: list[str], *expect: str) -> str:

@@ -8,7 +8,6 @@ from pathlib import Path
 from slimgpt import __version__
 from slimgpt.defaults import TABLE4_NEW_TOKENS
 from slimgpt.errors import ConfigError
-from slimgpt.evaluation.results import write_json
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +47,7 @@ def run(a: argparse.Namespace) -> int:
     for name in a.models:  # every model opens before the first is loaded and timed
         check_model(name)
     from slimgpt.evaluation.bench import benchmark_generation, format_table
+    from slimgpt.evaluation.results import write_json
     from slimgpt.utils import resolve_device, resolve_dtype
     from slimgpt.zoo import load_model
     device = resolve_device(a.device)

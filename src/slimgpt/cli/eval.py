@@ -7,15 +7,6 @@ import argparse
 from slimgpt.cli.common import add_task_args, check_task_args, parse_limit
 from slimgpt.defaults import DEFAULT_PROTOCOL, PROTOCOLS
 from slimgpt.errors import ConfigError
-from slimgpt.evaluation.results import (
-    eval_document,
-    evaluate_model,
-    ppl_table,
-    run_config,
-    source_model,
-    write_json,
-    zeroshot_table,
-)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -60,6 +51,15 @@ def run(a: argparse.Namespace) -> int:
         raise ConfigError("nothing to evaluate: give --ppl DATA and/or --tasks TASKS")
     limit = parse_limit(a.limit)
     from slimgpt import distributed
+    from slimgpt.evaluation.results import (
+        eval_document,
+        evaluate_model,
+        ppl_table,
+        run_config,
+        source_model,
+        write_json,
+        zeroshot_table,
+    )
     from slimgpt.utils import resolve_device, resolve_dtype
 
     device = distributed.init(resolve_device(a.device))  # torchrun: perplexity windows split across ranks
