@@ -49,9 +49,11 @@ from slimgpt.solvers.hessian import damped_inverse, dead_columns
 
 log = logging.getLogger(__name__)
 
-ATTN_SCALES = (0.0, 0.5, 1.0, 2.0)
-"""Attention shares tried with each depth curve (0: FFN channels only; 2: attention first)."""
-CURVES = ("uniform", "log")
+ATTN_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0)
+"""Attention shares tried with each depth curve (0: FFN channels only; 2: attention twice the layer's ratio)."""
+CURVES = ("uniform", "log", "log0")
+"""Depth curves: the same ratio in every layer; the paper's log curve (layer 0 at the mean / 3.2);
+the log curve from 0 (layer 0 dense, steeper)."""
 
 
 @dataclass
@@ -95,13 +97,14 @@ def auto_windows(nsamples: int, seqlen: int, spaces: list[LayerSpace]) -> tuple[
 def candidates(spaces: list[LayerSpace], total_params: int, ratio: float,
                first_ratio: float | None = None) -> dict[str, list[LayerWidth]]:
     """The allocation family (module docstring), each on the parameter budget; names are
-    ``CURVE-aA`` plus ``log`` (the paper's schedule). Infeasible members (FFN-only beyond what the
-    FFNs hold) are left out; duplicates keep the first name."""
+    ``CURVE-aA`` plus ``log`` (the paper's schedule, ``first_ratio`` as given). Infeasible members
+    (FFN-only beyond what the FFNs hold) are left out; duplicates keep the first name."""
     out: dict[str, list[LayerWidth]] = {"log": solve_widths(spaces, total_params, ratio, "log", first_ratio)}
     for curve in CURVES:
+        kind, first = ("log", 0.0) if curve == "log0" else (curve, first_ratio)
         for a in ATTN_SCALES:
             try:
-                w = solve_widths(spaces, total_params, ratio, curve, first_ratio, attn_scale=a)
+                w = solve_widths(spaces, total_params, ratio, kind, first, attn_scale=a)
             except ConfigError:
                 continue
             if all(_shape(w) != _shape(v) for v in out.values()):

@@ -86,6 +86,7 @@ class Outcome:
     resumed_from_layer: int = 0
     prune_s: float = 0.0
     surgery_s: float = 0.0
+    activations: dict[str, Any] = field(default_factory=dict)  # where the driver kept them
 
 
 # ---------------------------------------------------------------------------------- steps
@@ -178,9 +179,11 @@ def auto_widths(run: Run) -> list[LayerWidth]:
     from slimgpt import allocation
 
     c = run.cfg
-    if run.stream:
-        raise ConfigError("--schedule auto scores allocations on the whole model in memory, but this run streams "
-                          "layers from disk (--max-memory); pass --schedule log (or uniform) to stream")
+    if run.stream:  # the candidates' scoring runs the whole model; a streamed run has one layer at a time
+        log.warning("--schedule auto needs the model in memory and this run streams it from disk: using the "
+                    "paper's log schedule instead (pass --schedule log to say so, or give it more memory)")
+        run.allocation = {"chosen": "log", "fallback": "streamed run", "time_s": {"total": 0.0}}
+        return solve_widths(run.spaces, run.dense_params, c.ratio, "log", c.first_ratio)
     assert c.nsamples is not None and c.seqlen is not None and run.calib is not None
     hess, score = allocation.auto_windows(c.nsamples, c.seqlen, run.spaces)
     method = run.method
@@ -190,8 +193,9 @@ def auto_widths(run: Run) -> list[LayerWidth]:
 
     def choose() -> allocation.AutoResult:
         family = allocation.candidates(run.spaces, run.dense_params, c.ratio, c.first_ratio)
-        return allocation.choose_allocation(run.adapter, run.calib, run.spaces, family, run.device, settings,
-                                            progress=run.progress)
+        with distributed.solo():  # rank 0 scores on its own (its Hessians are not reduced); the others wait
+            return allocation.choose_allocation(run.adapter, run.calib, run.spaces, family, run.device, settings,
+                                                progress=run.progress)
 
     res = distributed.agree(choose, "choosing the --schedule auto allocation")
     run.allocation = res.summary()
@@ -203,12 +207,15 @@ def open_store(run: Run, ckpt: Checkpoint | None) -> LayerStore:
     or kept in the model, checkpointed after every layer when there is a checkpoint."""
     if not distributed.is_main():
         ckpt = None  # rank 0 writes the checkpoint; the others only read it to resume
+    # activations that fit nowhere in memory go beside the output (same disk, not a RAM-backed /tmp)
+    out = Path(run.cfg.out).expanduser().resolve() if run.cfg.out else None
+    spill = out.with_name(out.name + ".activations") if out is not None else None
     if run.stream:
         assert (ckpt is not None or not distributed.is_main()) and run.source is not None
-        store = streaming.StreamingStore(run.adapter, run.source, run.dtype, ckpt, run.cfg.offload_activations)
+        store = streaming.StreamingStore(run.adapter, run.source, run.dtype, ckpt, run.cfg.offload_activations, spill)
         store.warn_budget(run.cfg, streaming.parse_size(run.cfg.max_memory) if run.cfg.max_memory else None)
         return store
-    return streaming.InMemoryStore(run.adapter, ckpt, run.cfg.offload_activations)
+    return streaming.InMemoryStore(run.adapter, ckpt, run.cfg.offload_activations, spill)
 
 
 def context(run: Run, timer: Timer) -> PruneContext:
@@ -248,6 +255,8 @@ class LayerwiseExecution(Execution):
 
     def __init__(self, run: Run) -> None:
         self.ckpt: Checkpoint | None = None
+        self.commit_s = 0.0
+        self.activations: dict[str, Any] = {}
         if run.cfg.out is not None:  # opened before loading: a refused --resume costs nothing
             settings = run_settings(run.cfg, run.device, run.dtype)
             source = run.source_dir.resolve() if run.source_dir else None
@@ -284,6 +293,7 @@ class LayerwiseExecution(Execution):
                 )
                 plans.update(result.plans)
                 seconds = result.seconds
+                self.activations = result.activations
         except StorageError:
             raise
         except DistributedError as e:  # another rank died: what is committed stays for --resume
@@ -302,7 +312,9 @@ class LayerwiseExecution(Execution):
             store.close()
         t1 = time.perf_counter()
         pruned = None if run.stream else shrink_model(run.model, {})  # every layer is cut already
-        return Outcome(plans, seconds, pruned, widths, store.seconds, start, t1 - t0, time.perf_counter() - t1)
+        io = {**store.seconds, "write": store.seconds.get("write", 0.0) + self.commit_s}
+        return Outcome(plans, seconds, pruned, widths, io, start, t1 - t0, time.perf_counter() - t1,
+                       activations=self.activations)
 
     def commit(self, index: int, plan: LayerPlan, hidden: list[torch.Tensor]) -> None:
         """The driver's ``on_layer_done``: rank 0 commits the layer with every rank's inputs for the
@@ -310,7 +322,11 @@ class LayerwiseExecution(Execution):
         assert self.ckpt is not None
         ckpt = self.ckpt
         if not distributed.is_distributed():
-            ckpt.commit(index, plan, hidden)
+            t = time.perf_counter()
+            try:
+                ckpt.commit(index, plan, hidden)
+            finally:
+                self.commit_s += time.perf_counter() - t  # the next layer's inputs, written with fsync
             return
         full = distributed.gather_to_main(hidden, f"gathering the inputs of layer {index + 1}")
         distributed.agree(lambda: ckpt.commit(index, plan, full or []), f"checkpointing layer {index}")
@@ -434,6 +450,7 @@ def build_report(run: Run, outcome: Outcome) -> dict[str, Any]:
             "other": outcome.prune_s - sum(secs.values()) - io.get("load", 0.0) - io.get("write", 0.0) - auto_s,
         },
         "streamed": run.stream,
+        "activations": outcome.activations,
         "resumed_from_layer": outcome.resumed_from_layer,
         "memory": run.mem.as_dict(),
         "layers": layers,
