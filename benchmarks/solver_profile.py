@@ -11,8 +11,12 @@ allocator's peak) after each:
               ``--remove`` of the columns (0.68: what ``--ratio 0.2`` takes from the layers of
               Llama-3.1-8B cut to 2 layers without per-layer ratios, the issue's run)
 
-    python benchmarks/solver_profile.py --width 14336 --rows 4096 --tokens 4096 --remove 0.68
+    python benchmarks/solver_profile.py --width 14336 --rows 4096 --tokens 4096 --remove 0.68 --impl both
     python benchmarks/solver_profile.py --width 2048 --json /tmp/p.json        # seconds, not minutes
+
+``--impl both`` runs the solvers of issue #23 and the unblocked ones they replaced on the same
+``H`` and ``W`` (CPU seconds are reported beside wall seconds: on a shared machine they compare
+better) and says whether they keep the same channels.
 
 Prints (and with ``--json`` writes) the seconds per step, the memory held before it and the peak
 above that, in MiB and in ``F × F`` float32 buffers (resident memory on CPU, sampled every 20 ms,
@@ -28,6 +32,7 @@ import time
 
 import torch
 
+from slimgpt.solvers import hessian as hessian_module
 from slimgpt.solvers.channels import prune_channels
 from slimgpt.solvers.hessian import HessianAccumulator, damped_inverse, dead_columns
 from slimgpt.streaming import _trim_heap
@@ -42,6 +47,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2048, help="tokens per accumulation step")
     ap.add_argument("--remove", type=float, default=0.68, help="share of the columns removed")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--impl", default="lean", choices=["lean", "previous", "both"],
+                    help="the blocked in-place solvers (lean), the unblocked ones they replaced at this width "
+                         "(previous), or both on the same H and W, with the differences of their results")
     ap.add_argument("--json")
     a = ap.parse_args()
     dev = torch.device(a.device)
@@ -58,18 +66,19 @@ def main() -> None:
         before = rss_bytes() if dev.type == "cpu" else torch.cuda.memory_allocated(dev)
         mem = PeakMemory(dev)
         with mem.track():
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             r = fn()
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-            secs = time.perf_counter() - t
+            secs, cpu = time.perf_counter() - t, time.process_time() - cpu
         peak = (mem.peak_cuda if dev.type == "cuda" else mem.peak_rss) - before
         held = before - (base if dev.type == "cpu" else 0)
         fxf = F * F * 4
-        out["steps"][name] = {"seconds": round(secs, 2), "held_before_mib": round(held / 2**20, 1),
-                              "peak_extra_mib": round(peak / 2**20, 1), "peak_extra_fxf_fp32": round(peak / fxf, 2)}
-        print(f"{name:9s} {secs:8.2f} s  held before {held / fxf:5.2f}, peak extra {peak / fxf:5.2f} F×F fp32 "
-              f"({peak / 2**20:.0f} MiB)", flush=True)
+        out["steps"][name] = {"seconds": round(secs, 2), "cpu_seconds": round(cpu, 2),
+                              "held_before_mib": round(held / 2**20, 1), "peak_extra_mib": round(peak / 2**20, 1),
+                              "peak_extra_fxf_fp32": round(peak / fxf, 2)}
+        print(f"{name:18s} {secs:8.2f} s ({cpu:7.1f} CPU s)  held before {held / fxf:5.2f}, peak extra "
+              f"{peak / fxf:5.2f} F×F fp32 ({peak / 2**20:.0f} MiB)", flush=True)
         return r
 
     def hessian() -> torch.Tensor:
@@ -81,12 +90,28 @@ def main() -> None:
         return acc.finalize()
 
     H = step("hessian", hessian)
-    W = (torch.randn(a.rows, F, generator=g) / F**0.5).to(dev)
-    Hinv, lam = step("inverse", lambda: damped_inverse(H, 0.01))
-    res = step("channels", lambda: prune_channels(W, Hinv, int(a.remove * F), dead=dead_columns(H)))
-    out["groups"] = res.group_sizes
-    out["damp"] = lam
-    out["total_s"] = round(sum(s["seconds"] for k, s in out["steps"].items() if k != "hessian"), 2)
+    W0 = (torch.randn(a.rows, F, generator=g) / F**0.5).to(dev)
+    lean_min = hessian_module.LEAN_MIN_COLS
+    results = {}
+    for impl in (["lean", "previous"] if a.impl == "both" else [a.impl]):
+        hessian_module.LEAN_MIN_COLS = lean_min if impl == "lean" else F + 1
+        suffix = "" if a.impl != "both" else f" ({impl})"
+        W = W0.clone()
+        Hinv, lam = step("inverse" + suffix, lambda: damped_inverse(H, 0.01))
+        res = step("channels" + suffix,
+                   lambda W=W, Hinv=Hinv: prune_channels(W, Hinv, int(a.remove * F), dead=dead_columns(H)))
+        del Hinv
+        results[impl] = (res, W)
+        out["groups"] = res.group_sizes
+        out["damp"] = lam
+    hessian_module.LEAN_MIN_COLS = lean_min
+    if a.impl == "both":
+        (r1, w1), (r2, w2) = results["lean"], results["previous"]
+        out["same_kept_channels"] = r1.kept == r2.kept
+        out["kept_channels_differing"] = len(set(r1.kept) ^ set(r2.kept))
+        out["max_rel_weight_difference"] = float((w1 - w2).abs().max() / w2.abs().max())
+        print(f"same kept channels: {out['same_kept_channels']} ({out['kept_channels_differing']} differ); "
+              f"largest weight difference {out['max_rel_weight_difference']:.2e} of the largest weight")
     print(json.dumps(out))
     if a.json:
         with open(a.json, "w") as f:

@@ -186,3 +186,71 @@ def test_packed_pruning_handles_a_transposed_inverse(lean):
     r2 = prune_channels(b, Hinv.T.contiguous().T, 30)  # column-major storage of the same matrix
     assert r1.kept == r2.kept
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ---- where the activations live -------------------------------------------------------------------
+def test_activation_plan_prefers_device_then_host_then_disk():
+    from slimgpt.driver import plan_activations
+
+    gib = 2**30
+    assert plan_activations(10 * gib, 5 * gib, device_free=20 * gib, host_free=None) == "device"
+    assert plan_activations(10 * gib, 9 * gib, device_free=20 * gib, host_free=100 * gib) == "host"  # margin
+    assert plan_activations(10 * gib, 1 * gib, device_free=None, host_free=12 * gib) == "host"  # a CPU run
+    assert plan_activations(10 * gib, 1 * gib, device_free=None, host_free=10 * gib) == "disk"
+    assert plan_activations(10 * gib, 1 * gib, device_free=2 * gib, host_free=None) == "host"  # unknown: memory
+
+
+def _driver_run(model, tokenizer_ids, **kw):
+    from slimgpt.arch import get_adapter
+    from slimgpt.driver import layer_spaces, run_layerwise
+    from slimgpt.methods.slimgpt import SlimGPT
+    from slimgpt.schedule import solve_widths
+    from slimgpt.surgery import parameter_count
+
+    ad = get_adapter(model)
+    spaces = layer_spaces(ad)
+    widths = solve_widths(spaces, parameter_count(model), 0.3, "log")
+    res = run_layerwise(ad, tokenizer_ids, SlimGPT(), widths, spaces, torch.device("cpu"), 4, progress=False, **kw)
+    return res, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kw", [{}, {"prefetch": True}, {"propagate": "original"}])
+def test_cpu_run_is_bitwise_the_pre_residency_path(kw):
+    """The default placement (and, forced on a CPU, the layer prefetch) changes nothing on a CPU:
+    the same plans and weights as ``offload=cpu`` given explicitly, the path before issue #23."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import build_tiny
+
+    ids = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    a = build_tiny(LlamaConfig, LlamaForCausalLM, num_key_value_heads=2)
+    b = build_tiny(LlamaConfig, LlamaForCausalLM, num_key_value_heads=2)
+    ref, w_ref = _driver_run(a, ids, offload=torch.device("cpu"), **{k: v for k, v in kw.items() if k != "prefetch"})
+    got, w_got = _driver_run(b, ids, **kw)
+    assert got.activations["where"] == "host" and ref.activations["where"] == "given"
+    assert {i: (p.kept_heads, p.kept_channels) for i, p in got.plans.items()} == \
+        {i: (p.kept_heads, p.kept_channels) for i, p in ref.plans.items()}
+    assert all(torch.equal(w_got[k], w_ref[k]) for k in w_ref)
+
+
+def test_activations_spill_to_disk_when_memory_is_short(tmp_path, monkeypatch):
+    """No room in memory: the activations go to ``OUT.activations/`` beside the output (removed at
+    the end), the log says so, and the weights are the in-memory run's."""
+    from slimgpt import preflight
+    from slimgpt.api import prune
+    from test_streaming import assert_same_weights, calib_text, config, save_tiny
+
+    src, calib = save_tiny(tmp_path / "src"), calib_text(tmp_path / "calib.txt")
+    mem = prune(config(src, tmp_path / "mem", calib), progress=False)
+    assert mem.report["activations"]["where"] == "host"
+    monkeypatch.setattr(preflight, "available_memory", lambda: 1000)
+    seen = []
+    from slimgpt.checkpoint import ActivationFiles
+
+    keep = ActivationFiles.keep
+    monkeypatch.setattr(ActivationFiles, "keep", lambda self, i, h: (seen.append(self.root), keep(self, i, h))[1])
+    disk = prune(config(src, tmp_path / "disk", calib), progress=False)
+    assert disk.report["activations"]["where"] == f"disk ({tmp_path / 'disk.activations'})"
+    assert seen and set(seen) == {tmp_path / "disk.activations"}
+    assert not (tmp_path / "disk.activations").exists()
+    assert_same_weights(tmp_path / "mem", tmp_path / "disk")

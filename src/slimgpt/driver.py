@@ -10,15 +10,24 @@ Where a layer's weights come from and go to is a :class:`LayerStore`'s business:
 leaves every layer in the model; :mod:`slimgpt.streaming` loads layer ``i`` from the checkpoint
 files just before it is pruned and writes/frees it right after, so models larger than memory run
 through this same loop and the same method code.
+
+Where the calibration activations live between layers is decided once (:func:`place_activations`):
+on a GPU they stay on it whenever they fit its free memory beside a layer's work, else on the host
+(pinned, copied in while the previous batch computes), else on disk; on a CPU in memory, else on
+disk. On a GPU the next layer's weights are copied in on a side stream while the current one is
+pruned (:class:`LayerPrefetch`). On a CPU none of this moves or changes anything.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from slimgpt import distributed
@@ -27,6 +36,7 @@ from slimgpt.errors import NumericalError
 from slimgpt.methods.base import LayerRunner, Method, Timer, embed_batches
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerSpace, LayerWidth
+from slimgpt.solvers.hessian import solve_bytes
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +48,19 @@ class LayerStore:
     on :meth:`acquire`, cut/save/free it on :meth:`release`, and may move activations to disk in
     :meth:`keep`.
     """
+
+    # Layer i+1's weights are in memory while layer i is pruned, so a GPU run may copy them in
+    # ahead (a streaming store reads a layer only when it is acquired).
+    prefetchable = True
+
+    def spill(self) -> str | None:
+        """Keep activations on disk from now on (they fit nowhere else); the folder, or None when
+        this store cannot (the driver then keeps them on the host and says so)."""
+        return None
+
+    def spilled(self) -> str | None:
+        """The folder activations are kept in between layers, if any."""
+        return None
 
     def inputs(self, adapter: ModelAdapter, calib: torch.Tensor, batch_size: int,
                offload: torch.device) -> list[torch.Tensor]:
@@ -59,6 +82,153 @@ class LayerStore:
 class DriverResult:
     plans: dict[int, LayerPlan]
     seconds: dict[str, float] = field(default_factory=dict)
+    activations: dict[str, Any] = field(default_factory=dict)  # where they lived, bytes per copy
+
+
+ACTIVATION_COPIES = 3  # a layer's inputs, its attention outputs (cached by LayerRunner), its outputs
+MARGIN = 0.9  # of the free memory a plan may fill (allocator fragmentation, CUDA context growth)
+
+
+def layer_work_bytes(adapter: ModelAdapter, batch_size: int, seqlen: int, dtype: torch.dtype) -> int:
+    """Bytes a layer's work holds on the compute device besides the calibration activations: the
+    layer and the next one (prefetched), the widest Hessian's accumulation and solve, and one
+    batch's FFN intermediates (gate, up, their product and its float32 copy for the Hessian)."""
+    item = dtype.itemsize
+    layer = max(sum(p.numel() for p in lay.parameters()) for lay in adapter.layers) * item
+    hidden = adapter.decoder.embed_tokens.weight.shape[1]
+    widest = max(max(adapter.intermediate_size(lay), hidden) for lay in adapter.layers)
+    batch = batch_size * seqlen * (widest * (3 * item + 4) + 6 * hidden * item)
+    return 2 * layer + solve_bytes(widest) + batch
+
+
+def activation_bytes(adapter: ModelAdapter, windows: int, seqlen: int, dtype: torch.dtype) -> int:
+    """One copy of the hidden states of ``windows`` calibration windows."""
+    return windows * seqlen * adapter.decoder.embed_tokens.weight.shape[1] * dtype.itemsize
+
+
+def plan_activations(copies_bytes: int, device_need: int, device_free: int | None,
+                     host_free: int | None) -> str:
+    """``device`` when the activations and a layer's work fit the device's free memory (GPU only:
+    ``device_free`` None on a CPU), else ``host`` when the activations fit the memory available (or
+    it is unknown), else ``disk``."""
+    if device_free is not None and copies_bytes + device_need <= MARGIN * device_free:
+        return "device"
+    if host_free is None or copies_bytes <= MARGIN * host_free:
+        return "host"
+    return "disk"
+
+
+def place_activations(adapter: ModelAdapter, windows: int, seqlen: int, batch_size: int, device: torch.device,
+                      dtype: torch.dtype, copies: int, store: LayerStore) -> tuple[torch.device, dict[str, Any]]:
+    """Where the activations live between layers (see the module docstring), logged in one line;
+    returns the device to keep them on (disk: the host, with ``store`` writing them out)."""
+    from slimgpt.preflight import available_memory, device_free_memory
+
+    per_copy = activation_bytes(adapter, windows, seqlen, dtype)
+    info: dict[str, Any] = {"bytes_per_copy": per_copy, "copies": copies}
+    folder = store.spilled()
+    if folder is not None:  # --offload-activations DIR: the user's choice
+        where = "disk"
+    else:
+        free = device_free_memory(device)
+        if free is not None:
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        where = plan_activations(copies * per_copy, layer_work_bytes(adapter, batch_size, seqlen, dtype), free,
+                                 available_memory())
+        if where == "disk":
+            folder = store.spill()
+            where = "disk" if folder is not None else "host"
+    home = device if where == "device" else torch.device("cpu")
+    info["where"] = f"{where} ({folder})" if where == "disk" else where
+    label = {"device": f"on {device}", "host": "on the host" if device.type == "cuda" else "in memory",
+             "disk": f"on disk ({folder})"}[where]
+    log.info("calibration activations %s: %d copies of %.2f GiB", label, copies, per_copy / 2**30)
+    return home, info
+
+
+class LayerPrefetch:
+    """Copies layer ``i + 1``'s weights to the GPU on a side stream while layer ``i`` is pruned.
+
+    A worker thread stages each tensor in pinned host memory (torch releases the GIL while it
+    copies) and issues an asynchronous host-to-device copy on its own stream; :meth:`install`
+    makes the compute stream wait for that copy and swaps the device tensors into the layer.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slimgpt-prefetch")
+        self.pending: dict[int, Future] = {}
+
+    def start(self, index: int, layer: nn.Module) -> None:
+        self.pending[index] = self.pool.submit(self._copy, layer)
+
+    def _copy(self, layer: nn.Module) -> tuple[list[tuple[nn.Module, str, bool, torch.Tensor]], Any, list]:
+        staged, out = [], []
+        ctx = torch.cuda.stream(self.stream) if self.stream is not None else _null()
+        with ctx:
+            for m in layer.modules():
+                for table, is_param in ((m._parameters, True), (m._buffers, False)):
+                    for name, t in table.items():
+                        if t is None or t.device == self.device:
+                            continue
+                        src = t.data
+                        if self.stream is not None and not src.is_pinned():
+                            src = src.pin_memory()
+                        staged.append(src)
+                        out.append((m, name, is_param, src.to(self.device, non_blocking=self.stream is not None)))
+            event = None
+            if self.stream is not None:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        return out, event, staged
+
+    def install(self, index: int) -> bool:
+        """Put the prefetched tensors of layer ``index`` in place; False if none were started."""
+        fut = self.pending.pop(index, None)
+        if fut is None:
+            return False
+        tensors, event, _staged = fut.result()
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+        for m, name, is_param, t in tensors:
+            if event is not None:
+                t.record_stream(current)  # allocated on the side stream, used and freed on this one
+            if is_param:
+                m._parameters[name].data = t
+            else:
+                m._buffers[name] = t
+        return True
+
+    def close(self) -> None:
+        for fut in self.pending.values():
+            fut.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def to_home(tensors: list[torch.Tensor], home: torch.device, device: torch.device) -> list[torch.Tensor]:
+    """Activations to where they live between layers. From a GPU to the host: into pinned memory
+    (twice the bandwidth of pageable copies, and the next layer's inputs can then be copied in
+    asynchronously), waiting for the copies before returning."""
+    if device.type != "cuda" or home.type != "cpu":
+        return [t.to(home) for t in tensors]
+    out = []
+    for t in tensors:
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        h.copy_(t, non_blocking=True)
+        out.append(h)
+    torch.cuda.current_stream(device).synchronize()
+    return out
 
 
 def layer_spaces(adapter: ModelAdapter) -> list[LayerSpace]:
@@ -91,12 +261,15 @@ def run_layerwise(
     on_layer_done: Callable[[int, LayerPlan, list[torch.Tensor]], None] | None = None,
     progress: bool = True,
     store: LayerStore | None = None,
+    prefetch: bool | None = None,
 ) -> DriverResult:
     """Prune every layer in order; returns the per-layer plans and time per bucket.
 
     ``start_layer``/``inputs`` resume a run from a checkpoint; ``on_layer_done`` is called with
     each finished layer's plan and the next layer's inputs (to write checkpoints), after
     ``store.release``. ``store`` decides where layer weights live (default: in the model).
+    ``offload``: where activations live between layers (default: :func:`place_activations`
+    decides); ``prefetch``: copy the next layer in ahead (default: on a GPU when the store allows).
 
     Under ``torchrun`` each rank embeds and propagates only its share of the windows
     (:func:`slimgpt.distributed.shard`; resumed ``inputs`` are that share already); the method's
@@ -105,58 +278,75 @@ def run_layerwise(
     """
     if propagate not in ("pruned", "original"):
         raise ValueError("propagate must be 'pruned' or 'original'")
-    offload = offload or torch.device("cpu")
     store = store or LayerStore()
     torch.set_flush_denormal(True)  # fp32 solves on CPU can slow 50x on denormals (measured here)
     timer = Timer(device)
     model_dtype = next(adapter.model.parameters()).dtype
+    shard = distributed.shard(calib, batch_size)
+    copies = ACTIVATION_COPIES + (propagate == "original")
+    if offload is None:
+        offload, placed = place_activations(adapter, shard.shape[0], calib.shape[1], batch_size, device, model_dtype,
+                                            copies, store)
+    else:
+        placed = {"where": "given", "device": str(offload)}
     with timer("forward"):
-        hidden = inputs if inputs is not None else store.inputs(adapter, distributed.shard(calib, batch_size),
-                                                                batch_size, offload)
+        hidden = inputs if inputs is not None else store.inputs(adapter, shard, batch_size, offload)
         hidden = store.keep(start_layer, hidden)
+    if inputs is not None and offload.type == "cuda":  # resumed: the checkpointed inputs come from disk
+        with timer("offload"):
+            hidden = [h.to(offload) for h in hidden]
     ctx = adapter.context(calib.shape[1], device, model_dtype)
     plans: dict[int, LayerPlan] = {}
+    ahead = LayerPrefetch(device) if (device.type == "cuda" if prefetch is None else prefetch) and store.prefetchable \
+        else None
     bar = tqdm(range(start_layer, adapter.num_layers), desc=f"{method.name}: layers", disable=not progress)
-    for i in bar:
-        store.acquire(i)
-        layer = adapter.layers[i]
-        home = next(layer.parameters()).device
-        with timer("offload"):
-            layer.to(device)
-        run = LayerRunner(i, layer, adapter, hidden, ctx, device, timer)
-        dense_out = None
-        if propagate == "original":
-            dense = run.outputs()
-            with timer("offload"):  # moving activations off the compute device, a cost of its own on a GPU
-                dense_out = [o.to(offload) for o in dense]
-            del dense
-        try:
-            plan = method.prune_layer(run, widths[i], spaces[i])
-        except NumericalError as e:  # solvers do not know the layer; the user needs it
-            if f"layer {i} " in f"{e} ":
-                raise
-            raise NumericalError(f"layer {i}: {e}") from e
-        geo = adapter.geometry(layer)
-        plan.stats.update(
-            heads=len(plan.kept_heads) if plan.kept_heads is not None else geo.num_heads,
-            kv_heads=len(plan.kept_kv_heads(geo.num_heads, geo.num_kv_heads) or [])
-            if plan.kept_heads is not None
-            else geo.num_kv_heads,
-            channels=len(plan.kept_channels) if plan.kept_channels is not None else spaces[i].channels,
-            ratio=widths[i].ratio,
-        )
-        out = run.outputs()
-        with timer("offload"):
-            out = [o.to(offload) for o in out]
-        hidden = dense_out if dense_out is not None else out
-        del run
-        with timer("offload"):
-            layer.to(home)
-        plans[i] = plan
-        bar.set_postfix(heads=plan.stats["heads"], channels=plan.stats["channels"])
-        store.release(i, plan)
-        if i + 1 < adapter.num_layers:
-            hidden = store.keep(i + 1, hidden)
-        if on_layer_done is not None:
-            on_layer_done(i, plan, hidden)
-    return DriverResult(plans, dict(timer.seconds))
+    try:
+        for i in bar:
+            store.acquire(i)
+            layer = adapter.layers[i]
+            home = next(layer.parameters()).device
+            with timer("offload"):
+                if ahead is None or not ahead.install(i):
+                    layer.to(device)
+            if ahead is not None and i + 1 < adapter.num_layers:
+                ahead.start(i + 1, adapter.layers[i + 1])
+            run = LayerRunner(i, layer, adapter, hidden, ctx, device, timer)
+            dense_out = None
+            if propagate == "original":
+                dense = run.outputs()
+                with timer("offload"):  # moving activations off the compute device, a cost of its own on a GPU
+                    dense_out = to_home(dense, offload, device)
+                del dense
+            try:
+                plan = method.prune_layer(run, widths[i], spaces[i])
+            except NumericalError as e:  # solvers do not know the layer; the user needs it
+                if f"layer {i} " in f"{e} ":
+                    raise
+                raise NumericalError(f"layer {i}: {e}") from e
+            geo = adapter.geometry(layer)
+            plan.stats.update(
+                heads=len(plan.kept_heads) if plan.kept_heads is not None else geo.num_heads,
+                kv_heads=len(plan.kept_kv_heads(geo.num_heads, geo.num_kv_heads) or [])
+                if plan.kept_heads is not None
+                else geo.num_kv_heads,
+                channels=len(plan.kept_channels) if plan.kept_channels is not None else spaces[i].channels,
+                ratio=widths[i].ratio,
+            )
+            out = run.outputs()
+            with timer("offload"):
+                out = to_home(out, offload, device)
+            hidden = dense_out if dense_out is not None else out
+            del run
+            with timer("offload"):
+                layer.to(home)
+            plans[i] = plan
+            bar.set_postfix(heads=plan.stats["heads"], channels=plan.stats["channels"])
+            store.release(i, plan)
+            if i + 1 < adapter.num_layers:
+                hidden = store.keep(i + 1, hidden)
+            if on_layer_done is not None:
+                on_layer_done(i, plan, hidden)
+    finally:
+        if ahead is not None:
+            ahead.close()
+    return DriverResult(plans, dict(timer.seconds), placed)

@@ -311,11 +311,20 @@ class InMemoryStore(LayerStore):
     :class:`Checkpoint` is given."""
 
     def __init__(self, adapter: ModelAdapter, checkpoint: Checkpoint | None = None,
-                 offload_dir: str | Path | None = None) -> None:
+                 offload_dir: str | Path | None = None, spill_dir: str | Path | None = None) -> None:
         self.adapter = adapter
         self.checkpoint = checkpoint
         self.offload = ActivationFiles(offload_dir) if offload_dir else None
+        self.spill_dir = spill_dir  # where activations go when the driver finds no memory for them
         self.seconds = {"load": 0.0, "write": 0.0}
+
+    def spill(self) -> str | None:
+        if self.offload is None and self.spill_dir is not None:
+            self.offload = ActivationFiles(self.spill_dir)
+        return self.spilled()
+
+    def spilled(self) -> str | None:
+        return str(self.offload.root) if self.offload is not None else None
 
     def release(self, index: int, plan: LayerPlan) -> None:
         from slimgpt.surgery import shrink_layer
@@ -338,9 +347,12 @@ class StreamingStore(InMemoryStore):
     """Layer ``i`` is read from disk on :meth:`acquire` and, once cut and written to the
     checkpoint, returned to the meta device on :meth:`release`."""
 
+    prefetchable = False  # layer i+1 is not in memory before it is acquired
+
     def __init__(self, adapter: ModelAdapter, source: SourceWeights, dtype: torch.dtype,
-                 checkpoint: Checkpoint | None, offload_dir: str | Path | None = None) -> None:
-        super().__init__(adapter, checkpoint, offload_dir)
+                 checkpoint: Checkpoint | None, offload_dir: str | Path | None = None,
+                 spill_dir: str | Path | None = None) -> None:
+        super().__init__(adapter, checkpoint, offload_dir, spill_dir)
         self.source, self.dtype = source, dtype
         self.prefixes = layer_prefixes(adapter)
 

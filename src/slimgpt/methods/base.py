@@ -103,6 +103,38 @@ class LayerRunner:
         self._mid_key: tuple | None = None
 
     # ---- activations ---------------------------------------------------------------------
+    def batches(self) -> Iterator[torch.Tensor]:
+        """The input batches on the compute device, in order.
+
+        Inputs already there (or a CPU run) are yielded as they are. From the host to a GPU,
+        batch ``j + 1`` is copied on a side stream while batch ``j`` computes (asynchronous when the
+        host tensors are pinned, as the driver keeps them); the compute stream waits for each copy
+        before using it.
+        """
+        if self.device.type != "cuda" or all(x.device == self.device for x in self.inputs):
+            for x in self.inputs:
+                yield x.to(self.device)
+            return
+        side = torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(self.device)
+
+        def issue(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+            side.wait_stream(current)  # the host tensor may have been written by work queued before
+            with torch.cuda.stream(side):
+                y = x.to(self.device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(side)
+            return y, done
+
+        nxt = issue(self.inputs[0]) if self.inputs else None
+        for j in range(len(self.inputs)):
+            assert nxt is not None
+            y, done = nxt
+            nxt = issue(self.inputs[j + 1]) if j + 1 < len(self.inputs) else None
+            current.wait_event(done)
+            y.record_stream(current)
+            yield y
+
     def _attn_fingerprint(self) -> tuple:
         """Identity, version counter and a content checksum of every parameter the attention
         block reads. The checksum catches in-place edits that bypass the version counter
@@ -124,10 +156,11 @@ class LayerRunner:
         """Residual stream after the attention block, for every batch (on ``device``)."""
         key = self._attn_fingerprint()
         if self._mid is None or self._mid_key != key:
+            self._mid = None  # free the stale outputs before computing new ones (one copy, not two)
             with self.timer("forward"):
                 self._mid = [
-                    self._check(self.adapter.attention_block(self.layer, x.to(self.device), self.ctx), "attention outputs")
-                    for x in self.inputs
+                    self._check(self.adapter.attention_block(self.layer, x, self.ctx), "attention outputs")
+                    for x in self.batches()
                 ]
             self._mid_key = key
         return self._mid
@@ -157,8 +190,8 @@ class LayerRunner:
         handle = module.register_forward_pre_hook(hook)
         try:
             with self.timer("forward"):
-                for x in self.inputs:
-                    self.adapter.attention_block(self.layer, x.to(self.device), self.ctx)
+                for x in self.batches():
+                    self.adapter.attention_block(self.layer, x, self.ctx)
         finally:
             handle.remove()
         self.timer.move("forward", "hessian", hook_time[0])

@@ -57,8 +57,8 @@ def attention_input_stats(run: LayerRunner) -> ColumnStats:
     handle = o.register_forward_pre_hook(lambda _m, args: stats.add(args[0]))
     try:
         with torch.no_grad(), run.timer("forward"):
-            for x in run.inputs:
-                run.adapter.attention_block(run.layer, x.to(run.device), run.ctx)
+            for x in run.batches():
+                run.adapter.attention_block(run.layer, x, run.ctx)
     finally:
         handle.remove()
     return stats
