@@ -37,6 +37,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -222,9 +223,59 @@ def local_model_folder(name_or_path: str) -> Path | None:
     return path if path.is_dir() else None
 
 
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a layer-wise run holds in memory at its peak, in bytes (issue #23: the solve of a wide
+    FFN is the largest item after the weights; at 8B one float32 F × F copy is 0.8 GB)."""
+
+    runtime: int  # this process before the model: interpreter, torch, transformers
+    weights: int  # the whole model (in memory)
+    layer: int  # the largest decoder layer
+    embedding: int  # the input embedding (a streamed run loads it alone, to embed the windows)
+    activations: int  # calibration activations held in memory (inputs, attention outputs, outputs)
+    solve: int  # the widest Hessian's accumulation and solve (:func:`~slimgpt.solvers.hessian.solve_bytes`)
+    batch: int  # one calibration batch inside a layer
+
+    def in_memory(self) -> int:
+        return self.runtime + self.weights + self.activations + self.solve + self.batch
+
+    def streamed(self) -> int:
+        return self.runtime + max(self.layer + self.activations + self.solve + self.batch,
+                                  self.embedding + self.activations // 3)
+
+    def parts(self, streamed: bool) -> str:
+        held = f"one layer {_gib(self.layer)}" if streamed else f"weights {_gib(self.weights)}"
+        return (f"runtime {_gib(self.runtime)}, {held}, activations {_gib(self.activations)}, Hessian and solve "
+                f"{_gib(self.solve)}, one batch {_gib(self.batch)}")
+
+
+def memory_plan(cfg: Any, dtype: torch.dtype, folder: Path) -> MemoryPlan | None:
+    """Estimate from the folder's config and safetensors headers (None when unreadable). Under
+    ``torchrun`` a process holds its share of the activations."""
+    from slimgpt.preflight import Geometry
+    from slimgpt.solvers.hessian import solve_bytes
+    from slimgpt.utils import rss_bytes
+
+    weights = weights_bytes(folder, dtype)
+    try:
+        geo = Geometry.of(json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError):
+        geo = None
+    if weights is None or geo is None:
+        return None
+    item = dtype.itemsize
+    copies = 2 if cfg.offload_activations else 3  # --offload-activations maps the inputs from files
+    acts = copies * cfg.nsamples * cfg.seqlen * geo.hidden * item // max(1, distributed.world())
+    batch = min(cfg.batch_size, cfg.nsamples) * cfg.seqlen * geo.per_token(item)
+    embedding = geo.vocab * geo.hidden * item
+    return MemoryPlan(rss_bytes(), weights, geo.layer_params * item, embedding, acts,
+                      solve_bytes(max(geo.hidden, geo.intermediate)), batch)
+
+
 def wants_streaming(cfg: Any, dtype: torch.dtype) -> bool:
-    """Stream when the model's weights plus calibration activations exceed ``--max-memory`` or,
-    without it, the memory available now. Under ``torchrun`` the decision is per process: each
+    """Stream when the in-memory run's peak (:class:`MemoryPlan`: weights, activations, the widest
+    solve, one batch, and with ``--max-memory`` the process's own runtime) exceeds ``--max-memory``
+    or, without it, the memory available now. Under ``torchrun`` the decision is per process: each
     holds its share of the activations, and the processes on one node share its memory (so
     ``--max-memory`` is per process)."""
     folder = local_model_folder(cfg.model)
@@ -233,13 +284,11 @@ def wants_streaming(cfg: Any, dtype: torch.dtype) -> bool:
             raise ConfigError(f"--max-memory streams weights from a local folder; '{cfg.model}' is not one "
                               "(download it first, e.g. with huggingface-cli download)")
         return False
-    weights = weights_bytes(folder, dtype)
-    if weights is None:
+    plan = memory_plan(cfg, dtype, folder)
+    if plan is None:
         return False
-    hidden = _hidden_size(folder)
-    acts = 3 * cfg.nsamples * cfg.seqlen * hidden * dtype.itemsize // max(1, distributed.world())
     if cfg.max_memory is not None:
-        budget, what = parse_size(cfg.max_memory), f"--max-memory {cfg.max_memory}"
+        budget, what, need = parse_size(cfg.max_memory), f"--max-memory {cfg.max_memory}", plan.in_memory()
     else:
         avail = available_memory()
         if avail is None:
@@ -247,21 +296,12 @@ def wants_streaming(cfg: Any, dtype: torch.dtype) -> bool:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.is_distributed() else 1
         budget = int(0.9 * avail) // per_node
         what = f"the {_gib(avail)} available" + (f" shared by {per_node} processes" if per_node > 1 else "")
-    need = weights + acts
+        need = plan.in_memory() - plan.runtime  # the runtime is already in use, not in what is available
     if need <= budget:
         return False
-    log.info("the model needs about %s in memory (%s weights + %s activations), more than %s: "
-             "streaming one layer at a time from %s", _gib(need), _gib(weights), _gib(acts), what, folder)
+    log.info("the model needs about %s in memory (%s), more than %s: streaming one layer at a time from %s "
+             "(about %s)", _gib(need), plan.parts(False), what, folder, _gib(plan.streamed()))
     return True
-
-
-def _hidden_size(folder: Path) -> int:
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-        cfg = cfg.get("text_config", cfg)
-        return int(cfg.get("hidden_size", 0))
-    except (OSError, ValueError, TypeError):
-        return 0
 
 
 def load_skeleton(name_or_path: str, dtype: torch.dtype) -> tuple[nn.Module, Any, SourceWeights]:
@@ -400,22 +440,14 @@ class StreamingStore(InMemoryStore):
         _trim_heap()
 
     def warn_budget(self, cfg: Any, budget: int | None) -> None:
-        """Warn when even the streamed run is likely to exceed ``budget`` bytes."""
-        if budget is None:
+        """Warn at the start, naming the smallest cap that should hold, when even the streamed run is
+        likely to exceed ``budget`` bytes (a cap is never exceeded silently)."""
+        plan = memory_plan(cfg, self.dtype, self.source.folder)
+        if budget is None or plan is None or plan.streamed() <= budget:
             return
-        item = self.dtype.itemsize
-        layer = max(sum(_numel(self.source.shapes.get(p + n, ())) for n in lay.state_dict())
-                    for p, lay in zip(self.prefixes, self.adapter.layers)) * item
-        emb = _numel(tuple(self.adapter.decoder.embed_tokens.weight.shape)) * item
-        hidden = self.adapter.decoder.embed_tokens.weight.shape[1]
-        acts = 3 * cfg.nsamples * cfg.seqlen * hidden * item
-        widest = max(max(self.adapter.intermediate_size(lay), hidden) for lay in self.adapter.layers)
-        hess = 4 * widest * widest * 4  # H, its damped copy, the factor and the inverse, fp32
-        need = max(layer + acts + hess, emb + acts // 3) + GiB // 2  # + the Python/torch runtime
-        if need > budget:
-            log.warning("--max-memory %s is below the estimated need of the streamed run (%s: one layer %s, "
-                        "activations %s, Hessians %s); lower --nsamples/--seqlen or add --offload-activations DIR",
-                        cfg.max_memory, _gib(need), _gib(layer), _gib(acts), _gib(hess))
+        log.warning("--max-memory %s is below the estimated peak of the streamed run (%s: %s); the smallest cap "
+                    "that should hold is %s, or lower --nsamples/--seqlen/--batch-size or add --offload-activations "
+                    "DIR", cfg.max_memory, _gib(plan.streamed()), plan.parts(True), _gib(plan.streamed()))
 
 
 def _trim_heap() -> None:
@@ -428,13 +460,6 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # ---- assembling the output --------------------------------------------------------------------------

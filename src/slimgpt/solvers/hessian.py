@@ -27,7 +27,7 @@ def solve_bytes(width: int, dtype: torch.dtype = torch.float32) -> int:
     f2 = width * width
     if width < LEAN_MIN_COLS:
         return f2 * (8 + 5 * dtype.itemsize)
-    return f2 * (8 + dtype.itemsize) + 6 * BLOCK * width * 8
+    return f2 * (8 + dtype.itemsize) + 3 * BLOCK * width * 8
 
 
 @contextmanager
