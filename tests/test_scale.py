@@ -316,3 +316,33 @@ def test_max_memory_counts_the_solve_and_streams(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         store.warn_budget(cfg, 3 * gib)
     assert "--max-memory 3GiB is below" in caplog.text and "smallest cap" in caplog.text
+
+
+# ---- GPU runs write a layer's inputs only now and then ---------------------------------------------
+def test_checkpoint_without_every_layers_inputs_resumes_identically(tmp_path, monkeypatch):
+    """As a GPU run does between costly input writes (``_inputs_due`` false): the layers since the
+    last saved inputs are not recorded, and ``--resume`` redoes them to the same bits."""
+    from slimgpt.checkpoint import Checkpoint
+    from slimgpt.cli import main
+    from slimgpt.pipeline import LayerwiseExecution
+    from test_streaming import RUN, assert_same_weights, calib_text, save_tiny
+
+    src, calib = save_tiny(tmp_path / "src"), calib_text(tmp_path / "calib.txt")
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(["prune", str(src), "--out", str(ref), "--calib", str(calib), *RUN]) == 0
+    commit = Checkpoint.commit
+
+    def interrupted(self, index, plan, hidden, save_inputs=True):
+        commit(self, index, plan, hidden, save_inputs)
+        if index == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(LayerwiseExecution, "_inputs_due", lambda self, index, now: index % 2 == 1)  # layers 1, 3
+        m.setattr(Checkpoint, "commit", interrupted)
+        assert main(["prune", str(src), "--out", str(out), "--calib", str(calib), *RUN]) == 130
+    work = Checkpoint.folder_for(out)
+    state = __import__("json").loads((work / "state.json").read_text())
+    assert state["done"] == 2 and (work / "layer-00002.safetensors").is_file()  # written, not recorded
+    assert main(["prune", str(src), "--out", str(out), "--calib", str(calib), *RUN, "--resume"]) == 0
+    assert_same_weights(ref, out)

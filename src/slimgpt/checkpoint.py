@@ -300,11 +300,18 @@ class Checkpoint:
         except OSError as e:
             raise storage_error(e, path, self) from e
 
-    def commit(self, index: int, plan: LayerPlan, hidden: list[torch.Tensor]) -> None:
-        """Layer ``index`` is finished and its file written: record it (driver's ``on_layer_done``)."""
+    def commit(self, index: int, plan: LayerPlan, hidden: list[torch.Tensor], save_inputs: bool = True) -> None:
+        """Layer ``index`` is finished and its file written: record it (driver's ``on_layer_done``).
+
+        ``save_inputs=False`` (GPU runs, between costly input writes) records nothing: the state
+        keeps pointing at the last saved inputs, and ``--resume`` redoes the layers after them
+        (rewriting their files, to the same bits)."""
         if not self.layer_path(index).is_file():
             raise RuntimeError(f"checkpoint bug: layer {index} committed before its file was written")
         nxt = index + 1
+        if not save_inputs and nxt < self.num_layers:
+            kill_point(index)
+            return
         state = {"format": FORMAT, "settings": self.settings, "num_layers": self.num_layers, "done": nxt,
                  "inputs": None}
         try:

@@ -249,6 +249,9 @@ class Execution:
         return distributed.agree(lambda: self._save(run, model, report), "saving the model")
 
 
+INPUTS_EVERY = 10  # GPU runs: write a layer's inputs once 10x the last such write's duration has passed
+
+
 class LayerwiseExecution(Execution):
     """A layer-wise method: widths from the schedule, the driver over every layer (resuming from
     the checkpoint beside ``--out``), each layer cut as it finishes."""
@@ -256,6 +259,8 @@ class LayerwiseExecution(Execution):
     def __init__(self, run: Run) -> None:
         self.ckpt: Checkpoint | None = None
         self.commit_s = 0.0
+        self.device = run.device
+        self.inputs_saved: tuple[float, float] | None = None  # (when, how long) the last inputs were written
         self.activations: dict[str, Any] = {}
         if run.cfg.out is not None:  # opened before loading: a refused --resume costs nothing
             settings = run_settings(run.cfg, run.device, run.dtype)
@@ -324,7 +329,11 @@ class LayerwiseExecution(Execution):
         if not distributed.is_distributed():
             t = time.perf_counter()
             try:
-                ckpt.commit(index, plan, hidden)
+                if self._inputs_due(index, t):
+                    ckpt.commit(index, plan, hidden)
+                    self.inputs_saved = (time.perf_counter(), time.perf_counter() - t)
+                else:
+                    ckpt.commit(index, plan, hidden, save_inputs=False)
             finally:
                 self.commit_s += time.perf_counter() - t  # the next layer's inputs, written with fsync
             return
@@ -332,6 +341,17 @@ class LayerwiseExecution(Execution):
         distributed.agree(lambda: ckpt.commit(index, plan, full or []), f"checkpointing layer {index}")
         if not distributed.is_main():
             kill_point(index)  # (rank 0 passed it inside commit)
+
+    def _inputs_due(self, index: int, now: float) -> bool:
+        """Write the next layer's inputs with this layer's checkpoint? Always on a CPU. On a GPU a
+        layer takes seconds and its inputs are gigabytes (8B, 256 × 2048 bf16: 4.3 GB), so they are
+        written only once :data:`INPUTS_EVERY` times the last write's duration has passed: at most
+        about a tenth of the time goes to them, and ``--resume`` redoes the layers since."""
+        if self.device.type != "cuda" or self.inputs_saved is None or self.ckpt is None \
+                or index + 1 >= self.ckpt.num_layers:
+            return True
+        at, took = self.inputs_saved
+        return now - at >= INPUTS_EVERY * took
 
     def _save(self, run: Run, model: Any, report: dict[str, Any]) -> Path:
         from slimgpt.io import save_pruned

@@ -105,7 +105,7 @@ def _prune_compact(W: torch.Tensor, Hinv: torch.Tensor, n_remove: int, group_siz
         keep = torch.nonzero(keep_mask).flatten()
         R2 = R - g
         Vk = V[:, keep]
-        step = max(1, (1 << 22) // max(R, 1))
+        step = max(1, (1 << (26 if W.is_cuda else 22)) // max(R, 1))  # rows per packing chunk
         Vw, Aw = Vk.to(W.dtype), A.to(W.dtype)
         for c in range(0, rows, step):  # W ← (W - Aᵀ V)[:, keep], packed
             e = min(c + step, rows)
