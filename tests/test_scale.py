@@ -346,3 +346,29 @@ def test_checkpoint_without_every_layers_inputs_resumes_identically(tmp_path, mo
     assert state["done"] == 2 and (work / "layer-00002.safetensors").is_file()  # written, not recorded
     assert main(["prune", str(src), "--out", str(out), "--calib", str(calib), *RUN, "--resume"]) == 0
     assert_same_weights(ref, out)
+
+
+def test_scale_benchmark_and_gpu_script_run_on_a_tiny_preset(tmp_path):
+    """benchmarks/scale_gpu.sh (→ benchmarks/scale.py) end to end on a CPU: a random model written,
+    pruned in memory and streamed at the whole model's layer ratios, the same weights, the JSON on
+    stdout with per-layer buckets and the projection."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DEVICE": "cpu", "PRESET": "tiny", "LAYERS": "2", "NSAMPLES": "4", "SEQLEN": "32",
+           "DTYPE": "float32", "WORK": str(tmp_path / "work"), "PYTHON": __import__("sys").executable}
+    r = subprocess.run(["bash", str(root / "benchmarks" / "scale_gpu.sh"), "--max-memory", "64MiB"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["layers"] == 2 and res["full_layers"] == 8 and res["sampled_layers"] == [2, 6]
+    assert res["identical_weights"] is True
+    mem, st = res["runs"]
+    assert not mem["streamed"] and st["streamed"] and mem["rc"] == st["rc"] == 0
+    assert set(mem["per_layer_s"]) >= {"forward", "hessian", "solver", "offload", "other", "total"}
+    assert mem["projection"]["layers"] == 8 and mem["peak_rss_mib"] > 0 and mem["disk_written_bytes"] > 0
+    assert "cut to its first 4096 ids" in res["tokenizer"]
+    assert (tmp_path / "work" / "scale.md").read_text().startswith("# tiny: 2 of 8 layers")
