@@ -97,19 +97,50 @@ class TeacherTargets:
 
 
 def loss_terms(logits: torch.Tensor, labels: torch.Tensor, teacher: TeacherTargets | None, r0: int, r1: int,
-               temperature: float, lm_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(weighted loss sum, KL sum, NLL sum)`` of rows ``r0:r1`` (every row is scored); the KL sum is
-    without ``T²``, at ``T``; the last two are detached, for logging."""
-    zero = logits.new_zeros(())
-    nll = token_nll(logits, labels[r0:r1]).sum() if lm_weight > 0 or teacher is None else zero
-    kl = zero
-    if teacher is not None:
-        t_logits, logp, ids = teacher.chunk(r0, r1, temperature)
-        kl = (token_kl(logits, t_logits, temperature) if t_logits is not None
-              else token_kl_topk(logits, logp, ids, temperature)).sum()  # type: ignore[arg-type]
-    w = 1.0 if teacher is None else lm_weight
-    total = (1.0 - w) * temperature ** 2 * kl + w * nll if teacher is not None else nll
-    return total, kl.detach(), nll.detach()
+               temperature: float, lm_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(weighted loss sum, KL sum, NLL sum, d loss / d logits)`` of rows ``r0:r1`` (every row is
+    scored; 0-dim float32 tensors, the KL sum at ``T`` without ``T²``; the NLL sum is NaN when it
+    would cost an extra softmax and nothing needs it). The gradient is written out rather than taken
+    by autograd: ``T (q_T − p)`` for the KL term and ``q − onehot`` for the LM term, where ``q_T``/``p``
+    are the student's/teacher's softmax at ``T``. Besides saving autograd's passes over the chunk,
+    this gives a student that equals its teacher exactly zero gradients (``q_T`` and ``p`` are then
+    the same floats), so AdamW leaves its weights exactly where they are."""
+    z = logits.float()
+    rows = torch.arange(z.shape[0], device=z.device)
+    y = labels[r0:r1].to(z.device).long()
+    if teacher is None:
+        log_q = F.log_softmax(z, dim=-1)
+        nll = -log_q[rows, y].sum()
+        grad = log_q.exp_()
+        grad[rows, y] -= 1.0
+        return nll, torch.zeros_like(nll), nll, grad
+    t_logits, logp, ids = teacher.chunk(r0, r1, temperature)
+    log_q_t = F.log_softmax(z / temperature if temperature != 1 else z, dim=-1)
+    if t_logits is not None:
+        log_p = F.log_softmax(t_logits / temperature if temperature != 1 else t_logits, dim=-1)
+        p = log_p.exp()
+        kl = (p * (log_p - log_q_t)).sum()
+    else:
+        assert logp is not None and ids is not None
+        logp = logp.float()
+        p_top = logp.exp()
+        kl = (p_top * (logp - log_q_t.gather(-1, ids.long()))).sum()
+        p = torch.zeros_like(z).scatter_(-1, ids.long(), p_top)
+    nll = torch.full((), float("nan"), device=z.device)
+    log_q = None
+    if lm_weight > 0 or temperature == 1:
+        log_q = log_q_t if temperature == 1 else F.log_softmax(z, dim=-1)
+        nll = -log_q[rows, y].sum()
+    q_t = log_q_t.exp()
+    grad = (q_t - p).mul_((1.0 - lm_weight) * temperature)
+    total = (1.0 - lm_weight) * temperature ** 2 * kl
+    if lm_weight > 0:
+        assert log_q is not None
+        q = q_t if temperature == 1 else log_q.exp()
+        grad.add_(q, alpha=lm_weight)
+        grad[rows, y] -= lm_weight
+        total = total + lm_weight * nll
+    return total, kl, nll, grad
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -157,24 +188,27 @@ def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         grad_h = torch.zeros_like(h_all) if need_h else h_all.new_zeros(0)
         grad_w = torch.zeros_like(w_all, dtype=torch.float32) if need_w else w_all.new_zeros(0)
         total = torch.zeros((), dtype=torch.float64, device=h_all.device)
+        kl_sum = torch.zeros((), dtype=torch.float64, device=h_all.device)
+        nll_sum = torch.zeros((), dtype=torch.float64, device=h_all.device)
         w_leaf = w_all.detach().requires_grad_(need_w)
         for r0 in range(0, n, chunk):
             r1 = min(n, r0 + chunk)
             with torch.enable_grad():
                 h = h_all[r0:r1].detach().requires_grad_(need_h)
-                loss, kl, nll = loss_terms(head(h, w_leaf), labels, teacher, r0, r1, temperature, lm_weight)
-                loss = loss * scale
-                wants = [t for t, need in ((h, need_h), (w_leaf, need_w)) if need]
-                grads = torch.autograd.grad(loss, wants) if wants else ()
-            it = iter(grads)
-            if need_h:
-                grad_h[r0:r1] = next(it)
-            if need_w:
-                grad_w += next(it)
-            total += loss.detach().double()
-            sums["kl"] += float(kl)
-            sums["nll"] += float(nll)
-        return total.float(), grad_h, grad_w.to(w_all.dtype) if need_w else grad_w
+                z = head(h, w_leaf)
+            loss, kl, nll, grad_z = loss_terms(z.detach(), labels, teacher, r0, r1, temperature, lm_weight)
+            wants = [t for t, need in ((h, need_h), (w_leaf, need_w)) if need]
+            if wants:
+                grads = iter(torch.autograd.grad(z, wants, grad_outputs=grad_z.mul_(scale).to(z.dtype)))
+                if need_h:
+                    grad_h[r0:r1] = next(grads)
+                if need_w:
+                    grad_w += next(grads)
+            total += loss.double()
+            kl_sum += kl.double()
+            nll_sum += nll.double()
+        sums["kl"], sums["nll"] = float(kl_sum), float(nll_sum)  # one device sync per micro-batch
+        return (total * scale).float(), grad_h, grad_w.to(w_all.dtype) if need_w else grad_w
 
     if n == 0:
         loss = hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph (DDP-style reductions expect grads)
