@@ -4,6 +4,7 @@ computations, their budgets, and the shrink/save/reload path, on tiny models."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from slimgpt.arch import get_adapter
 from slimgpt.config import PruneConfig
 from slimgpt.driver import embed_batches, layer_spaces, run_layerwise
 from slimgpt.methods.base import LayerRunner, PruneContext, Timer
-from slimgpt.methods.flap import FLAP, allocate, fluctuation
+from slimgpt.methods.flap import FLAP, HeadShapes, allocate, fluctuation, group_scores
 from slimgpt.methods.flap import channel_scores as flap_channel_scores
 from slimgpt.methods.flap import head_scores as flap_head_scores
 from slimgpt.methods.llm_pruner import LLMPruner, taylor_scores
@@ -165,7 +166,7 @@ def test_flap_bias_compensation_keeps_output_means(tiny_qwen2):
     calib = calib_ids()
     dense = copy.deepcopy(tiny_qwen2)
     x = capture_inputs(dense, calib)
-    plans = FLAP().plan(context(tiny_qwen2, calib, 0.3))
+    plans = FLAP().plan(context(tiny_qwen2, calib, 0.4))  # at 0.3 no head of this model goes yet
     assert any(p.kept_heads is not None for p in plans.values()) and all(p.kept_channels for p in plans.values())
     for i in range(4):
         for key, lin, ref in ((f"o{i}", tiny_qwen2.model.layers[i].self_attn.o_proj, dense.model.layers[i].self_attn.o_proj),
@@ -195,6 +196,57 @@ def test_flap_allocation_is_global_and_hits_target():
     assert len({w.channels for w in widths}) > 1
     for s, w in zip(spaces, widths):
         assert w.heads(s) in (0, 1, 2, 3, 4, 6, 9)
+
+
+def _gqa_masks(kv, n_rep):
+    """Every keep-mask of ``kv × n_rep`` query heads that stock grouped-query attention can run:
+    each group keeps none or the same number of its heads (brute force, independent of HeadShapes)."""
+    for bits in itertools.product([False, True], repeat=kv * n_rep):
+        kept = [sum(bits[g * n_rep:(g + 1) * n_rep]) for g in range(kv)]
+        if len({k for k in kept if k}) <= 1:
+            yield torch.tensor(bits)
+
+
+@pytest.mark.parametrize("kv,n_rep", [(3, 3), (2, 4), (4, 1)])
+def test_flap_head_shape_is_the_best_valid_one_by_brute_force(kv, n_rep):
+    """FLAP's rule removes every head scoring below the threshold; under grouped-query attention
+    a layer takes the valid shape with the largest total margin Σ(threshold − score) over its
+    removed heads. Checked against every valid mask; with one head per group (MHA, the released
+    code's case) it is exactly "every head below the threshold goes"."""
+    g = torch.Generator().manual_seed(kv * 10 + n_rep)
+    space = LayerSpace(kv * n_rep, kv, 4, 10, 7, 3)
+    masks = list(_gqa_masks(kv, n_rep))
+    for _ in range(20):
+        scores = torch.randn(kv * n_rep, generator=g, dtype=torch.float64)
+        t = float(torch.randn(1, generator=g))
+        shapes = HeadShapes(space, scores)
+        want = max(float((t - scores[~m]).sum()) for m in masks)
+        rg, rp = shapes.shape[shapes.best(t)]
+        kept = select_heads(scores, kv, rg, rp, group_scores(scores, kv, rp))
+        mask = torch.ones(kv * n_rep, dtype=torch.bool)
+        if kept is not None:
+            mask[:] = False
+            mask[kept] = True
+        assert any(torch.equal(mask, m) for m in masks)
+        assert float((t - scores[~mask]).sum()) == pytest.approx(want, abs=1e-12)
+        if n_rep == 1:
+            assert torch.equal(mask, scores >= t)
+
+
+def test_flap_allocation_counts_real_parameters_and_keeps_heads_a_lone_removal_would_waste():
+    """SmolLM2's case (9 query heads in 3 groups): 4 heads score below every channel, so FLAP's
+    free rule would drop them. No valid shape removes exactly those: the layer keeps 6 (the
+    lowest head of each group goes), not 3, and the budget counts a group's key/value rows only
+    when the whole group goes (here none: three query heads cost 3 × 128)."""
+    space = LayerSpace(9, 3, 200, 128, 128, 3)
+    heads = [torch.tensor([-3.0, -1.05, 0.5, -2.8, 0.6, 0.7, -2.7, 0.8, 0.9], dtype=torch.float64)]
+    channels = [torch.linspace(-1.0, 1.0, 200, dtype=torch.float64)]
+    target = 3 * 128 + 150 * 3  # three query heads and 150 channels
+    (w,) = allocate([space], heads, channels, target)
+    assert (w.remove_groups, w.remove_per_group) == (0, 1) and w.heads(space) == 6
+    assert space.params - w.params(space) == target
+    assert select_heads(heads[0], 3, 0, 1, group_scores(heads[0], 3, 1)) == [1, 2, 4, 5, 7, 8]
+    assert w.channels == 50
 
 
 def test_llm_pruner_taylor_scores_match_autograd(tiny_llama_gqa):

@@ -1,34 +1,56 @@
 """FLAP (An et al. 2024, "Fluctuation-based Adaptive Structured Pruning for LLMs").
 
-1. Statistics: one pass of the calibration windows through the *dense* model (as the paper does:
-   all metrics come from the unpruned network), collecting the mean and sample variance of every
-   input column of o_proj and down_proj.
-2. Fluctuation metric (Eq. 5, "WIFV"): ``S_j = Var(x_j) · ||W[:, j]||²``, the variance a
-   column's removal takes out of the layer's output, up to a constant bias that step 4 puts
-   back. For o_proj the released code squares it (``W_metric = WIFV ** 2``, "square is
-   needed", lib/prune.py; not in the paper): the squared scores are heavier-tailed, so after
-   standardization a head's mean sits nearer 0 and heads compete less cheaply against FFN
-   channels. We follow the code (``square_attention=True``). Measured on SmolLM2-135M (C4
-   64×512 calibration, WikiText-2 first 64 windows of 128, dense 62.4): 20 % of all parameters
-   273.7 unsquared → 180.7 squared, as the unsquared score took 3-6 of 9 heads in most layers.
-   FLAP's running variance estimate (per sequence, around a running mean, first sequence
-   skipped) is the sample variance up to a factor common to all columns, which
-   standardization removes; we use the exact sample variance.
-3. Adaptive structure search, AL-AM (§3.3): scores are standardized per layer and module type
-   (``(S − mean)/std``), a head scores the mean of its columns, and heads and channels of *all*
-   layers are ranked together; the lowest go until the parameter budget is met (each unit costs
-   its real parameters, so layers and modules get different ratios). Head counts are then rounded
-   to valid grouped-query shapes, and channels, ranked globally again, absorb the rounding so the
-   total lands within one channel of the target.
-4. Bias compensation (Eq. 7): ``b += W[:, removed] · mean(x_removed)``, so on calibration data the
-   pruned layer's mean output equals the dense layer's. o_proj and down_proj of every layer get a
-   bias (the saved format's ``o_proj_bias`` / ``down_proj_bias``); their parameters count toward
-   the budget.
+Compared line by line with the released code (CASIA-IVA-Lab/FLAP, ``lib/prune.py`` prune_flap and
+compress, ``lib/layerwrapper.py`` BiasGPT); SmolLM2-135M numbers below are WikiText-2 PPL on the
+first 64 windows of 128 (``slimgpt eval --protocol gptq --max-windows 64``; dense 62.4), 20 % of
+all parameters removed, C4 calibration (64 windows of 512 unless said).
+
+1. Statistics: one pass of the calibration windows through the *dense* model (as the code does:
+   every layer sees the dense previous layer's outputs; compression happens after all layers),
+   collecting the mean and the variance of every input column of o_proj and down_proj.
+   BiasGPT's running estimate differs from the sample variance by more than a common factor: it
+   skips the first sequence, weights sequence k by (k−1)/k and, because ``old_baseline_inp``
+   aliases the running mean it updates in place, measures each sequence around the mean *after*
+   it (per column, fluc/var ranged 375–498 over 64 windows of 512 tokens). We use the exact
+   sample variance: with FLAP's own selection the released estimate gave 161.6, the exact one
+   160.5 (the same heads in every layer, a few channels apart).
+2. Fluctuation metric (Eq. 5, "WIFV"): ``S_j = Var(x_j) · ||W[:, j]||²``. For o_proj the released
+   code squares it (``W_metric = WIFV ** 2``, not in the paper); we do too (``square_attention``):
+   157.0 squared, 179.2 unsquared (unsquared, heads rank lower against channels and 3-5 of 9
+   go in most layers).
+3. Adaptive structure, AL-AM: scores are standardized per layer and module type (``(S − mean)/std``,
+   unbiased std, as the code's ``standarlization`` over each layer's row), a head scores the mean
+   of its columns' standardized scores, and heads and channels of *all* layers face one global
+   threshold: every unit scoring below it goes. The threshold is set by real parameters: the
+   highest whose removal stays within the budget, the next channels by score filling the rest,
+   so the total lands within one channel of the target (the code's ``argmin |cumsum − budget|``,
+   with channels absorbing the granularity of heads).
+   Grouped-query attention: the code is MHA-only (q/k/v rows cut by one head mask, head_dim 128
+   hard-coded, a head costing 512/3 channels). With key/value groups, "every head below the
+   threshold" is usually no shape stock attention can run, so each layer takes the valid shape
+   (whole groups removed, then the same number of heads from every other group) with the largest
+   total margin ``Σ (threshold − score)`` over its removed heads: FLAP's rule exactly when every
+   group has one head, the nearest valid removal otherwise. A query head costs its q rows and o
+   columns; a group's k/v rows count only when the whole group goes. FLAP's free per-head masks
+   (not runnable as GQA; 19.99 %) gave 161.6, this 157.0; the earlier "round the free head
+   count to the nearest shape by attention parameters" turned "drop 4 of 9 heads" into "drop 6"
+   (layers 23, 26 and 27; 43 heads went instead of 35) and gave 177.9.
+4. Bias compensation (Eq. 7, ``compress(bias=True)``): ``b += W[:, removed] · mean(x_removed)``,
+   so on calibration data the pruned layer's mean output equals the dense layer's. As in the
+   code (main.py gives every layer both biases), o_proj and down_proj of every layer get a bias
+   (the saved format's ``o_proj_bias`` / ``down_proj_bias``); their parameters count toward the
+   budget. The code keeps the means in fp16; we keep them in float64.
+
+Calibration: the released prune_flap draws 1024 (its scripts; main.py's default is 2048) windows
+of 128 tokens from WikiText-2's *train* split (hard-coded, ``get_loaders("wikitext2")``); slimgpt
+uses ``--calib`` (C4 by default) and the run's ``--nsamples``/``--seqlen`` as for every method.
+256 C4 windows of 128 gave 156.7 against 157.0 with 64 of 512 (the same tokens); pass
+``--nsamples 1024 --seqlen 128`` for the released size. FLAP's own code with C4 windows of 128
+was measured at 162.0 (19.99 % removed).
 
 Budget convention: ``--ratio`` is the share of *all* parameters (the paper convention used
 everywhere in slimgpt); the released code's ``--pruning_ratio`` is the share of attention+MLP
-parameters only. On SmolLM2-135M (21 % embeddings) its 20 % is our ``--ratio 0.158``: 134.9
-there with the squared score (FLAP's own code was measured at ×2.6 of dense, ~163).
+parameters only (on SmolLM2-135M, 21 % embeddings, its 20 % is our ``--ratio 0.158``: 124.0).
 
 A whole-model method: the decision is global, so it needs every layer's statistics first. Dense
 statistics also mean one pass, no propagation of pruned outputs.
@@ -45,7 +67,6 @@ from slimgpt.methods.scoring import (
     ColumnStats,
     attention_input_stats,
     dense_pass,
-    gqa_width,
     mlp_input_stats,
     removed_columns,
     select_channels,
@@ -86,37 +107,89 @@ def _best_prefix(costs: torch.Tensor, target: float) -> int:
     return int(torch.argmin((cum - target).abs()))
 
 
+class HeadShapes:
+    """The grouped-query shapes one layer's attention can take, each with the lowest sum of head
+    scores it can remove: ``remove_groups`` whole key/value groups (those whose best
+    ``n_rep − remove_per_group`` heads sum lowest) and the ``remove_per_group`` lowest heads of
+    every other group. Ordered by heads removed, so ties go to the smaller removal."""
+
+    def __init__(self, space: LayerSpace, scores: torch.Tensor) -> None:
+        kv, n_rep = space.num_kv_heads, space.n_rep
+        ranked = scores.detach().double().cpu().reshape(kv, n_rep).sort(1).values
+        low = torch.cat([ranked.new_zeros(kv, 1), ranked.cumsum(1)], 1)  # low[j, p]: group j's p lowest, summed
+        seen, rows = set(), []
+        for groups in range(kv + 1):
+            for per_group in range(n_rep + 1):
+                # an empty attention is one shape, however reached
+                g, p = (kv, 0) if (kv - groups) * (n_rep - per_group) == 0 else (groups, per_group)
+                if (g, p) in seen:
+                    continue
+                seen.add((g, p))
+                top = low[:, n_rep] - low[:, p]  # what a group's removal adds beyond its p lowest
+                total = float(low[:, p].sum() + top.sort().values[:g].sum())
+                w = LayerWidth(g, p, 0, 0.0)
+                rows.append((kv * n_rep - w.heads(space), total, g, p,
+                             space.params - space.channels * space.per_channel - w.params(space)))
+        rows.sort(key=lambda r: (r[0], r[4]))
+        self.removed = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+        self.score = torch.tensor([r[1] for r in rows], dtype=torch.float64)
+        self.shape = [(r[2], r[3]) for r in rows]
+        self.params = [r[4] for r in rows]
+
+    def best(self, threshold: float) -> int:
+        """The shape FLAP's rule "remove every unit scoring below the threshold" comes closest to:
+        the largest total margin ``Σ (threshold − score)`` over its removed heads."""
+        return int(torch.argmax(self.removed * threshold - self.score))
+
+
 def allocate(spaces: list[LayerSpace], head_scores: list[torch.Tensor], channel_scores: list[torch.Tensor],
              target: float) -> list[LayerWidth]:
-    """Per-layer widths removing ``target`` parameters by global ranking (AL-AM, see module doc)."""
-    scores, costs, layer_of, is_head = [], [], [], []
-    for i, (s, h, c) in enumerate(zip(spaces, head_scores, channel_scores)):
-        if s.num_heads:
-            scores.append(h.double())
-            costs.append(torch.full((s.num_heads,), s.per_q_head + s.per_kv_head / s.n_rep, dtype=torch.float64))
-            layer_of += [i] * s.num_heads
-            is_head += [True] * s.num_heads
-        scores.append(c.double())
-        costs.append(torch.full((s.channels,), float(s.per_channel), dtype=torch.float64))
-        layer_of += [i] * s.channels
-        is_head += [False] * s.channels
-    order = torch.argsort(torch.cat(scores).cpu(), stable=True)
-    k = _best_prefix(torch.cat(costs)[order], target)
-    heads_out = [0] * len(spaces)
-    for u in order[:k].tolist():
-        if is_head[u]:
-            heads_out[layer_of[u]] += 1
-    widths = [gqa_width(s, s.num_heads - n, s.channels) if s.num_heads else LayerWidth(0, 0, s.channels, 0.0)
-              for s, n in zip(spaces, heads_out)]
-    residual = target - sum(s.params - w.params(s) for s, w in zip(spaces, widths))
-    ch = torch.cat([c.double().cpu() for c in channel_scores])
-    ch_layer = torch.cat([torch.full((s.channels,), i) for i, s in enumerate(spaces)])
-    ch_cost = torch.cat([torch.full((s.channels,), float(s.per_channel), dtype=torch.float64) for s in spaces])
-    order = torch.argsort(ch, stable=True)
-    k = _best_prefix(ch_cost[order], max(residual, 0.0))
-    ch_out = torch.bincount(ch_layer[order[:k]], minlength=len(spaces)).tolist()
-    return [LayerWidth(w.remove_groups, w.remove_per_group, s.channels - n, 1 - (w.params(s) - n * s.per_channel) / s.params)
-            for s, w, n in zip(spaces, widths, ch_out)]
+    """Per-layer widths removing ``target`` parameters by one global threshold (AL-AM, see the
+    module doc): every channel scoring below it goes, and every layer's attention takes the
+    grouped-query shape nearest to "every head below it goes" (:class:`HeadShapes`); the threshold
+    is the highest whose removal, in real parameters, stays within ``target``, and the next
+    channels by score fill the rest, so the total lands within one channel of the target."""
+    shapes = [HeadShapes(s, h) if s.num_heads else None for s, h in zip(spaces, head_scores)]
+    ch = [c.detach().double().cpu().sort().values for c in channel_scores]
+    cand = torch.cat(ch + [h.detach().double().cpu().reshape(-1) for h, s in zip(head_scores, spaces)
+                           if s.num_heads]).unique()  # every score, sorted: the thresholds to try
+
+    def removed(t: float) -> tuple[float, list[int]]:
+        picks = [sh.best(t) if sh is not None else -1 for sh in shapes]
+        total = sum(sh.params[k] for sh, k in zip(shapes, picks) if sh is not None)
+        total += sum(int(torch.searchsorted(c, t)) * s.per_channel for c, s in zip(ch, spaces))
+        return float(total), picks
+
+    lo, hi = 0, len(cand) - 1  # removed(cand[0]) == 0: nothing scores below the lowest score
+    if removed(float(cand[hi]))[0] <= target:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if removed(float(cand[mid]))[0] <= target else (lo, mid)
+    t = float(cand[lo])
+    total, picks = removed(t)
+    below = [int(torch.searchsorted(c, t)) for c in ch]
+    rest = torch.cat([c[b:] for c, b in zip(ch, below)])
+    rest_layer = torch.cat([torch.full((len(c) - b,), i) for i, (c, b) in enumerate(zip(ch, below))])
+    rest_cost = torch.cat([torch.full((len(c) - b,), float(s.per_channel), dtype=torch.float64)
+                           for c, b, s in zip(ch, below, spaces)])
+    order = torch.argsort(rest, stable=True)
+    k = _best_prefix(rest_cost[order], max(target - total, 0.0))
+    extra = torch.bincount(rest_layer[order[:k]], minlength=len(spaces)).tolist()
+    widths = []
+    for s, sh, k, b, e in zip(spaces, shapes, picks, below, extra):
+        g, p = sh.shape[k] if sh is not None else (0, 0)
+        kept = LayerWidth(g, p, s.channels - b - e, 0.0).params(s)
+        widths.append(LayerWidth(g, p, s.channels - b - e, 1 - kept / s.params))
+    return widths
+
+
+def group_scores(scores: torch.Tensor, num_kv_heads: int, remove_per_group: int) -> torch.Tensor:
+    """Per key/value group, the sum of the heads it would keep after losing its
+    ``remove_per_group`` lowest: the groups that sum lowest are the ones :class:`HeadShapes`
+    removes whole (the removal with the lowest total score)."""
+    ranked = scores.reshape(num_kv_heads, -1).sort(1, descending=True).values
+    return ranked[:, : ranked.shape[1] - remove_per_group].sum(1)
 
 
 @torch.no_grad()
@@ -181,7 +254,8 @@ class FLAP(GlobalMethod):
             for i, layer in enumerate(ad.layers):
                 geo, w = ad.geometry(layer), widths[i]
                 plan = LayerPlan(
-                    select_heads(heads[i], geo.num_kv_heads, w.remove_groups, w.remove_per_group)
+                    select_heads(heads[i], geo.num_kv_heads, w.remove_groups, w.remove_per_group,
+                                 group_scores(heads[i], geo.num_kv_heads, w.remove_per_group))
                     if geo.num_heads else None,
                     select_channels(channels[i], w.channels),
                 )
