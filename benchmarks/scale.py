@@ -297,10 +297,11 @@ def markdown(res: dict[str, Any]) -> str:
             f"{r['projection']['prune_s']} | {r['projection']['wall_s']} |")
     if "identical_weights" in res:
         lines += ["", f"Streamed and in-memory runs wrote bitwise identical weights: **{res['identical_weights']}**."]
+    peak = res["projected_in_memory_peak_gib"]
     lines += ["", "Projection: per-layer prune seconds × layers; loading, start-up and saving scaled by the weights' "
-              "bytes. Whole-model in-memory peak ≈ measured peak + the bytes of the layers cut away "
-              f"({res['projected_in_memory_peak_gib']} GiB at {res['dtype']}); a streamed run's peak does not grow "
-              "with the layer count.", ""]
+              "bytes. " + (f"Whole-model in-memory peak ≈ measured peak + the bytes of the layers cut away ({peak} GiB "
+                           f"at {res['dtype']}); " if peak is not None else "")
+              + "a streamed run's peak does not grow with the layer count.", ""]
     return "\n".join(lines)
 
 
@@ -388,7 +389,8 @@ def main() -> None:
         peak = ok[0]["peak_rss_mib"] * 2**20 if ok else 0
         item = (DTYPES.get(a.dtype) or (torch.float32 if device.type == "cpu" else torch.float16)).itemsize
         grow = (res["full_model_bytes"] - res["model_bytes"]) * item / DTYPES[a.save_dtype].itemsize
-        res["projected_in_memory_peak_gib"] = round((peak + grow) / GiB, 1)  # host: the whole model is loaded
+        # host: the whole model is loaded (None without an in-memory run)
+        res["projected_in_memory_peak_gib"] = round((peak + grow) / GiB, 1) if ok else None
     finally:
         if not (a.keep or a.work):
             shutil.rmtree(work, ignore_errors=True)
