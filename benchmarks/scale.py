@@ -301,7 +301,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", "Projection: per-layer prune seconds × layers; loading, start-up and saving scaled by the weights' "
               "bytes. " + (f"Whole-model in-memory peak ≈ measured peak + the bytes of the layers cut away ({peak} GiB "
                            f"at {res['dtype']}); " if peak is not None else "")
-              + "a streamed run's peak does not grow with the layer count.", ""]
+              + "A streamed run's peak does not grow with the layer count.", ""]
     return "\n".join(lines)
 
 
