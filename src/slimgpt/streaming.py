@@ -250,11 +250,12 @@ class MemoryPlan:
 
 
 def memory_plan(cfg: Any, dtype: torch.dtype, folder: Path) -> MemoryPlan | None:
-    """Estimate from the folder's config and safetensors headers (None when unreadable). Under
-    ``torchrun`` a process holds its share of the activations."""
+    """Estimate of the host's memory from the folder's config and safetensors headers (None when
+    unreadable). On a GPU the solve and the batch are on the device, not here. Under ``torchrun`` a
+    process holds its share of the activations."""
     from slimgpt.preflight import Geometry
     from slimgpt.solvers.hessian import solve_bytes
-    from slimgpt.utils import rss_bytes
+    from slimgpt.utils import resolve_device, rss_bytes
 
     weights = weights_bytes(folder, dtype)
     try:
@@ -267,9 +268,11 @@ def memory_plan(cfg: Any, dtype: torch.dtype, folder: Path) -> MemoryPlan | None
     copies = 2 if cfg.offload_activations else 3  # --offload-activations maps the inputs from files
     acts = copies * cfg.nsamples * cfg.seqlen * geo.hidden * item // max(1, distributed.world())
     batch = min(cfg.batch_size, cfg.nsamples) * cfg.seqlen * geo.per_token(item)
+    solve = solve_bytes(max(geo.hidden, geo.intermediate))
+    if resolve_device(cfg.device).type == "cuda":  # a layer's work is on the GPU (the activations may not be)
+        batch = solve = 0
     embedding = geo.vocab * geo.hidden * item
-    return MemoryPlan(rss_bytes(), weights, geo.layer_params * item, embedding, acts,
-                      solve_bytes(max(geo.hidden, geo.intermediate)), batch)
+    return MemoryPlan(rss_bytes(), weights, geo.layer_params * item, embedding, acts, solve, batch)
 
 
 def wants_streaming(cfg: Any, dtype: torch.dtype) -> bool:
