@@ -290,6 +290,15 @@ def test_resume_equals_an_uninterrupted_run(folders, tmp_path: Path, mode: str) 
     assert not (tmp_path / "cut.recovery").exists()
 
 
+def test_gradient_checkpointing_changes_nothing_but_memory(folders, tmp_path: Path) -> None:
+    _, student, text = folders
+    runs = [recover(quick(model=str(student), data=str(text), max_steps=2, grad_checkpointing=gc), progress=False)
+            for gc in (False, True)]
+    a, b = (dict(r.model.named_parameters()) for r in runs)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in runs[1].model.modules())  # switched off after
+
+
 PROGRAM = ("import json, sys\nfrom slimgpt.recovery import RecoveryConfig, recover\n"
            "recover(RecoveryConfig(**json.loads(sys.argv[1])), progress=False)\n")
 

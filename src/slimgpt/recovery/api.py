@@ -169,7 +169,7 @@ def add_teacher_windows(data: TrainData, specs: list[Any], teacher: nn.Module | 
     t0 = time.perf_counter()
     if pool is None:
         def sample() -> dict[str, Any]:
-            batch = 16 if device.type != "cuda" else 256
+            batch = 64 if device.type != "cuda" else 256  # CPU: 300 tok/s at 64 (1 thread), 170 at 16
             rows = sample_teacher(teacher, tokenizer, n + n_val, cfg.seqlen, cfg.seed, device, batch, progress)
             return {"ids": torch.tensor([r.input_ids for r in rows], dtype=torch.long)}
 

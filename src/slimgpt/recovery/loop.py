@@ -461,9 +461,13 @@ class Trainer:
         self.opt.load_state_dict(saved["optimizer"])
         self.rng = saved["rng"]
         restore_rng(self.rng)
-        if saved.get("cache") is not None and self.teacher is not None and self.teacher.cache is not None:
-            self.teacher.cache.load(saved["cache"])
         st = self.ckpt.state
+        if self.teacher is not None and self.teacher.cache is not None:
+            if saved.get("cache") is not None and not distributed.is_distributed():
+                self.teacher.cache.load(saved["cache"])
+            else:  # rank 0 saved its own windows' cache: other ranks start theirs again (same values)
+                done = st["step"] * self.plan.grad_accum * self.plan.batch_size
+                self.teacher.cache.uses = Counter(list(self._my_windows())[done:])
         self.state = RunState(st["step"], st["tokens"], st["history"], st.get("seconds", 0.0),
                               Counter(st.get("time", {})))
         log.info("resuming at step %d of %d (%d tokens seen)", st["step"] + 1, self.plan.steps, st["tokens"])
@@ -587,7 +591,7 @@ class Trainer:
             log.info("step 0: held-out %s", _fmt(entry))
         self.speed = self.speed_probe() if main else {}
         if self.cfg.grad_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _checkpointing(self.model, True)
         self.model.train()
         bar = tqdm(total=p.steps * p.grad_accum, initial=self.state.step * p.grad_accum, unit="batch",
                    desc="slimgpt: recovery", disable=not self.progress, dynamic_ncols=True) if self.progress else None
@@ -629,9 +633,22 @@ class Trainer:
             if bar is not None:
                 bar.close()
             if self.cfg.grad_checkpointing:
-                self.model.gradient_checkpointing_disable()
+                _checkpointing(self.model, False)
         self.model.eval()
         return self.state.history
+
+
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation (gradient) checkpointing of the decoder layers, non-reentrant; transformers 5 renamed
+    ``gradient_checkpointing_*`` to ``activation_checkpointing_*`` (the old names warn)."""
+    base = model.get_base_model() if is_peft(model) else model  # type: ignore[operator]
+    if on:
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
 
 
 def _adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:
