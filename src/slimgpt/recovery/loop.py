@@ -208,8 +208,9 @@ def resolve_plan(cfg: RecoveryConfig, device: torch.device, train_windows: int, 
     lora = cfg.uses_lora
     lr = cfg.lr if cfg.lr is not None else (LR_LORA if lora else LR_FULL)
     every = cfg.eval_every or (steps // 10 if steps >= 10 else 0)
-    # rows of the head per chunk: ~8M logits on a CPU (fits its caches' reach), ~64M on a GPU
-    chunk = max(16, (8 << 20 if cpu else 64 << 20) // max(vocab, 1))
+    # rows of the head per chunk: ~12M logits on a CPU (256 rows of SmolLM2's 49k vocabulary: measured
+    # fastest of 64 / 128 / 170 / 256 / 512 / 1024 on 2 cores), ~64M on a GPU
+    chunk = max(16, (12 << 20 if cpu else 64 << 20) // max(vocab, 1))
     return Plan(batch, accum, world, steps, min(warmup, steps), lr, lora,
                 str(compute_dtype(cfg.dtype, device)).removeprefix("torch."), every, window_tokens,
                 parse_interval(cfg.save_every), chunk)
@@ -399,6 +400,8 @@ class Trainer:
                  progress: bool = True, on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.model, self.cfg, self.plan, self.data, self.pad_id, self.device = model, cfg, plan, data, pad_id, device
         self.ckpt, self.progress, self.on_step = ckpt, progress and distributed.is_main(), on_step
+        if device.type == "cpu":
+            keep_freed_memory()
         bf16 = plan.dtype == "bfloat16"
         self.autocast: Callable[[], AbstractContextManager] = (
             (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext)
@@ -636,6 +639,25 @@ class Trainer:
                 _checkpointing(self.model, False)
         self.model.eval()
         return self.state.history
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed blocks of up to 1 GiB for reuse instead of returning them to the system.
+
+    By default a block over 32 MiB is mmap'ed on allocation and unmapped on free, so every logits
+    chunk and activation of every micro-batch is faulted in (and zeroed by the kernel) again:
+    measured on SmolLM2, 2 cores, a training step ran 1.3x faster with this (the chunked loss 2x).
+    The resident memory stays at its peak instead of shrinking between steps, which a training
+    process reaches on every step anyway. Linux/glibc only; elsewhere nothing happens."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-1, ctypes.c_int(1 << 30))  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, ctypes.c_int(1 << 30))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _checkpointing(model: nn.Module, on: bool) -> None:

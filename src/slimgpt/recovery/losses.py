@@ -156,8 +156,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out if ctx.needs_input_grad[0] else None
-        gw = grad_w * grad_out if ctx.needs_input_grad[1] and grad_w.numel() else None
+        one = bool(grad_out == 1)  # the usual case (loss.backward()): no copy of the weight gradient
+        gh = (grad_h if one else grad_h * grad_out) if ctx.needs_input_grad[0] else None
+        gw = (grad_w if one else grad_w * grad_out) if ctx.needs_input_grad[1] and grad_w.numel() else None
         return gh, gw, None
 
 
@@ -185,30 +186,73 @@ def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
 
     def run(h_all: torch.Tensor, w_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         need_h, need_w = h_all.requires_grad, w_all.requires_grad
-        grad_h = torch.zeros_like(h_all) if need_h else h_all.new_zeros(0)
-        grad_w = torch.zeros_like(w_all, dtype=torch.float32) if need_w else w_all.new_zeros(0)
+        grad_h = torch.empty_like(h_all) if need_h else h_all.new_zeros(0)
+        grad_w: torch.Tensor | None = None
         total = torch.zeros((), dtype=torch.float64, device=h_all.device)
         kl_sum = torch.zeros((), dtype=torch.float64, device=h_all.device)
         nll_sum = torch.zeros((), dtype=torch.float64, device=h_all.device)
-        w_leaf = w_all.detach().requires_grad_(need_w)
+        dev = h_all.device.type
+        # the head weight in the compute dtype once per micro-batch (autocast would cast it per chunk)
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w_all.dtype
+        plain = getattr(head, "plain_linear", False)
+        w_use = w_all.detach().to(dtype)
+        if not plain:
+            w_use.requires_grad_(need_w)
+        # plain head: the weight gradient gᵀ h of up to `group` rows in one product (each product is added
+        # to the fp32 sum through a conversion pass over the whole weight, so fewer is faster)
+        group = min(n, 8 * chunk) if plain and need_w else 0
+        g_buf = torch.empty((group, w_all.shape[0]), dtype=dtype, device=h_all.device) if group else None
+        h_buf = torch.empty((group, h_all.shape[1]), dtype=dtype, device=h_all.device) if group else None
+        filled = 0
+
+        def flush(rows: int) -> None:
+            nonlocal grad_w
+            assert g_buf is not None and h_buf is not None
+            gw = g_buf[:rows].t() @ h_buf[:rows]
+            if grad_w is None:
+                grad_w = gw.to(torch.float32, copy=True)
+            else:
+                grad_w.add_(gw)  # fp32 sum of the compute-dtype products
+
         for r0 in range(0, n, chunk):
             r1 = min(n, r0 + chunk)
-            with torch.enable_grad():
-                h = h_all[r0:r1].detach().requires_grad_(need_h)
-                z = head(h, w_leaf)
+            if plain:  # logits h wᵀ, gradients g w and gᵀ h written out: no autograd, no per-chunk copies
+                h = h_all[r0:r1].detach().to(dtype)
+                z = F.linear(h, w_use)
+            else:
+                with torch.enable_grad():
+                    h = h_all[r0:r1].detach().requires_grad_(need_h)
+                    z = head(h, w_use)
             loss, kl, nll, grad_z = loss_terms(z.detach(), labels, teacher, r0, r1, temperature, lm_weight)
-            wants = [t for t, need in ((h, need_h), (w_leaf, need_w)) if need]
-            if wants:
-                grads = iter(torch.autograd.grad(z, wants, grad_outputs=grad_z.mul_(scale).to(z.dtype)))
+            if (need_h or need_w) and plain:
+                if g_buf is not None and h_buf is not None:
+                    if filled + (r1 - r0) > group:
+                        flush(filled)
+                        filled = 0
+                    g = g_buf[filled:filled + r1 - r0]
+                    g.copy_(grad_z.mul_(scale))
+                    h_buf[filled:filled + r1 - r0].copy_(h)
+                    filled += r1 - r0
+                else:
+                    g = grad_z.mul_(scale).to(dtype)
                 if need_h:
-                    grad_h[r0:r1] = next(grads)
+                    grad_h[r0:r1] = g @ w_use
+            elif need_h or need_w:
+                wants = [t for t, need in ((h, need_h), (w_use, need_w)) if need]
+                it = iter(torch.autograd.grad(z, wants, grad_outputs=grad_z.mul_(scale).to(z.dtype)))
+                if need_h:
+                    grad_h[r0:r1] = next(it)
                 if need_w:
-                    grad_w += next(grads)
+                    gw = next(it)
+                    grad_w = gw.to(torch.float32, copy=True) if grad_w is None else grad_w.add_(gw)
             total += loss.double()
             kl_sum += kl.double()
             nll_sum += nll.double()
+        if filled:
+            flush(filled)
         sums["kl"], sums["nll"] = float(kl_sum), float(nll_sum)  # one device sync per micro-batch
-        return (total * scale).float(), grad_h, grad_w.to(w_all.dtype) if need_w else grad_w
+        gw_all = grad_w.to(w_all.dtype) if grad_w is not None else w_all.new_zeros(0)
+        return (total * scale).float(), grad_h, gw_all
 
     if n == 0:
         loss = hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph (DDP-style reductions expect grads)
@@ -218,7 +262,8 @@ def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
 
 
 def linear_head(softcap: float | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``h @ wᵀ`` (the untied or tied LM head), with Gemma's final logit soft-capping when set."""
+    """``h @ wᵀ`` (the untied or tied LM head), with Gemma's final logit soft-capping when set; a head
+    without soft-capping is marked ``plain_linear`` and gets its gradients written out."""
 
     def head(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         logits = F.linear(h, w)
@@ -226,6 +271,7 @@ def linear_head(softcap: float | None = None) -> Callable[[torch.Tensor, torch.T
             logits = torch.tanh(logits / softcap) * softcap
         return logits
 
+    head.plain_linear = not softcap  # type: ignore[attr-defined]
     return head
 
 
