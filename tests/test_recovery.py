@@ -337,3 +337,29 @@ def test_two_gloo_processes_equal_one_with_the_same_global_batch(folders, tmp_pa
     b = json.loads((tmp_path / "two" / "slimgpt.json").read_text())["finetune"]
     assert b["processes"] == 2 and a["tokens"] == b["tokens"] and a["plan"]["global_batch"] == b["plan"]["global_batch"]
     assert a["last_loss"] == pytest.approx(b["last_loss"], rel=1e-5)
+
+
+def test_user_errors_are_one_line(folders, tmp_path: Path, capsys) -> None:
+    _, student, text = folders
+    base = ["finetune", str(student), "--data", str(text), "--out", str(tmp_path / "x"), "--device", "cpu"]
+    cases = [
+        (["--teacher", "auto", "--lm-weight", "2"], "--lm-weight must be in [0, 1]"),
+        (["--teacher-topk", "8"], "need --teacher"),
+        (["--data", f"{text}@x"], "is not a number"),
+        (["--data", f"{text},c4@1"], "every source a weight"),
+        (["--data", "teacher", "--teacher", "auto"], "give --max-tokens"),
+        (["--teacher", "auto", "--merge"], "--merge folds LoRA adapters"),
+        (["--save-every", "soon"], "--save-every must be"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and err.startswith("slimgpt: error"), (extra, err)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (plain / f).write_bytes((folders[0] / f).read_bytes())
+    assert main(["finetune", str(plain), "--teacher", "auto", "--data", str(text), "--out", str(tmp_path / "y"),
+                 "--device", "cpu"]) == 2
+    assert "--teacher auto needs the source model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -212,8 +212,14 @@ def recover(cfg: RecoveryConfig, model: Any = None, tokenizer: Any = None, progr
     from slimgpt.utils import resolve_device, seed_everything
 
     cfg.validate()
-    for spec in parse_sources(cfg.data):
+    specs = parse_sources(cfg.data)
+    for spec in specs:
         check_source(spec.name)
+    if all(s.name == TEACHER for s in specs) and cfg.max_tokens is None and cfg.max_steps is None:
+        raise ConfigError("--data teacher alone has no size: give --max-tokens (or --max-steps)")
+    if any(s.name == TEACHER for s in specs) and cfg.teacher is None:
+        raise ConfigError("--data teacher samples text from the teacher; give --teacher")
+    teacher_name = resolve_teacher(cfg.teacher, cfg.model) if cfg.teacher is not None and teacher_model is None else None
     if cfg.eval_data is not None:
         check_source(cfg.eval_data)
     out_path = Path(cfg.out).expanduser().resolve() if cfg.out is not None else None
@@ -235,12 +241,10 @@ def recover(cfg: RecoveryConfig, model: Any = None, tokenizer: Any = None, progr
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     dtype = compute_dtype(cfg.dtype, device)
 
-    teacher_name = None
     teacher = teacher_model
-    if cfg.teacher is not None and teacher is None:
+    if teacher_name is not None:
         from slimgpt.zoo import load_model
 
-        teacher_name = resolve_teacher(cfg.teacher, cfg.model)
         teacher, _ = load_model(teacher_name, dtype=dtype, device=device)
         drop_gguf_quantizer(teacher)
     if teacher is not None:
@@ -252,8 +256,6 @@ def recover(cfg: RecoveryConfig, model: Any = None, tokenizer: Any = None, progr
     data, specs = load_data(cfg, tokenizer, device)
     share = teacher_share(specs, len(data.examples))
     real = len(data.examples)
-    if share >= 1 and cfg.max_tokens is None and cfg.max_steps is None:
-        raise ConfigError("--data teacher alone has no size: give --max-tokens (or --max-steps)")
     window_tokens = (sum(len(e.input_ids) for e in data.examples) / real) if real else float(cfg.seqlen)
     vocab = model.get_output_embeddings().weight.shape[0]
     plan = resolve_plan(cfg, device, math.ceil(real / (1 - share)) if share < 1 else 0, window_tokens, vocab)
