@@ -54,9 +54,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=int, help="stop after N optimiser steps (overrides --max-tokens and --epochs)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the real data when no budget is given")
     g.add_argument("--batch-size", type=int, help="windows per forward pass (default: 4 on CPU, 16 on GPU)")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (default: 2 on CPU, 4 on GPU)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (default: 1 on CPU, 4 on GPU)")
     g.add_argument("--seqlen", type=int, default=256, help="tokens per window; documents are packed (paper: 256)")
-    g.add_argument("--lr", type=float, help="peak AdamW learning rate (default: 1e-4 full-parameter, 5e-4 LoRA)")
+    g.add_argument("--lr", type=float, help="peak AdamW learning rate (default: 3e-4 full-parameter, 2e-3 LoRA)")
     g.add_argument("--warmup", "--warmup-steps", type=float, default=0.05,
                    help="linear warm-up before the cosine decay: a share of the steps (< 1) or a step count")
     g.add_argument("--weight-decay", type=float, default=0.0)
