@@ -34,7 +34,7 @@ from slimgpt.recovery.loop import (
     scored_rows,
     split_model,
 )
-from slimgpt.recovery.losses import IGNORE, TeacherTargets, chunked_head_loss
+from slimgpt.recovery.losses import IGNORE, TeacherTargets, chunked_head_loss, teacher_topk, token_kl_topk
 from test_distributed import free_port
 from test_finetune import pruned
 
@@ -150,9 +150,23 @@ def test_topk_with_the_whole_vocabulary_equals_the_full_kl(pair) -> None:
     g_top = [p.grad.clone() for p in student.parameters() if p.grad is not None]
     assert top.item() == pytest.approx(full.item(), rel=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_full, g_top))
+    # k < vocabulary: the written-out gradient is autograd's gradient of the (k + 1)-outcome KL
+    student.zero_grad(set_to_none=True)
+    few = our_loss(student, teacher, batch, 1.5, 0.0, topk=4)
+    few.backward()
+    g_few = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    keep = batch["labels"][:, 1:] != IGNORE
+    s = student(batch["input_ids"]).logits[:, :-1][keep].double()
     with torch.no_grad():
-        few = our_loss(student, teacher, batch, 1.5, 0.0, topk=4).item()
-    assert few > 0 and few != pytest.approx(full.item(), rel=1e-3)
+        logp, ids = teacher_topk(teacher(batch["input_ids"]).logits[:, :-1][keep].double(), 4, 1.5)
+    ref = 1.5 ** 2 * token_kl_topk(s, logp, ids, 1.5).mean()
+    ref.backward()
+    assert few.item() == pytest.approx(ref.item(), rel=1e-5) and few.item() != pytest.approx(full.item(), rel=1e-3)
+    for n, p in student.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(g_few[n], p.grad.float(), rtol=1e-4, atol=1e-6), n
+    assert torch.allclose(logp[:, :4].exp().sum(-1) + logp[:, 4].exp(), torch.ones(len(logp)), atol=1e-6)
 
 
 def test_topk_cache_gives_what_the_teacher_gives(pair) -> None:

@@ -340,8 +340,8 @@ class Teacher:
             ps.append(logp)
             ids.append(idx.to(torch.int32))
         if not ps:
-            return rows.new_zeros((0, self.topk or 1), dtype=torch.float32), torch.zeros((0, self.topk or 1),
-                                                                                     dtype=torch.int32)
+            k = self.topk or 1
+            return rows.new_zeros((0, k + 1), dtype=torch.float32), torch.zeros((0, k), dtype=torch.int32)
         return torch.cat(ps), torch.cat(ids)
 
 

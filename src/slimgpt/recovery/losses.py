@@ -13,9 +13,13 @@ and the student is pushed to cover it. ``T²`` keeps the gradient's size indepen
 tokens of the whole optimiser step over all micro-batches and processes, so every token weighs
 the same whatever micro-batch or rank it falls in.
 
-Top-k (``--teacher-topk k``): the teacher keeps its ``k`` most likely tokens per position,
-renormalised over those ``k`` (``p̃``); the student's log-probabilities are the full softmax read at
-those ids: ``Σ_k p̃ (log p̃ − log q)``. With ``k`` = the vocabulary this is the full KL exactly.
+Top-k (``--teacher-topk k``): the teacher keeps, per position, the log-probabilities of its ``k`` most
+likely tokens ``S`` and the log of the mass left outside them, ``p_r`` (k + 1 numbers instead of a
+vocabulary's worth). The KL is taken over the ``k + 1`` outcomes "token i of S" and "any other
+token": ``Σ_S p (log p − log q) + p_r (log p_r − log q_r)`` with ``q_r`` the student's mass outside
+``S``. Its gradient pushes the student's tail down as a whole to ``p_r`` (without it, renormalising
+the teacher over ``S`` leaves the tail unconstrained: SmolLM2 50 %, 25k tokens, k = 64 gave WikiText-2
+607 against 549 for the full KL). With ``k`` = the vocabulary this is the full KL exactly.
 
 Why a chunked loss (:func:`chunked_head_loss`) instead of ``model(...).logits``: the logits of a
 micro-batch are tokens × vocabulary floats (SmolLM2: 2,048 × 49,152 × 4 bytes = 400 MB per model;
@@ -48,19 +52,47 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's ``k`` most likely ids per row and their log-probabilities at ``T``,
-    renormalised over those ``k`` (so they sum to one)."""
-    values, ids = (teacher_logits.float() / temperature).topk(min(k, teacher_logits.shape[-1]), dim=-1)
-    return values - values.logsumexp(-1, keepdim=True), ids
+    """``(logp, ids)``: per row the teacher's ``k`` most likely ids at ``T``, their log-probabilities
+    in ``logp[:, :k]`` and the log of the probability mass outside them in ``logp[:, k]`` (−inf
+    when ``k`` covers the vocabulary)."""
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    values, ids = log_p.topk(min(k, log_p.shape[-1]), dim=-1)
+    rest = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.cat([values, rest], dim=-1), ids
+
+
+def _topk_kl_and_target(log_q: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+    """KL sum over the k + 1 outcomes (see the module docstring) and the target distribution whose
+    difference from ``q`` is the gradient: the teacher's ``p`` on its top ``k``, and outside them the
+    student's own ``q`` scaled to the teacher's tail mass (``q · p_r / q_r``)."""
+    ids = ids.long()
+    k = ids.shape[-1]
+    lp_top, lp_rest = logp[:, :k].float(), logp[:, k].float()
+    lq_top = log_q.gather(-1, ids)
+    lq_rest = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    p_top, p_rest = lp_top.exp(), lp_rest.exp()
+    tail = torch.where(p_rest > 0, p_rest * (lp_rest - lq_rest), torch.zeros_like(p_rest))
+    kl = (p_top * (lp_top - lq_top)).sum() + tail.sum()
+    ratio = torch.where(torch.isfinite(lq_rest), (lp_rest - lq_rest).exp(), torch.zeros_like(lq_rest))
+    target = (log_q.exp() * ratio[:, None]).scatter_(-1, ids, p_top)
+    return kl, target
 
 
 def token_kl_topk(student_logits: torch.Tensor, topk_logp: torch.Tensor, topk_ids: torch.Tensor,
                   temperature: float = 1.0) -> torch.Tensor:
-    """``Σ_k p̃ (log p̃ − log q)`` per row: the renormalised teacher top-k against the student's full
-    softmax at ``T`` read at the same ids."""
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, topk_ids.long())
-    logp = topk_logp.float()
-    return (logp.exp() * (logp - log_q)).sum(-1)
+    """Per row: the top-k KL of the module docstring (teacher top-k and tail mass from
+    :func:`teacher_topk`) against the student's full softmax at ``T``."""
+    logits = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
+    log_q = F.log_softmax(logits / temperature, dim=-1)
+    ids = topk_ids.long()
+    k = ids.shape[-1]
+    lp_top, lp_rest = topk_logp[:, :k].to(log_q.dtype), topk_logp[:, k].to(log_q.dtype)
+    lq_top = log_q.gather(-1, ids)
+    lq_rest = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    p_rest = lp_rest.exp()
+    tail = torch.where(p_rest > 0, p_rest * (lp_rest - lq_rest), torch.zeros_like(p_rest))
+    return (lp_top.exp() * (lp_top - lq_top)).sum(-1) + tail
 
 
 def token_nll(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -79,7 +111,7 @@ class TeacherTargets:
     hidden: torch.Tensor | None = None  # (N, d) teacher final hidden states of the scored rows
     head: Callable[[torch.Tensor], torch.Tensor] | None = None  # hidden → logits
     topk: int | None = None  # keep only the k most likely teacher tokens
-    topk_logp: torch.Tensor | None = None  # (N, k) precomputed renormalised log-probs ...
+    topk_logp: torch.Tensor | None = None  # (N, k + 1) precomputed top-k log-probs and tail mass ...
     topk_ids: torch.Tensor | None = None  # ... and their ids
 
     def chunk(self, r0: int, r1: int, temperature: float) -> tuple[torch.Tensor | None, torch.Tensor | None,
@@ -122,10 +154,7 @@ def loss_terms(logits: torch.Tensor, labels: torch.Tensor, teacher: TeacherTarge
         kl = (p * (log_p - log_q_t)).sum()
     else:
         assert logp is not None and ids is not None
-        logp = logp.float()
-        p_top = logp.exp()
-        kl = (p_top * (logp - log_q_t.gather(-1, ids.long()))).sum()
-        p = torch.zeros_like(z).scatter_(-1, ids.long(), p_top)
+        kl, p = _topk_kl_and_target(log_q_t, logp, ids)
     nll = torch.full((), float("nan"), device=z.device)
     log_q = None
     if lm_weight > 0 or temperature == 1:
