@@ -35,7 +35,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="distil from this model: auto = the source model recorded in the pruned folder's slimgpt.json "
                         "(default: no teacher, LM loss)")
     g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL (loss scaled by T²)")
-    g.add_argument("--lm-weight", type=float, default=0.0, help="loss = (1-w)·KL + w·LM, w in [0, 1]")
+    g.add_argument("--lm-weight", type=float, default=0.0, help="loss = (1-w)·KL + w·LM, w in [0, 1] (default: 0, KL only)")
     g.add_argument("--teacher-topk", type=int, metavar="K",
                    help="keep the teacher's K most likely tokens per position (cached for windows read again)")
     g.add_argument("--teacher-tokens", type=token_count, metavar="N",
@@ -59,7 +59,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="peak AdamW learning rate (default: 3e-4 full-parameter, 2e-3 LoRA)")
     g.add_argument("--warmup", "--warmup-steps", type=float, default=0.05,
                    help="linear warm-up before the cosine decay: a share of the steps (< 1) or a step count")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     g.add_argument("--dtype", default="auto",
@@ -73,7 +73,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="score the held-out windows (KL, perplexity) every N steps (0: about ten times per run)")
     g.add_argument("--save-every", default="10m",
                    help="checkpoint every N steps or every 600s / 10m / 1h of training (0: never); Ctrl-C also saves")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="data order, LoRA init, teacher samples (default: 0)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     g.add_argument("--data-dir", help="folder with wikitext-2-raw/ and calibration/ (default $SLIMGPT_DATA)")
     g.add_argument("--json", help="write the run report (config, speed, losses per step) here as JSON")
