@@ -6,6 +6,7 @@ one recovery run on C4 (never Wikipedia text: WikiText-2 comes from it), then Wi
 each) for the dense and pruned models and the best run of each method. Methods:
 
     kl-full      KL(teacher ‖ student), every weight            (slimgpt finetune --teacher auto)
+    kl-lm        0.7 KL + 0.3 LM loss, every weight               (... --teacher auto --lm-weight 0.3)
     kl-lora      the same loss, LoRA adapters, merged             (... --teacher auto --lora --merge)
     lm-lora      today's LM-loss LoRA, merged                     (... --merge)
     kl-mix       kl-full on C4 + text sampled from the teacher    (... --data c4,teacher)
@@ -37,12 +38,13 @@ import torch
 
 METHODS: dict[str, dict[str, Any]] = {
     "kl-full": {"teacher": "auto", "lora": False},
+    "kl-lm": {"teacher": "auto", "lora": False, "lm_weight": 0.3},
     "kl-lora": {"teacher": "auto", "lora": True, "merge": True},
     "lm-lora": {"teacher": None, "lora": True, "merge": True},
     "kl-mix": {"teacher": "auto", "lora": False, "data": "{data},teacher"},
     "kl-free": {"teacher": "auto", "lora": False, "data": "teacher"},
 }
-LABELS = {"kl-full": "KL, full-parameter", "kl-lora": "KL, LoRA", "lm-lora": "LM loss, LoRA (today's)",
+LABELS = {"kl-full": "KL, full-parameter", "kl-lm": "0.7 KL + 0.3 LM, full-parameter", "kl-lora": "KL, LoRA", "lm-lora": "LM loss, LoRA (today's)",
           "kl-mix": "KL, full, C4 + teacher samples", "kl-free": "KL, full, teacher samples only"}
 
 
@@ -57,7 +59,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ratios", default="0.2,0.5")
     ap.add_argument("--budgets", default="25k,100k,200k", help="token budgets of the recovery runs")
-    ap.add_argument("--methods", default="kl-full,kl-lora,lm-lora", help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--methods", default="kl-full,kl-lm,kl-lora,lm-lora", help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--extra", default="kl-free", help="methods run at the largest budget only (also: kl-mix)")
     ap.add_argument("--data", default="c4")
     ap.add_argument("--seqlen", type=int, default=256)
