@@ -90,6 +90,7 @@ def main() -> None:
     from slimgpt.recovery import RecoveryConfig, recover
     from slimgpt.zoo import load_model
 
+    dev = "cuda" if a.device != "cpu" and torch.cuda.is_available() else "cpu"  # where models are evaluated
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(a.work)
@@ -115,7 +116,7 @@ def main() -> None:
         return {"ppl": r["ppl"], "windows": r["windows"], "tokens": r["tokens"], "eval_s": time.perf_counter() - t0}
 
     if "dense" not in doc:
-        dense, tok = load_model(a.model)
+        dense, tok = load_model(a.model, device=dev)
         doc["dense"] = {"params": sum(p.numel() for p in dense.parameters()), **ppl(dense, tok, "dense")}
         save()
         del dense
@@ -133,7 +134,7 @@ def main() -> None:
         if key not in pruned_rows:
             if not folder.exists():
                 prune_model(a, ratio, folder)
-            model, tok = load_model(str(folder))
+            model, tok = load_model(str(folder), device=dev)
             pruned_rows[key] = {"params": sum(p.numel() for p in model.parameters()), **ppl(model, tok, f"pruned {key}"),
                                 "folder": str(folder)}
             save()
@@ -171,7 +172,7 @@ def main() -> None:
                   f"tok/s training, {row['speed'].get('forward_tok_s', 0):.0f} forward only)", flush=True)
             del model, res
         if a.zeroshot_limit:
-            zeroshot(a, doc, ratio, methods + extra, save)
+            zeroshot(a, doc, ratio, methods + extra, save, dev)
     save()
     print(out.with_suffix(".md").read_text())
 
@@ -193,7 +194,8 @@ def keep_best(doc: dict[str, Any], ratio: float, method: str, work: Path) -> Non
             shutil.rmtree(r["folder"], ignore_errors=True)
 
 
-def zeroshot(a: argparse.Namespace, doc: dict[str, Any], ratio: float, methods: list[str], save: Any) -> None:
+def zeroshot(a: argparse.Namespace, doc: dict[str, Any], ratio: float, methods: list[str], save: Any,
+             dev: str) -> None:
     from slimgpt.evaluation.results import evaluate_model
     from slimgpt.zoo import load_model
 
@@ -208,7 +210,7 @@ def zeroshot(a: argparse.Namespace, doc: dict[str, Any], ratio: float, methods: 
     for label, name in todo:
         if label in doc["zeroshot"] or not Path(name).exists() and label != "dense":
             continue
-        model, tok = load_model(name)
+        model, tok = load_model(name, device=dev)
         entry = evaluate_model(label, name, model, tok, tasks=a.tasks, limit=a.zeroshot_limit)
         doc["zeroshot"][label] = entry
         save()
