@@ -51,28 +51,12 @@ from slimgpt.driver import LayerStore
 from slimgpt.errors import ConfigError, ModelError
 from slimgpt.methods.base import embed_batches
 from slimgpt.plan import LayerPlan
+from slimgpt.preflight import available_memory  # one definition: the pre-flight checks use it too
 from slimgpt.utils import parse_size
 
 log = logging.getLogger(__name__)
 
 GiB = 2**30
-def available_memory() -> int | None:
-    """Memory this process could still use: MemAvailable, capped by a cgroup limit if any."""
-    found = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            found.append(int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
 
 
 def _gib(n: float) -> str:
