@@ -46,6 +46,7 @@ from slimgpt.schedule import LayerSpace, LayerWidth, removed_params, solve_width
 from slimgpt.search.database import ffn_path
 from slimgpt.solvers.heads import HeadScore, prune_heads
 from slimgpt.solvers.hessian import damped_inverse, dead_columns
+from slimgpt.surgery import head_rows
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,8 @@ class _Swap:
         geo, d = self.geo, self.dense
         if v.heads:
             kv = sorted({h // geo.n_rep for h in v.heads})
-            rows = _rows(v.heads, geo.head_dim, d["attn.q"][0].device)
-            kv_rows = _rows(kv, geo.head_dim, d["attn.k"][0].device)
+            rows = head_rows(v.heads, geo.head_dim, d["attn.q"][0].device)
+            kv_rows = head_rows(kv, geo.head_dim, d["attn.k"][0].device)
             for n, r in (("attn.q", rows), ("attn.k", kv_rows), ("attn.v", kv_rows)):
                 w, b = d[n][:2]
                 self._set(n, w[r], None if b is None else b[r])
@@ -174,11 +175,6 @@ class _Swap:
             lin.weight, lin.bias, lin.out_features, lin.in_features = w, b, out_f, in_f
         if self.groups is not None:
             self.layer.self_attn.num_key_value_groups = self.groups
-
-
-def _rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Tensor:
-    idx = torch.tensor(heads, dtype=torch.long, device=device)
-    return (idx[:, None] * head_dim + torch.arange(head_dim, device=device)).reshape(-1)
 
 
 def _forward(adapter: ModelAdapter, layer: nn.Module, v: _Variant, h: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -270,7 +266,7 @@ def _layer_variants(run: LayerRunner, s: LayerSpace, widths: dict[str, LayerWidt
                 W = o.weight.data.float().clone()
                 res = prune_heads(W, Hinv.clone(), geo.num_heads, geo.num_kv_heads, geo.head_dim, g, r,
                                   st.head_score, dead=dead)
-                cols = _rows(res.kept_heads, geo.head_dim, W.device)
+                cols = head_rows(res.kept_heads, geo.head_dim, W.device)
                 attn[(g, r)] = (res.kept_heads, W[:, cols].to(o.weight.dtype).contiguous())
     if need_ffn:
         down = adapter.mlp(layer).down

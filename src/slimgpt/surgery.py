@@ -138,7 +138,7 @@ def _check_groups(layer: int, heads: list[int], g: HeadGeometry) -> None:
 # ---- slicing -----------------------------------------------------------------------------------------
 
 
-def _head_rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Tensor:
+def head_rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Tensor:
     idx = torch.tensor(heads, dtype=torch.long, device=device)
     return (idx[:, None] * head_dim + torch.arange(head_dim, device=device)).reshape(-1)
 
@@ -164,11 +164,11 @@ def _cut_layer(adapter: ModelAdapter, layer: nn.Module, heads: list[int] | None,
         g = adapter.geometry(layer)
         lin = adapter.attention(layer)
         if len(heads) < g.num_heads:
-            q_rows = _head_rows(heads, g.head_dim, lin.q.weight.device)
+            q_rows = head_rows(heads, g.head_dim, lin.q.weight.device)
             _slice_linear(lin.q, rows=q_rows)
             _slice_linear(lin.o, cols=q_rows)
         if len(kv_heads) < g.num_kv_heads:
-            kv_rows = _head_rows(kv_heads, g.head_dim, lin.k.weight.device)
+            kv_rows = head_rows(kv_heads, g.head_dim, lin.k.weight.device)
             _slice_linear(lin.k, rows=kv_rows)
             _slice_linear(lin.v, rows=kv_rows)
     if channels is not None and len(channels) < adapter.intermediate_size(layer):

@@ -28,11 +28,7 @@ from torch import nn
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import NumericalError
 from slimgpt.search.database import LevelDatabase, Variant
-
-
-def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    idx = torch.tensor(heads, dtype=torch.long)
-    return (idx[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+from slimgpt.surgery import head_rows
 
 
 class Stitcher:
@@ -103,7 +99,8 @@ class Stitcher:
             geo = dense["geo"]
             heads = v.kept
             kv = sorted({h // geo.n_rep for h in heads})
-            q_rows, kv_rows = _head_rows(heads, geo.head_dim), _head_rows(kv, geo.head_dim)
+            dev = p["attn.q"][0].device
+            q_rows, kv_rows = head_rows(heads, geo.head_dim, dev), head_rows(kv, geo.head_dim, dev)
             for n, rows in (("attn.q", q_rows), ("attn.k", kv_rows), ("attn.v", kv_rows)):
                 w, b = p[n]
                 self._set(lins[n], w[rows], None if b is None else b[rows])
