@@ -203,6 +203,7 @@ def choose_allocation(
     timer = Timer(device)
     dtype = next(adapter.model.parameters()).dtype
     names = list(family)
+    assert settings.score_windows <= settings.hessian_windows, "scoring windows are a prefix of the Hessian windows"
     hess_calib = calib[: settings.hessian_windows]
     score_calib = calib[: settings.score_windows]
     ctx = adapter.context(calib.shape[1], device, dtype)
@@ -211,7 +212,6 @@ def choose_allocation(
         hidden = embed_batches(adapter, hess_calib, settings.batch_size, offload)
         start = embed_batches(adapter, score_calib, 1, offload)
     states = {n: [x.clone() for x in start] for n in names}  # per candidate, per scoring window
-    dense_state = [x.clone() for x in start]
     bar = tqdm(range(adapter.num_layers), desc="auto schedule: layers", disable=not progress)
     for i in bar:
         layer, s = adapter.layers[i], spaces[i]
@@ -228,12 +228,13 @@ def choose_allocation(
                     states[n] = [_forward(adapter, layer, v, x.to(device), ctx).to(offload) for x in states[n]]
                 finally:
                     swap.restore()
-            dense_state = [_forward(adapter, layer, _Variant(), x.to(device), ctx).to(offload) for x in dense_state]
         hidden = [o.to(offload) for o in run.outputs()]  # dense propagation: every variant sees dense inputs
         del run
         layer.to(home)
+    # the scoring windows are the first Hessian windows: their dense outputs are already in ``hidden``
+    dense_final = list(torch.cat(hidden)[: settings.score_windows].split(1))
     with timer("score"):
-        scores = {n: _kl(adapter, dense_state, states[n], device) for n in names}
+        scores = {n: _kl(adapter, dense_final, states[n], device) for n in names}
     chosen = min(names, key=lambda n: (scores[n], names.index(n)))
     secs = {**timer.seconds, "total": time.perf_counter() - t0}
     log.info("auto schedule: %s → %s (%.1f s)", ", ".join(f"{n} KL {scores[n]:.4f}" for n in names), chosen,
