@@ -43,7 +43,7 @@ def stitched_ppl(run: dict[str, Any], windows: int, db_folder: str | None = None
     from slimgpt.driver import layer_spaces
     from slimgpt.evaluation.perplexity import perplexity
     from slimgpt.methods.searched import stitch
-    from slimgpt.search.database import LevelDatabase, build_database
+    from slimgpt.search.database import LevelDatabase, build_database, dense_mlp_hessian
     from slimgpt.search.levels import make_problem, widths_for
     from slimgpt.surgery import parameter_count, shrink_model
     from slimgpt.zoo import load_model
@@ -61,11 +61,12 @@ def stitched_ppl(run: dict[str, Any], windows: int, db_folder: str | None = None
             db = LevelDatabase(Path(db_folder), json.loads((Path(db_folder) / "index.json").read_text()))
         else:
             db = build_database(ad, calib, spaces, torch.device("cpu"), Path(d) / "db", {},
-                                ffn_step=search["ffn_step"], damp=cfg.damp, head_score=cfg.head_score,
-                                batch_size=cfg.batch_size)
-        p = make_problem(spaces, cfg.ratio * dense, search["ffn_step"], attn_removed=db.attn_removed)
+                                levels=search.get("levels_per_block"), ffn_step=search.get("ffn_step"),
+                                damp=cfg.damp, head_score=cfg.head_score, batch_size=cfg.batch_size)
+        p = make_problem(spaces, cfg.ratio * dense, attn_removed=db.attn_removed, ffn_kept=db.ffn_levels)
         alloc = widths_for(p, spaces, search["levels"], db.attn_shapes, db.ffn_levels)
-        plans = stitch(ad, db, search["levels"], alloc.fixup_layer, alloc.widths, search["ffn_step"], cfg.damp)
+        plans = stitch(ad, db, search["levels"], alloc.fixup_layer, alloc.widths, cfg.damp,
+                       lambda i: dense_mlp_hessian(ad, calib, torch.device("cpu"), i, cfg.batch_size))
         slim = shrink_model(model, plans)
     build_s = time.perf_counter() - t
     ppl = perplexity(slim, tok, "wikitext2", seqlen=128, max_windows=windows)

@@ -156,9 +156,9 @@ def test_planted_free_block_is_found_by_the_search():
                 start[u] += 1
         assert p.feasible(start) and start[5] == 0
         fit = KLFitness(ad, Stitcher(ad, db), calib[:4], DEV)
-        assert fit(start, 4) > 1e-3
-        res = evolve(p, fit, start, EvoSettings(offspring=8, stages=(2, 4), survivors=(3,), generations=40, seed=0),
-                     set_parent=lambda lv: fit.set_parent(lv, 4), progress=False)
+        assert fit(start, 128) > 1e-3  # 4 windows of 32 tokens
+        res = evolve(p, fit, start, EvoSettings(offspring=8, stages=(64, 128), survivors=(3,), generations=40, seed=0),
+                     set_parent=lambda lv: fit.set_parent(lv, 128), progress=False)
         fit.stitcher.restore()
     assert res.levels[5] == p.top(5)  # layer 2's MLP removed
     assert res.levels == [0, 0, 0, 0, 0, p.top(5), 0, 0] and res.fitness < 1e-6
@@ -168,7 +168,7 @@ def _cfg(tmp_path, name: str, calib_file: str, **kw) -> PruneConfig:
     return PruneConfig(**{"model": "tiny", "out": str(tmp_path / name), "schedule": "search", "ratio": 0.3,
                           "calib": calib_file, "nsamples": 8, "seqlen": 32, "batch_size": 4, "search_tokens": "32,64",
                           "search_survivors": "3", "search_offspring": 6, "search_generations": 6,
-                          "search_ffn_step": 16, **kw})
+                          **kw})
 
 
 @pytest.mark.parametrize("final", ["stitch", "rerun"])
@@ -208,18 +208,18 @@ def test_stitched_model_equals_the_forward_with_the_chosen_variants(tiny_llama_g
         stitcher.install(levels)
         ids = calib_ids(2, 32, seed=9)
         with torch.no_grad():
-            ref = torch.cat([ad.logits(fit._run(ad.embed(ids[k : k + 1]), 0)) for k in range(2)])
-        fit.set_parent([0] * 8, 2)  # the parent cache taken from an evaluation equals a fresh pass
-        kl = fit(levels, 2)
-        fit.set_parent(levels, 2)
+            ref = torch.cat([ad.logits(fit._run(ad.embed(ids[k : k + 1]), 0, 32)) for k in range(2)])
+        fit.set_parent([0] * 8, 64)  # the parent cache taken from an evaluation equals a fresh pass
+        kl = fit(levels, 64)
+        fit.set_parent(levels, 64)
         adopted = fit._cache
-        fit.set_parent(levels, 2)
-        assert fit._cache is not adopted and fit(levels, 2) == kl
+        fit.set_parent(levels, 64)
+        assert fit._cache is not adopted and fit(levels, 64) == kl
         assert all(torch.equal(a, b) for w in adopted for a, b in zip(adopted[w], fit._cache[w], strict=True))
         stitcher.restore()
         model = copy.deepcopy(tiny_llama_gqa)
         widths = [LayerWidth(0, 0, db.ffn_levels[i][levels[2 * i + 1]], 0.0) for i in range(4)]
-        plans = stitch(get_adapter(model), db, levels, None, widths, 16, 0.01)
+        plans = stitch(get_adapter(model), db, levels, None, widths, 0.01)
         slim = shrink_model(model, plans)
         with torch.no_grad():
             got = slim(ids).logits

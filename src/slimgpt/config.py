@@ -55,7 +55,8 @@ class PruneConfig:
     search_offspring: int = 16
     search_tokens: str = "512,2048,8192"
     search_survivors: str = "4,1"
-    search_ffn_step: int = 64
+    search_levels: int = 10
+    search_ffn_step: int = 0  # 0: --search-levels; N: the earlier full ladders (every N channels)
     search_final: str = "rerun"
 
     def resolved(self, device: torch.device) -> PruneConfig:

@@ -119,6 +119,8 @@ def start(cfg: PruneConfig, in_memory: bool, progress: bool = True) -> Run:
 def check_distributed(run: Run) -> None:
     """Refuse, on every rank alike, what cannot be split across the torchrun processes."""
     c, n = run.cfg, distributed.world()
+    if why := getattr(run.method, "single_process", None):  # a method that says why it cannot be split
+        raise ConfigError(why)
     if not getattr(run.method, "distributed", False):
         raise ConfigError(f"--method {c.method} does not split its work across torchrun processes; run it in one "
                           "process (without torchrun), or use slimgpt, blockpruner or slimgpt+blockpruner")

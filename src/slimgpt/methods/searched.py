@@ -38,7 +38,7 @@ from slimgpt.methods.base import GlobalMethod, PruneContext
 from slimgpt.methods.slimgpt import SlimGPT
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerWidth, removed_params, solve_widths
-from slimgpt.search.database import LevelDatabase, build_database, ffn_variant_at
+from slimgpt.search.database import LevelDatabase, build_database, dense_mlp_hessian, ffn_variant_at
 from slimgpt.search.evolution import EvoSettings, evolve
 from slimgpt.search.fitness import KLFitness, Stitcher
 from slimgpt.search.levels import Problem, make_problem, nearest_levels, repair, widths_for
@@ -88,6 +88,9 @@ class SearchedSlimGPT(GlobalMethod):
 
     name = "slimgpt"
     resumable = True  # the search journals every generation; the database is reused if finished
+    single_process = ("--schedule search runs in one process: each generation's children come from the last "
+                      "generation's winner, so there is nothing to split; run plain 'slimgpt prune ... --schedule "
+                      "search' without torchrun")
 
     def __init__(self, width: SlimGPT, cfg: Any) -> None:
         self.width, self.cfg = width, cfg
@@ -101,9 +104,10 @@ class SearchedSlimGPT(GlobalMethod):
     def config(self) -> dict:
         return {**self.width.config(), "schedule": "search", "search": self.summary}
 
-    def settings(self, seqlen: int) -> EvoSettings:
+    def settings(self) -> EvoSettings:
+        """Stages in calibration tokens (:meth:`KLFitness.stage` maps them onto windows)."""
         cfg = self.cfg
-        stages = tuple(max(1, math.ceil(t / seqlen)) for t in int_list(cfg.search_tokens, "search-tokens"))
+        stages = int_list(cfg.search_tokens, "search-tokens")
         return EvoSettings(offspring=int(cfg.search_offspring), stages=stages,
                            survivors=int_list(cfg.search_survivors, "search-survivors"),
                            generations=int(cfg.search_generations), seed=int(cfg.seed))
@@ -115,10 +119,11 @@ class SearchedSlimGPT(GlobalMethod):
         target = cfg.ratio * ctx.dense_params
         if target >= sum(s.params for s in spaces):
             raise ConfigError(f"--ratio {cfg.ratio} removes more than all attention and MLP blocks hold; lower it")
-        settings = self.settings(ctx.calib.shape[1])
-        if settings.stages[-1] > ctx.calib.shape[0]:
-            raise ConfigError(f"--search-tokens needs {settings.stages[-1]} calibration windows but --nsamples "
-                              f"gives {ctx.calib.shape[0]}; lower the tokens or raise --nsamples")
+        settings = self.settings()
+        need = math.ceil(settings.stages[-1] / ctx.calib.shape[1])
+        if need > ctx.calib.shape[0]:
+            raise ConfigError(f"--search-tokens needs {need} calibration windows of {ctx.calib.shape[1]} tokens but "
+                              f"--nsamples gives {ctx.calib.shape[0]}; lower the tokens or raise --nsamples")
         journal = None
         key: dict[str, Any] = {}
         state = None
@@ -127,7 +132,7 @@ class SearchedSlimGPT(GlobalMethod):
             for k in ("search_budget", "search_generations"):  # a resume may extend either
                 ctx.journal.key.pop(k, None)
             key = {k: v for k, v in ctx.journal.key.items() if k not in ("ratio", "first_ratio", "schedule")
-                   and not (k.startswith("search_") and k != "search_ffn_step")}
+                   and not (k.startswith("search_") and k not in ("search_ffn_step", "search_levels"))}
             state = ctx.journal.load()
             earlier = float(state.get("elapsed_s", 0.0)) if state else 0.0
             journal = _Journal(ctx.journal, lambda: earlier + time.perf_counter() - t0)
@@ -149,23 +154,30 @@ class SearchedSlimGPT(GlobalMethod):
               journal: _Journal | None, state: dict[str, Any] | None, deadline: float, t0: float,
               earlier: float) -> dict[int, LayerPlan]:
         cfg, adapter, spaces = ctx.cfg, ctx.adapter, ctx.spaces
-        ffn_step = int(cfg.search_ffn_step)
+        ffn_step = int(cfg.search_ffn_step) or None
+        levels = None if ffn_step else int(cfg.search_levels)
         times: dict[str, float] = {}
         t = time.perf_counter()
-        db = build_database(adapter, ctx.calib, spaces, ctx.device, folder, {**key, "ffn_step": ffn_step},
-                            ffn_step=ffn_step, damp=cfg.damp, head_score=self.width.head_score,
+        dtype = str(next(adapter.model.parameters()).dtype)
+        db = build_database(adapter, ctx.calib, spaces, ctx.device, folder,
+                            {**key, "ffn_step": ffn_step, "levels": levels, "dtype": dtype},
+                            levels=levels, ffn_step=ffn_step, damp=cfg.damp, head_score=self.width.head_score,
                             batch_size=cfg.batch_size, timer=ctx.timer, progress=ctx.progress)
         times["database"] = time.perf_counter() - t
-        problem = make_problem(spaces, target, ffn_step, attn_removed=db.attn_removed)
+        db_bytes = db.bytes_on_disk()
+        problem = make_problem(spaces, target, attn_removed=db.attn_removed, ffn_kept=db.ffn_levels)
         model = adapter.model
         home = next(model.parameters()).device
         model.to(ctx.device)
         stitcher = Stitcher(adapter, db)
+        last = settings.stages[-1]
         try:
             t = time.perf_counter()
-            fitness = KLFitness(adapter, stitcher, ctx.calib[: settings.stages[-1]], ctx.device)
+            # windows batched on a GPU; one at a time on a CPU (no faster batched, and bit-for-bit resumable)
+            batch = cfg.batch_size if ctx.device.type == "cuda" else 1
+            fitness = KLFitness(adapter, stitcher, ctx.calib[: math.ceil(last / ctx.calib.shape[1])], ctx.device,
+                                batch=batch)
             times["dense_logits"] = time.perf_counter() - t
-            last = settings.stages[-1]
 
             def set_parent(levels: list[int]) -> None:
                 fitness.set_parent(levels, last)
@@ -208,6 +220,7 @@ class SearchedSlimGPT(GlobalMethod):
                          start_fitness=starts[starts["chosen"]]["kl"] if "chosen" in starts else None)
             times["search"] = res.search_s
             stats = {"evaluations": fitness.evaluations, "window_evaluations": fitness.window_evaluations,
+                     "memo_hits": fitness.memo_hits,
                      "block_passes": fitness.block_passes, "search_block_passes": fitness.block_passes - passes0}
         finally:
             stitcher.restore()
@@ -219,15 +232,19 @@ class SearchedSlimGPT(GlobalMethod):
                 raise ConfigError("--search-final rerun needs the pipeline's layer-wise driver")
             plans = ctx.run_layers(self.width, alloc.widths, spaces)
         else:
-            plans = stitch(adapter, db, res.levels, alloc.fixup_layer, alloc.widths, ffn_step, cfg.damp)
+            plans = stitch(adapter, db, res.levels, alloc.fixup_layer, alloc.widths, cfg.damp,
+                           lambda i: dense_mlp_hessian(adapter, ctx.calib, ctx.device, i, cfg.batch_size))
         times["final"] = time.perf_counter() - t
         for i, p in plans.items():
             p.stats.update(attn_level=res.levels[2 * i], mlp_level=res.levels[2 * i + 1],
                            search_removed=round(alloc.widths[i].ratio, 4))
         removed = removed_params(spaces, alloc.widths)
         self.summary = {
-            "final": cfg.search_final, "ffn_step": ffn_step, "offspring": settings.offspring,
-            "stage_windows": list(settings.stages), "survivors": list(settings.survivors),
+            "final": cfg.search_final, "levels_per_block": levels, "ffn_step": ffn_step, "seed": settings.seed,
+            "database": {"bytes": db_bytes, "dtype": db.index.get("dtype"), "ffn_group": sorted(set(db.ffn_group))},
+            "offspring": settings.offspring, "stage_tokens": list(settings.stages),
+            "stage_windows": [list(fitness.stage(t)) for t in settings.stages],  # (windows, tokens each)
+            "survivors": list(settings.survivors),
             "budget_s": parse_seconds(cfg.search_budget), "generations": res.generations,
             "stopped_by": res.stopped_by, "improvements": res.improvements,
             "starts": {k: (v if k == "chosen" else {"kl": v["kl"]}) for k, v in starts.items()},
@@ -250,9 +267,13 @@ class SearchedSlimGPT(GlobalMethod):
 
 @torch.no_grad()
 def stitch(adapter: Any, db: LevelDatabase, levels: list[int], fixup_layer: int | None,
-           widths: list[LayerWidth], ffn_step: int, damp: float) -> dict[int, LayerPlan]:
+           widths: list[LayerWidth], damp: float, hessian: Callable[[int], torch.Tensor] | None = None,
+           ) -> dict[int, LayerPlan]:
     """Write the chosen variants into the (dense) model, zero-padded to full size, and return the
-    plans that cut it: the unshrunk model then already computes what the shrunk one will."""
+    plans that cut it: the unshrunk model then already computes what the shrunk one will.
+    ``hessian(i)`` gives the fix-up layer's dense ``down_proj`` Hessian (called before any layer
+    is written: it runs the dense model up to that layer)."""
+    H_fix = hessian(fixup_layer).float() if fixup_layer is not None and hessian is not None else None
     plans: dict[int, LayerPlan] = {}
     for i, layer in enumerate(adapter.layers):
         plan = LayerPlan()
@@ -279,8 +300,12 @@ def stitch(adapter: Any, db: LevelDatabase, levels: list[int], fixup_layer: int 
             if down.bias is not None:
                 down.bias.zero_()
         elif channels < db.ffn_levels[i][0]:
-            v = ffn_variant_at(down.weight.data, db.hessian(i).float(), channels, ffn_step, damp) \
-                if i == fixup_layer else db.variant("ffn", i, lf)
+            if i == fixup_layer:
+                if H_fix is None:
+                    raise ValueError("stitching a fixed-up FFN needs its Hessian")
+                v = ffn_variant_at(down.weight.data, H_fix, channels, db.ffn_group[i], damp)
+            else:
+                v = db.variant("ffn", i, lf)
             assert v is not None
             down.weight.zero_()
             down.weight[:, torch.tensor(v.kept)] = v.weight.to(down.weight.dtype)

@@ -9,15 +9,20 @@ sequential SlimGPT (propagated inputs) at the found widths is ``--search-final``
 **Attention** levels are pruned independently with :func:`~slimgpt.solvers.heads.prune_heads`
 (batched greedy, GQA-aware, ``--head-score``); where two shapes remove the same parameters the one
 with the lower OBS error is kept. **FFN** levels come from one greedy OBS path per layer removing
-``s`` channels per step with compensation (``prune_channels`` with a fixed group of ``s``, the
-'-DGS' variant, which is *nested*: the path's state after ``k`` steps equals a fresh prune of ``k·s``
-channels, so one pass yields the whole ladder; with ``s = 64`` its groups are finer than DGS's
-first groups). The top level of either kind removes the block and stores nothing.
+``g`` channels per step with compensation (``prune_channels`` with a fixed group of ``g``, the
+'-DGS' variant, which is *nested*: the path's state after ``k`` steps equals a fresh prune of ``k·g``
+channels, so one pass yields every level; ``g`` = 64 on every model with ``F >= 1,280``). The top
+level of either kind removes the block and stores nothing.
 
-**Storage.** A variant is its kept indices and the compensated ``o_proj`` / ``down_proj`` columns
-of what it keeps, one ``torch.save`` file per variant in a folder, read back memory-mapped
-(SmolLM2 at ``s = 64``: 1.5 GB). The folder has an ``index.json`` with a fingerprint, so a resumed
-run reuses a finished database.
+**Storage.** A variant is its kept indices (int32) and the compensated ``o_proj`` / ``down_proj``
+columns of what it keeps *in the model's dtype* (the stitcher casts to it anyway, so nothing is
+lost), one ``torch.save`` file per variant in a folder, read back memory-mapped. Levels are
+``--search-levels`` points per sub-layer (:func:`~slimgpt.search.levels.ladders`), so the folder
+holds about ``(levels - 1)/2`` copies of every layer's ``o_proj`` and ``down_proj``:
+:func:`slimgpt.search.size.estimate_database_bytes` gives it without building it. No Hessian is
+kept: each layer's are freed once its variants are written; the one a stitched fix-up needs is
+recomputed by :func:`dense_mlp_hessian`. The folder has an ``index.json`` with a fingerprint, so
+a resumed run reuses a finished database.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +42,7 @@ from tqdm.auto import tqdm
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.methods.base import LayerRunner, Timer, embed_batches
 from slimgpt.schedule import LayerSpace
-from slimgpt.search.levels import attention_shapes, ffn_channels
+from slimgpt.search.levels import ffn_channels, ladders
 from slimgpt.solvers.heads import HeadScore, prune_heads
 from slimgpt.solvers.hessian import damped_inverse
 from slimgpt.solvers.obs import column_errors, remove_columns
@@ -52,9 +59,11 @@ class Variant:
     error: float
 
 
-def ffn_path(W: torch.Tensor, Hinv: torch.Tensor, counts: list[int]) -> list[tuple[list[int], torch.Tensor, float]]:
+def ffn_path(W: torch.Tensor, Hinv: torch.Tensor, counts: list[int], keep: set[int] | None = None,
+             ) -> list[tuple[list[int], torch.Tensor, float]]:
     """Greedy OBS removal of ``down_proj`` columns (``W`` and ``Hinv`` edited in place), one
-    joint group per step down ``counts`` (kept channels, descending); the state at each count."""
+    joint group per step down ``counts`` (kept channels, descending); the state at each count
+    after the first (only at the counts in ``keep`` when given: the grid is finer than the levels)."""
     alive = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
     out: list[tuple[list[int], torch.Tensor, float]] = []
     err = 0.0
@@ -67,8 +76,9 @@ def ffn_path(W: torch.Tensor, Hinv: torch.Tensor, counts: list[int]) -> list[tup
         idx = torch.topk(scores, g, largest=False).indices
         err += remove_columns(W, Hinv, idx)
         alive[idx] = False
-        kept = torch.nonzero(alive).flatten()
-        out.append((kept.tolist(), W[:, kept].clone(), err))
+        if keep is None or c in keep:
+            kept = torch.nonzero(alive).flatten()
+            out.append((kept.tolist(), W[:, kept].clone(), err))
     return out
 
 
@@ -80,7 +90,7 @@ def ffn_variant_at(W: torch.Tensor, H: torch.Tensor, channels: int, step: int, d
     if channels == C:
         return Variant(list(range(C)), W.clone(), 0.0)
     Hinv, _ = damped_inverse(H, damp)
-    kept, w, err = ffn_path(W.float().clone(), Hinv, counts)[-1]
+    kept, w, err = ffn_path(W.float().clone(), Hinv, counts, keep={channels})[-1]
     return Variant(kept, w, err)
 
 
@@ -89,13 +99,15 @@ def ffn_channels_from(C: int, step: int) -> list[int]:
 
 
 class LevelDatabase:
-    """Variants on disk; ``attn_shapes[i]`` / ``ffn_levels[i]`` name each level of layer ``i``."""
+    """Variants on disk; ``attn_shapes[i]`` / ``ffn_levels[i]`` name each level of layer ``i``,
+    ``ffn_group[i]`` is the step of its FFN path (what :func:`ffn_variant_at` continues)."""
 
     def __init__(self, folder: Path, index: dict[str, Any]) -> None:
         self.folder, self.index = folder, index
         self.attn_shapes: list[list[tuple[int, int]]] = [[tuple(x) for x in a] for a in index["attn_shapes"]]
         self.attn_removed: list[list[int]] = index["attn_removed"]
         self.ffn_levels: list[list[int]] = index["ffn_levels"]
+        self.ffn_group: list[int] = index.get("ffn_group") or [index["ffn_step"]] * len(self.ffn_levels)
         self.errors: dict[str, list[list[float]]] = index["errors"]  # "attn"/"ffn" → [layer][level]
         self.input_norms: list[list[float]] = index["input_norms"]  # [layer] → [attn in, mlp in] mean ||x||²
         self.seconds: dict[str, float] = index.get("seconds", {})
@@ -113,8 +125,9 @@ class LevelDatabase:
             self._cache[k] = None if d is None else Variant(d["kept"].tolist(), d["weight"], float(d["error"]))
         return self._cache[k]
 
-    def hessian(self, layer: int) -> torch.Tensor:
-        return torch.load(self.folder / f"ffn_hessian_{layer:03d}.pt", mmap=True, weights_only=True)
+    def bytes_on_disk(self) -> int:
+        """Bytes of the variant files (``index.json`` aside)."""
+        return sum(p.stat().st_size for p in self.folder.glob("*.pt"))
 
     @staticmethod
     def open(folder: Path, key: dict[str, Any]) -> LevelDatabase | None:
@@ -134,6 +147,46 @@ def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
     return float(((Wf @ H.float()) * Wf).sum())
 
 
+def _dense_layers(adapter: ModelAdapter, calib: torch.Tensor, device: torch.device, batch_size: int,
+                  timer: Timer, progress: bool = False, desc: str = "") -> Iterator[tuple[int, LayerRunner]]:
+    """Every layer with its dense inputs, in order (the dense propagation; a consumer that stops
+    early leaves the model where it was)."""
+    dtype = next(adapter.model.parameters()).dtype
+    ctx = adapter.context(calib.shape[1], device, dtype)
+    with timer("forward"):
+        hidden = embed_batches(adapter, calib, batch_size, torch.device("cpu"))
+    for i in tqdm(range(adapter.num_layers), desc=desc, disable=not progress):
+        layer = adapter.layers[i]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        try:
+            run = LayerRunner(i, layer, adapter, hidden, ctx, device, timer)
+            yield i, run
+            hidden = [o_.to("cpu") for o_ in run.outputs()]  # dense propagation: the next layer's inputs
+            del run
+        finally:
+            layer.to(home)
+
+
+@torch.no_grad()
+def dense_mlp_hessian(adapter: ModelAdapter, calib: torch.Tensor, device: torch.device, layer: int,
+                      batch_size: int = 8, timer: Timer | None = None) -> torch.Tensor:
+    """``down_proj``'s input Hessian of ``layer`` from the dense model's inputs, as the database
+    build computed it (the same batches, so the same values): the stitched fix-up's one Hessian,
+    recomputed instead of keeping every layer's ``F x F`` matrix on disk."""
+    with closing(_dense_layers(adapter, calib, device, batch_size, timer or Timer(device))) as layers:
+        for i, run in layers:
+            if i == layer:
+                run.attention_outputs()
+                return run.mlp_hessian()
+    raise IndexError(f"no layer {layer}")
+
+
+def _save(path: Path, kept: list[int], weight: torch.Tensor, error: float, dtype: torch.dtype) -> None:
+    torch.save({"kept": torch.tensor(kept, dtype=torch.int32), "weight": weight.to(dtype).contiguous().cpu(),
+                "error": torch.tensor(error, dtype=torch.float32)}, path)
+
+
 @torch.no_grad()
 def build_database(
     adapter: ModelAdapter,
@@ -143,14 +196,16 @@ def build_database(
     folder: Path,
     key: dict[str, Any],
     *,
-    ffn_step: int,
+    levels: int | None = None,
+    ffn_step: int | None = None,
     damp: float = 0.01,
     head_score: HeadScore = "gcd",
     batch_size: int = 8,
     timer: Timer | None = None,
     progress: bool = True,
 ) -> LevelDatabase:
-    """Build (or reuse, when ``folder`` holds a finished one with the same ``key``) the database."""
+    """Build (or reuse, when ``folder`` holds a finished one with the same ``key``) the database:
+    ``levels`` points per sub-layer, or every GQA shape and every ``ffn_step`` channels."""
     db = LevelDatabase.open(folder, key)
     if db is not None:
         log.info("reusing the level database in %s", folder)
@@ -161,17 +216,14 @@ def build_database(
     folder.mkdir(parents=True)
     torch.set_flush_denormal(True)
     dtype = next(adapter.model.parameters()).dtype
-    ctx = adapter.context(calib.shape[1], device, dtype)
-    with timer("forward"):
-        hidden = embed_batches(adapter, calib, batch_size, torch.device("cpu"))
-    index: dict[str, Any] = {"key": json.loads(json.dumps(key, default=str)), "ffn_step": ffn_step,
+    index: dict[str, Any] = {"key": json.loads(json.dumps(key, default=str)), "levels": levels, "ffn_step": ffn_step,
+                             "dtype": str(dtype).removeprefix("torch."), "ffn_group": [],
                              "attn_shapes": [], "attn_removed": [], "ffn_levels": [],
                              "errors": {"attn": [], "ffn": []}, "input_norms": []}
-    for i in tqdm(range(adapter.num_layers), desc="search: level database", disable=not progress):
+    for i, run in _dense_layers(adapter, calib, device, batch_size, timer, progress, "search: level database"):
         layer, s = adapter.layers[i], spaces[i]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        run = LayerRunner(i, layer, adapter, hidden, ctx, device, timer)
+        attn_levels, counts, group = ladders(s, levels, ffn_step)
+        hidden = run.inputs
         geo = adapter.geometry(layer)
         norms = [float(sum(x.float().pow(2).sum() for x in hidden) / sum(x.shape[0] * x.shape[1] for x in hidden))]
         # attention ladder
@@ -180,7 +232,7 @@ def build_database(
         shapes, removed, errors = [], [], []
         with timer("solver"):
             Hinv0, _ = damped_inverse(Ho, damp, where=f"layer {i} o_proj")
-            for level, (rem, options) in enumerate(attention_shapes(s)):
+            for level, (rem, options) in enumerate(attn_levels):
                 removed.append(rem)
                 if level == 0 or options[0][0] == s.num_kv_heads:  # dense, or the block removed
                     shapes.append(options[0])
@@ -197,8 +249,8 @@ def build_database(
                 e, shape, kept, w = best
                 shapes.append(shape)
                 errors.append(e)
-                torch.save({"kept": torch.tensor(kept), "weight": w.contiguous(), "error": torch.tensor(e)},
-                           folder / f"attn_{i:03d}_{level:03d}.pt")
+                _save(folder / f"attn_{i:03d}_{level:03d}.pt", kept, w, e, dtype)
+            del Ho, Hinv0  # nothing reads them again
         index["attn_shapes"].append(shapes)
         index["attn_removed"].append(removed)
         index["errors"]["attn"].append(errors)
@@ -206,24 +258,26 @@ def build_database(
         mids = run.attention_outputs()
         norms.append(float(sum(x.float().pow(2).sum() for x in mids) / sum(x.shape[0] * x.shape[1] for x in mids)))
         Hd = run.mlp_hessian()
-        counts = ffn_channels(s, ffn_step)
         with timer("solver"):
             down = adapter.mlp(layer).down
-            Hinv, _ = damped_inverse(Hd, damp, where=f"layer {i} down_proj")
-            path = ffn_path(down.weight.data.float().clone(), Hinv, counts)
+            stored = counts[1:-1]  # dense and removed store nothing
             ffn_err = [0.0]
-            for level, (kept, w, e) in enumerate(path[:-1], start=1):  # the last one removes the block
-                torch.save({"kept": torch.tensor(kept), "weight": w.contiguous(), "error": torch.tensor(e)},
-                           folder / f"ffn_{i:03d}_{level:03d}.pt")
-                ffn_err.append(e)
+            if stored:
+                grid = ffn_channels(s, group)
+                grid = grid[: grid.index(stored[-1]) + 1]  # the path stops at the narrowest stored level
+                Hinv, _ = damped_inverse(Hd, damp, where=f"layer {i} down_proj")
+                path = ffn_path(down.weight.data.float().clone(), Hinv, grid, keep=set(stored))
+                del Hinv
+                for level, (kept, w, e) in enumerate(path, start=1):
+                    _save(folder / f"ffn_{i:03d}_{level:03d}.pt", kept, w, e, dtype)
+                    ffn_err.append(e)
+                del path
             ffn_err.append(_energy(down.weight.data, Hd))
-            torch.save(Hd.cpu(), folder / f"ffn_hessian_{i:03d}.pt")
+            del Hd  # freed, not kept: a stitched fix-up recomputes its one (dense_mlp_hessian)
         index["ffn_levels"].append(counts)
+        index["ffn_group"].append(group)
         index["errors"]["ffn"].append(ffn_err)
         index["input_norms"].append(norms)
-        hidden = [o_.to("cpu") for o_ in run.outputs()]  # dense propagation: the next layer's inputs
-        del run
-        layer.to(home)
     index["complete"] = True
     index["seconds"] = dict(timer.seconds)
     (folder / "index.json").write_text(json.dumps(index))

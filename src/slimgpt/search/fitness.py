@@ -8,8 +8,9 @@ dense tensors are kept and put back by :meth:`Stitcher.restore`. Installing only
 whose level changed, and never copies the model.
 
 **Fitness.** :class:`KLFitness` scores a candidate by the mean per-token
-``KL(p_dense || p_candidate)`` of the next-token distributions on the first ``n`` calibration
-windows (EvoPress: more stable than perplexity; never evaluation text). The dense log-probabilities
+``KL(p_dense || p_candidate)`` of the next-token distributions on a selection stage's calibration
+tokens: whole first windows, or a prefix of window 0 when the stage is shorter than a window
+(EvoPress: more stable than perplexity; never evaluation text); per-window values are memoised. The dense log-probabilities
 are computed once and kept in float16 (the dense entropy term is the same for every candidate, so
 their rounding cannot reorder candidates by more than it perturbs the cross-entropy weights).
 Candidates differ from their parent in a few units: the parent's hidden states at every block
@@ -19,6 +20,7 @@ boundary are cached (``set_parent``), and a candidate runs only from its first c
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -122,30 +124,69 @@ class Stitcher:
             self.set(u, 0)
 
 
-class KLFitness:
-    """Mean per-token KL(dense || candidate) on the first ``n`` of ``windows`` (module docstring)."""
+def token_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Per-token ``KL(p || q) = sum_v p (log p - log q)`` from log-probabilities (last dim the
+    vocabulary): the dense model is ``p``, the candidate ``q`` (EvoPress's direction)."""
+    return (logp.exp() * (logp - logq)).sum(-1)
 
-    def __init__(self, adapter: ModelAdapter, stitcher: Stitcher, windows: torch.Tensor, device: torch.device) -> None:
+
+class KLFitness:
+    """Mean per-token KL(dense || candidate) on a stage's calibration tokens (module docstring).
+
+    ``fitness(levels, tokens)``: ``tokens >= seqlen`` scores the first ``ceil(tokens / seqlen)``
+    whole windows; fewer scores the first ``tokens`` tokens of window 0 only (attention is causal,
+    so that prefix's KL needs only those tokens forwarded), so a stage means the same at any
+    ``--seqlen``. Each window's KL is memoised per ``(candidate, window, prefix)``: a survivor's
+    earlier windows are not run again in a later stage (the memo is emptied when the parent
+    changes, so what it returns was computed from the same parent cache). Windows run ``batch``
+    at a time (``1`` keeps every value independent of which windows share a forward, so a resumed
+    search repeats the uninterrupted one bit for bit)."""
+
+    def __init__(self, adapter: ModelAdapter, stitcher: Stitcher, windows: torch.Tensor, device: torch.device,
+                 batch: int = 1, memo: int = 65536) -> None:
         self.adapter, self.stitcher, self.device = adapter, stitcher, device
         self.windows = windows
+        self.seqlen = windows.shape[1]
+        self.batch = max(1, int(batch))
+        self.memo_size = memo
         self.dtype = next(adapter.model.parameters()).dtype
-        self.ctx = adapter.context(windows.shape[1], device, self.dtype)
+        self._ctx: dict[int, Any] = {}
         self.units = 2 * adapter.num_layers
-        self.block_passes = 0
+        self.block_passes = 0  # block forwards, one per block per window-batch
         self.evaluations = 0
-        self.window_evaluations = 0
+        self.window_evaluations = 0  # windows forwarded (memo hits not counted)
+        self.memo_hits = 0
         stitcher.restore()
+        self.dense_logp: list[torch.Tensor] = []
         with torch.no_grad():
-            self.dense_logp = [self._logp(self._run(self._embed(w), 0)).half() for w in windows.split(1)]
+            for ids in windows.split(self.batch):
+                self.dense_logp += list(self._logp(self._run(self._embed(ids), 0, self.seqlen)).half())
         self._parent: list[int] | None = None
         self._cache: dict[int, list[torch.Tensor]] = {}
         self._recorded: tuple[tuple[int, ...], dict[int, list[torch.Tensor]]] | None = None
+        self._memo: OrderedDict[tuple[tuple[int, ...], int, int], float] = OrderedDict()
         self.record_windows = windows.shape[0]  # evaluations on this many windows keep their states
+
+    def stage(self, tokens: int) -> tuple[int, int]:
+        """``(windows, tokens per window)`` a stage of ``tokens`` scores."""
+        tokens = int(tokens)
+        if tokens <= 0:
+            raise ValueError("a stage needs at least one token")
+        n, length = (math.ceil(tokens / self.seqlen), self.seqlen) if tokens >= self.seqlen else (1, tokens)
+        if n > self.windows.shape[0]:
+            raise ValueError(f"{tokens} tokens need {n} windows; the fitness holds {self.windows.shape[0]}")
+        return n, length
+
+    def _context(self, length: int) -> Any:
+        if length not in self._ctx:
+            self._ctx[length] = self.adapter.context(length, self.device, self.dtype)
+        return self._ctx[length]
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.adapter.embed(ids.to(self.device))
 
-    def _run(self, h: torch.Tensor, start: int, record: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def _run(self, h: torch.Tensor, start: int, length: int, record: list[torch.Tensor] | None = None) -> torch.Tensor:
+        ctx = self._context(length)
         for b in range(start, self.units):
             if record is not None:
                 record.append(h)
@@ -153,67 +194,83 @@ class KLFitness:
                 continue
             layer = self.adapter.layers[b // 2]
             self.block_passes += 1
-            h = self.adapter.attention_block(layer, h, self.ctx) if b % 2 == 0 else self.adapter.mlp_block(layer, h)
+            h = self.adapter.attention_block(layer, h, ctx) if b % 2 == 0 else self.adapter.mlp_block(layer, h)
         return h
 
     def _logp(self, h: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.adapter.logits(h[0]).float(), dim=-1)
+        return F.log_softmax(self.adapter.logits(h).float(), dim=-1)
 
-    def _kl(self, h: torch.Tensor, w: int) -> float:
+    def _kl(self, h: torch.Tensor, ws: list[int], length: int) -> list[float]:
+        """Each window's mean KL over its first ``length`` tokens (``h``: the batch's final states)."""
         logq = self._logp(h)
-        logp = self.dense_logp[w].float()
-        kl = (logp.exp() * (logp - logq)).sum(-1).mean()
-        value = float(kl)
-        if not math.isfinite(value):
+        logp = torch.stack([self.dense_logp[w][:length] for w in ws]).float()
+        values = token_kl(logp, logq).mean(-1).tolist()
+        if not all(math.isfinite(v) for v in values):
             raise NumericalError("NaN/inf logits while scoring a searched allocation; use --dtype float32")
-        return value
+        return values
+
+    def _chunks(self, ws: list[int]) -> list[list[int]]:
+        return [ws[k : k + self.batch] for k in range(0, len(ws), self.batch)]
 
     @torch.no_grad()
-    def set_parent(self, levels: list[int], n: int) -> None:
-        """Cache the hidden state entering every block of ``levels`` on the first ``n`` windows
-        (taken from the last ``n``-window evaluation when it was of ``levels``: no extra pass)."""
-        if self._recorded is not None and self._recorded[0] == tuple(levels) and len(self._recorded[1]) >= n:
-            self._parent, self._cache = list(levels), self._recorded[1]
-            self._recorded = None
-            return
+    def set_parent(self, levels: list[int], tokens: int) -> None:
+        """Cache the hidden state entering every block of ``levels`` on the windows of ``tokens``
+        (whole windows; taken from the last evaluation of ``levels`` that recorded them, the
+        windows it did not run, e.g. memo hits, run now)."""
+        n, _ = self.stage(tokens)
+        adopted: dict[int, list[torch.Tensor]] = {}
+        if self._recorded is not None and self._recorded[0] == tuple(levels):
+            adopted = self._recorded[1]
+        self._recorded = None
         self.stitcher.install(levels)
+        if self._parent != list(levels):
+            self._memo.clear()
         self._parent = list(levels)
-        self._cache = {}
-        for w in range(n):
+        self._cache = {w: adopted[w] for w in range(n) if w in adopted}
+        for chunk in self._chunks([w for w in range(n) if w not in self._cache]):
             rec: list[torch.Tensor] = []
-            self._run(self._embed(self.windows[w : w + 1]), 0, rec)
-            self._cache[w] = rec
+            self._run(self._embed(self.windows[chunk]), 0, self.seqlen, rec)
+            for k, w in enumerate(chunk):
+                self._cache[w] = [x[k : k + 1] for x in rec]
 
     @torch.no_grad()
-    def __call__(self, levels: list[int], n: int) -> float:
-        """Mean KL over the first ``n`` windows (each window weighs the same)."""
-        self.stitcher.install(levels)
-        start = 0
-        if self._parent is not None:
-            diff = [u for u in range(self.units) if levels[u] != self._parent[u]]
-            start = diff[0] if diff else self.units
-        total = 0.0
-        record = n >= self.record_windows
-        recorded: dict[int, list[torch.Tensor]] = {}
+    def __call__(self, levels: list[int], tokens: int) -> float:
+        """Mean KL over the stage's windows (each window weighs the same; see :meth:`stage`)."""
+        n, length = self.stage(tokens)
+        key = tuple(levels)
+        values: dict[int, float] = {}
         for w in range(n):
-            if w in self._cache and start < self.units:
-                rec = self._cache[w][:start] if record else None
-                h = self._run(self._cache[w][start], start, rec)
-            elif w in self._cache:
-                rec = self._cache[w] if record else None
-                h = self._final(w)
-            else:
-                rec = [] if record else None
-                h = self._run(self._embed(self.windows[w : w + 1]), 0, rec)
+            v = self._memo.get((key, w, length))
+            if v is not None:
+                values[w] = v
+                self._memo.move_to_end((key, w, length))
+        self.memo_hits += len(values)
+        todo = [w for w in range(n) if w not in values]
+        record = length == self.seqlen and n >= self.record_windows
+        recorded: dict[int, list[torch.Tensor]] = {}
+        if todo:
+            self.stitcher.install(levels)
+            start = 0
+            if self._parent is not None:
+                diff = [u for u in range(self.units) if levels[u] != self._parent[u]]
+                start = diff[0] if diff else self.units - 1  # the parent itself: its last block from the cache
+        for chunk in self._chunks(todo):
+            cached = all(w in self._cache for w in chunk)
+            s0 = start if cached else 0
+            h = torch.cat([self._cache[w][s0][:, :length] for w in chunk]) if cached and s0 > 0 \
+                else self._embed(self.windows[chunk, :length])
+            rec: list[torch.Tensor] | None = [] if record else None
+            h = self._run(h, s0, length, rec)
+            for w, v in zip(chunk, self._kl(h, chunk, length)):
+                values[w] = v
+                self._memo[(key, w, length)] = v
             if rec is not None:
-                recorded[w] = rec
-            total += self._kl(h, w)
+                for k, w in enumerate(chunk):
+                    recorded[w] = (self._cache[w][:s0] if s0 else []) + [x[k : k + 1] for x in rec]
+        while len(self._memo) > self.memo_size:
+            self._memo.popitem(last=False)
         if record:
-            self._recorded = (tuple(levels), recorded)  # becomes the cache if this is the next parent
+            self._recorded = (key, recorded)  # becomes the cache if this is the next parent
         self.evaluations += 1
-        self.window_evaluations += n
-        return total / n
-
-    def _final(self, w: int) -> torch.Tensor:
-        """The parent's output on window ``w``: run its last block from the cache."""
-        return self._run(self._cache[w][self.units - 1], self.units - 1)
+        self.window_evaluations += len(todo)
+        return sum(values[w] for w in range(n)) / n

@@ -7,13 +7,21 @@ block removed, and the parameters removed strictly increasing along it:
 * attention: the GQA-valid shapes (``remove_groups`` whole key/value groups, then
   ``remove_per_group`` query heads from each remaining group); shapes that remove the same number
   of parameters share one level (the database keeps the one with the lower OBS error);
-* FFN: ``C, C-s, C-2s, ..., 0`` channels (``s`` = ``--search-ffn-step``).
+* FFN: kept channel counts on a grid ``C, C-g, C-2g, ..., 0`` (``g`` = the OBS group of the
+  database's greedy path).
+
+**How many levels.** ``--search-levels N`` (default :data:`DEFAULT_LEVELS`) keeps ``N + 1`` points
+per sub-layer, evenly spaced in kept parameters (100 %, 90 %, ..., 0 % at ``N = 10``: 9 stored
+variants, Týr-the-Pruner's count), each the nearest GQA shape or grid width: the database then
+grows as ``N`` times a layer's output projections instead of as ``F²/g``
+(:func:`attention_levels`, :func:`ffn_ladder`). An explicit ``--search-ffn-step s`` restores the
+earlier full ladders (every GQA shape, every ``s`` channels).
 
 **The budget.** Head steps are coarse (SmolLM2: one query or key/value head = 73,728 parameters
 = 42.7 FFN channels), so no ladder can make every step equal. The search therefore keeps every
-candidate on the *lattice* ``|removed - budget| <= F/2`` (``F`` = one FFN step in parameters) and
-:func:`widths_for` lands each lattice point on the budget with a fix-up of fewer than ``s/2`` FFN
-channels in one layer: every candidate's widths remove the budget to within half a channel (the
+candidate on the *lattice* ``|removed - budget| <= F/2`` (``F`` = the largest FFN level step in
+parameters) and :func:`widths_for` lands each lattice point on the budget with a fix-up of at most
+half that step in one layer (warned in one line when no FFN can take it): every candidate's widths remove the budget to within half a channel (the
 same guarantee as the log schedule's solve; exactly the budget when it is a whole number of
 channels away). A mutation (:func:`mutate`) is an EvoPress level switch generalised to unequal
 steps: one unit goes up a level, then other units go down a level until the total is back under
@@ -23,10 +31,16 @@ equal FFN steps on both sides it is exactly EvoPress's switch (one up, one down,
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
 from slimgpt.schedule import LayerSpace, LayerWidth
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEVELS = 10  # points 100 %, 90 %, ..., 0 % kept: 9 stored variants per sub-layer
+GRID_GROUPS = (64, 32, 16, 8, 4, 2, 1)
 
 
 def attention_shapes(s: LayerSpace) -> list[tuple[int, list[tuple[int, int]]]]:
@@ -46,9 +60,53 @@ def attention_shapes(s: LayerSpace) -> list[tuple[int, list[tuple[int, int]]]]:
 
 
 def ffn_channels(s: LayerSpace, step: int) -> list[int]:
-    """Kept channel counts of the FFN ladder: ``C, C-step, ..., 0``."""
+    """Kept channel counts of the FFN grid: ``C, C-step, ..., 0``."""
     levels = list(range(s.channels, 0, -step))
     return [*levels, 0]
+
+
+def _spaced(values: list[int], total: int, levels: int) -> list[int]:
+    """Indices into ascending ``values`` (0 … ``total``) nearest ``k·total/levels``, deduplicated;
+    the first and the last always included."""
+    picked = {0, len(values) - 1}
+    for k in range(1, levels):
+        want = k * total / levels
+        picked.add(min(range(len(values)), key=lambda j: (abs(values[j] - want), j)))
+    return sorted(picked)
+
+
+def ffn_group(channels: int, levels: int) -> int:
+    """The OBS group (grid step) of the FFN path for ``levels`` levels: the largest of 64, 32, …, 1
+    at most half a level's width, so every level lands within a quarter level of its target."""
+    return next(g for g in GRID_GROUPS if g <= max(1.0, channels / (2 * levels)))
+
+
+def ffn_ladder(s: LayerSpace, levels: int, group: int) -> list[int]:
+    """Kept channels of the FFN levels (descending, ``C`` … 0): grid widths nearest ``C·k/levels``."""
+    grid = ffn_channels(s, group)[::-1]  # ascending kept channels
+    return [grid[j] for j in _spaced(grid, s.channels, levels)][::-1]
+
+
+def attention_levels(s: LayerSpace, levels: int | None) -> list[tuple[int, list[tuple[int, int]]]]:
+    """The :func:`attention_shapes` entries kept as levels: all of them (``None``), else the ones
+    whose kept parameters are nearest ``k/levels`` of the attention's (dense and removed always)."""
+    shapes = attention_shapes(s)
+    if levels is None:
+        return shapes
+    total = shapes[-1][0]
+    return [shapes[j] for j in _spaced([r for r, _ in shapes], total, levels)]
+
+
+def ladders(s: LayerSpace, levels: int | None, ffn_step: int | None = None,
+            ) -> tuple[list[tuple[int, list[tuple[int, int]]]], list[int], int]:
+    """A layer's attention levels, FFN kept channels and FFN path group: ``levels`` points evenly
+    spaced in kept parameters, or (an explicit ``ffn_step``) every GQA shape and every step."""
+    if ffn_step:
+        return attention_shapes(s), ffn_channels(s, ffn_step), ffn_step
+    if levels is None or levels < 2:
+        raise ValueError("give --search-levels >= 2 or an explicit --search-ffn-step")
+    group = ffn_group(s.channels, levels)
+    return attention_levels(s, levels), ffn_ladder(s, levels, group), group
 
 
 @dataclass
@@ -78,15 +136,19 @@ class Problem:
         return self.removed[u][level + 1] - self.removed[u][level]
 
 
-def make_problem(spaces: list[LayerSpace], budget: float, ffn_step: int,
-                 attn_removed: list[list[int]] | None = None) -> Problem:
-    """The problem for ``spaces``; ``attn_removed`` overrides the attention ladders (tests)."""
+def make_problem(spaces: list[LayerSpace], budget: float, ffn_step: int | None = None,
+                 attn_removed: list[list[int]] | None = None, ffn_kept: list[list[int]] | None = None) -> Problem:
+    """The problem for ``spaces``: the ladders of a database (``attn_removed``, ``ffn_kept``, as
+    :class:`~slimgpt.search.database.LevelDatabase` names them), or every GQA shape and every
+    ``ffn_step`` channels."""
     removed: list[list[int]] = []
     is_ffn: list[bool] = []
     big_step = 0
+    if ffn_kept is None and ffn_step is None:
+        raise ValueError("give the FFN ladders or a step")
     for i, s in enumerate(spaces):
         removed.append(attn_removed[i] if attn_removed else [r for r, _ in attention_shapes(s)])
-        ch = ffn_channels(s, ffn_step)
+        ch = ffn_kept[i] if ffn_kept is not None else ffn_channels(s, int(ffn_step or 0))
         removed.append([(s.channels - c) * s.per_channel for c in ch])
         is_ffn += [False, True]
         big_step = max(big_step, max(b - a for a, b in zip(removed[-1], removed[-1][1:])))
@@ -175,6 +237,11 @@ def widths_for(p: Problem, spaces: list[LayerSpace], levels: list[int],
         if k != 0 and c > 0 and 0 < c - k <= s.channels and (best is None or (c, i) > best):
             best, k_best = (c, i), k
     if best is None:
+        worst = min(s.per_channel for s in spaces if s.per_channel) / 2 if spaces else 0
+        if abs(residual) > worst:
+            log.warning("the channel fix-up found no FFN to absorb %+.0f parameters: the allocation is off the "
+                        "budget by that much (every FFN is empty or too narrow); lower --ratio or raise "
+                        "--search-levels", residual)
         return Allocation(widths, None, 0)
     i = best[1]
     s, w = spaces[i], widths[i]

@@ -16,10 +16,16 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "search_generations": (1000, "--schedule search: at most N generations (the result depends on the seed and "
                                  "the generations run, recorded with it)"),
     "search_offspring": (16, "--schedule search: children per generation"),
-    "search_tokens": ("512,2048,8192", "--schedule search: calibration tokens per selection stage (whole "
-                                       "windows, first windows of the calibration set)"),
+    "search_tokens": ("512,2048,8192", "--schedule search: calibration tokens per selection stage (the first "
+                                       "whole windows of the calibration set; a stage shorter than --seqlen "
+                                       "scores that prefix of window 0)"),
     "search_survivors": ("4,1", "--schedule search: children kept after each stage but the last"),
-    "search_ffn_step": (64, "--schedule search: FFN channels per level of the ladder"),
+    "search_levels": (10, "--schedule search: levels per attention and FFN block, evenly spaced in kept "
+                          "parameters (10: 100 %%, 90 %%, ..., 0 %%; the database holds about (N-1)/2 copies "
+                          "of every o_proj and down_proj)"),
+    "search_ffn_step": (0, "--schedule search: the earlier full ladders instead of --search-levels: every GQA "
+                           "shape and every N FFN channels (64 gave the published SmolLM2 numbers; the "
+                           "database grows as F^2/N per layer). 0 (default): off"),
     "search_final": ("rerun", "--schedule search: rerun (sequential SlimGPT at the found widths, the "
                               "paper's propagated inputs) | stitch (the database's dense-input variants)"),
 }
@@ -63,8 +69,12 @@ def validate_allocation(cfg: Any) -> None:
     survivors = int_list(cfg.search_survivors, "search-survivors")
     if len(survivors) != len(stages) - 1:
         raise ConfigError("--search-survivors needs one count per --search-tokens stage but the last")
-    for name in ("search_generations", "search_offspring", "search_ffn_step"):
+    for name in ("search_generations", "search_offspring"):
         if int(getattr(cfg, name)) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if int(cfg.search_levels) < 2:
+        raise ConfigError(f"--search-levels must be at least 2 (dense, removed and what lies between); got {cfg.search_levels}")
+    if int(cfg.search_ffn_step) < 0:
+        raise ConfigError(f"--search-ffn-step must be positive (or 0: use --search-levels); got {cfg.search_ffn_step}")
     if cfg.search_final not in ("rerun", "stitch"):
         raise ConfigError(f"--search-final must be rerun or stitch; got '{cfg.search_final}'")
