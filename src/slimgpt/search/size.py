@@ -24,7 +24,7 @@ import torch
 from slimgpt.schedule import LayerSpace, LayerWidth
 from slimgpt.search.levels import DEFAULT_LEVELS, ladders
 
-FILE_OVERHEAD = 1_800  # torch.save's zip headers and 64-byte alignment per variant file (measured 1.76-1.87 KB)
+FILE_OVERHEAD = 2_160  # torch.save's zip headers (they repeat the 12-character file stem) and 64-byte alignment, per file (measured 2,138-2,182 bytes)
 
 # architecture numbers from the models' config.json files (hidden, FFN, heads, kv heads, layers, head_dim, qkv bias)
 PRESETS: dict[str, dict[str, Any]] = {
