@@ -173,8 +173,11 @@ class SearchedSlimGPT(GlobalMethod):
         last = settings.stages[-1]
         try:
             t = time.perf_counter()
-            # windows batched on a GPU; one at a time on a CPU (no faster batched, and bit-for-bit resumable)
-            batch = cfg.batch_size if ctx.device.type == "cuda" else 1
+            # windows batched on a GPU (up to --batch-size, and 4 GiB of float32 logits per batch); one at a
+            # time on a CPU (no faster batched, and bit-for-bit resumable)
+            vocab = model.get_output_embeddings().weight.shape[0]
+            batch = max(1, min(cfg.batch_size, 2**32 // (4 * ctx.calib.shape[1] * vocab))) \
+                if ctx.device.type == "cuda" else 1
             fitness = KLFitness(adapter, stitcher, ctx.calib[: math.ceil(last / ctx.calib.shape[1])], ctx.device,
                                 batch=batch)
             times["dense_logits"] = time.perf_counter() - t

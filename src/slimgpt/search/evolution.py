@@ -2,9 +2,10 @@
 
 Each generation makes ``offspring`` children of the parent, each by 1..``max_mutations`` level
 switches (:func:`~slimgpt.search.levels.mutate`, so every child is on the budget lattice). Selection
-runs in stages on growing token counts: all children are scored on ``stages[0]`` windows, the best
-``survivors[0]`` are re-scored on ``stages[1]`` windows, and so on; the last stage's best replaces
-the parent only if it beats the parent's fitness on the same (last-stage) windows.
+runs in stages on growing token counts: all children are scored on ``stages[0]`` calibration tokens,
+the best ``survivors[0]`` are re-scored on ``stages[1]`` tokens, and so on (what a stage's tokens are
+is the fitness's business: :meth:`~slimgpt.search.fitness.KLFitness.stage`); the last stage's best
+replaces the parent only if it beats the parent's fitness on the same (last-stage) tokens.
 
 **Reproducible and resumable.** Generation ``g`` draws from ``random.Random(f"{seed}:{g}")``, so
 the result depends on the seed and the number of generations only, not on when a run was
@@ -36,7 +37,7 @@ class Fitness(Protocol):
 @dataclass
 class EvoSettings:
     offspring: int = 16
-    stages: tuple[int, ...] = (1, 4, 16)  # windows per selection stage
+    stages: tuple[int, ...] = (1, 4, 16)  # the fitness's size argument per selection stage (KLFitness: tokens)
     survivors: tuple[int, ...] = (4, 1)  # kept after every stage but the last
     max_mutations: int = 3
     generations: int = 1000
