@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = PRESETS[name] if name in PRESETS else json.loads(Path(name).read_text())
         new, base = estimate_database_bytes(cfg, a.levels, dtype), layers_bytes(cfg, dtype)
         old = estimate_database_bytes(cfg, None, torch.float32, ffn_step=64, hessians=True)
-        print(f"| {name} | {base / 1e9:,.1f} GB | {new / 1e9:,.1f} GB | {new / base:.2f} | {old / 1e9:,.0f} GB |")
+        print(f"| {name} | {base / 1e9:,.1f} GB | {new / 1e9:,.1f} GB | {new / base:.2f} | {old / 1e9:,.1f} GB |")
 
 
 if __name__ == "__main__":
