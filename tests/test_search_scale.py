@@ -279,6 +279,7 @@ def test_search_is_deterministic_per_seed_and_records_it(tiny_llama, tiny_tokeni
     assert a["stage_tokens"] == [16, 32, 64] and a["stage_windows"] == [[1, 16], [1, 32], [2, 32]]
     assert a["levels_per_block"] == 10 and a["ffn_step"] is None and a["database"]["bytes"] > 0
     assert a["memo_hits"] > 0
+    assert a["params"]["fixup_layer"] is not None and abs(a["params"]["off_by"]) <= 96  # stitched via a recomputed H
 
 
 def test_search_under_torchrun_is_refused_in_one_line(monkeypatch):
