@@ -42,7 +42,7 @@ def main() -> None:
     print(f"dense {result['dense_ppl']:.2f}", flush=True)
     for seed in (int(s) for s in a.seeds.split(",")):
         for score in ("gcd", "gcd-exact"):
-            cfg = PruneConfig(model=a.model, ratio=a.ratio, head_score=score, nsamples=a.nsamples, seqlen=a.seqlen,
+            cfg = PruneConfig(model=a.model, ratio=a.ratio, head_score=score, schedule="log", nsamples=a.nsamples, seqlen=a.seqlen,
                               seed=seed)
             t = time.perf_counter()
             res = prune(cfg, model=copy.deepcopy(model), tokenizer=tok, progress=False)

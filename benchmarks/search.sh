@@ -9,8 +9,8 @@
 # Extra arguments (e.g. --resume, --device cuda) go to both runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python benchmarks/compare.py --ratios 0.2,0.5 --methods all,slimgpt@uniform,slimgpt@search \
+python benchmarks/compare.py --ratios 0.2,0.5 --methods all,slimgpt@log,slimgpt@uniform,slimgpt@search \
     --search-nsamples 4 --max-windows 256 --ppl-seqlen 128,2048 --out benchmarks/results/compare_all "$@"
 python benchmarks/compare.py --model qwen2.5-0.5b --ratios 0.2 \
-    --methods shortgpt,slimgpt,slimgpt@search,slimgpt@uniform,flap --max-windows 128 --ppl-seqlen 128,2048 \
+    --methods shortgpt,slimgpt@log,slimgpt@search,slimgpt@uniform,flap --max-windows 128 --ppl-seqlen 128,2048 \
     --search-budget 20m --out benchmarks/results/compare_qwen2.5-0.5b "$@"

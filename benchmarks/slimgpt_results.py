@@ -37,6 +37,7 @@ def main() -> None:
     a = ap.parse_args()
 
     extra = dict(kv.split("=", 1) for kv in a.extra.split(",") if kv)
+    extra.setdefault("schedule", "log")  # the paper's Table 1 setting, whatever the default
     dense, tok = load_model(a.model)
     rows = []
     t = time.perf_counter()

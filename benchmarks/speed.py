@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     models = [("dense", dense, tok)]
     for r in [float(x) for x in a.ratios.split(",") if x]:
         cfg = PruneConfig(model=a.model, ratio=r, nsamples=a.nsamples, seqlen=a.seqlen, data_dir=a.data_dir,
-                          device="cpu")
+                          device="cpu", schedule="log")
         res = prune(cfg, model=copy.deepcopy(dense), tokenizer=tok, progress=False)
         models.append((f"slimgpt {r:.0%}", res.model, tok))
     for path in a.pruned:

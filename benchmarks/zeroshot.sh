@@ -33,7 +33,7 @@ needs() {
 mkdir -p "$RES"
 for p in 20 50; do
   if needs "p$p" && [ ! -d "$RES/p$p" ]; then
-    slimgpt prune smollm2-135m --ratio "0.$p" --out "$RES/p$p" --data-dir "$DATA" --dtype "$DTYPE"
+    slimgpt prune smollm2-135m --ratio "0.$p" --schedule log --out "$RES/p$p" --data-dir "$DATA" --dtype "$DTYPE"
   fi
 done
 # shellcheck disable=SC2046

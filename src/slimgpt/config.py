@@ -25,7 +25,7 @@ class PruneConfig:
     out: str | None = None
     method: str = "slimgpt"
     ratio: float = 0.2
-    schedule: str = "log"
+    schedule: str = "auto"  # log: the paper's Incremental Pruning Ratio
     first_ratio: float | None = None
     calib: str = "c4"
     nsamples: int | None = None

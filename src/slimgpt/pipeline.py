@@ -182,8 +182,8 @@ def auto_widths(run: Run) -> list[LayerWidth]:
 
     c = run.cfg
     if run.stream:  # the candidates' scoring runs the whole model; a streamed run has one layer at a time
-        log.warning("--schedule auto needs the model in memory and this run streams it from disk: using the "
-                    "paper's log schedule instead (pass --schedule log to say so, or give it more memory)")
+        log.warning("--schedule auto (the default) needs the model in memory and this run streams it from disk: "
+                    "using the paper's log schedule instead (pass --schedule log to say so, or give it more memory)")
         run.allocation = {"chosen": "log", "fallback": "streamed run", "time_s": {"total": 0.0}}
         return solve_widths(run.spaces, run.dense_params, c.ratio, "log", c.first_ratio)
     assert c.nsamples is not None and c.seqlen is not None and run.calib is not None

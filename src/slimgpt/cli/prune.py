@@ -24,8 +24,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="slimgpt (default) | blockpruner | shortgpt | slimgpt+blockpruner | magnitude | wanda-sp | "
                    "flap | llm-pruner")
     p.add_argument("--ratio", type=ratio_arg, default=0.2, help="share of ALL parameters to remove, in (0, 1)")
-    p.add_argument("--schedule", default="log",
-                   help=f"per-layer ratio schedule: {'|'.join(SCHEDULES)} or a file of per-layer ratios")
+    p.add_argument("--schedule", default="auto",
+                   help=f"per-layer allocation: {'|'.join(SCHEDULES)} or a file of per-layer ratios; auto (default) "
+                   "scores log/uniform curves x attention shares by calibration KL, log is the paper's")
     p.add_argument("--first-ratio", type=ratio_arg, help="layer 0's ratio (default: mean layer ratio / 3.2)")
     p.add_argument("--calib", default="c4", help="c4 | wikitext2 | wiki | FILE(.txt/.jsonl/.json) | hub dataset")
     p.add_argument("--nsamples", type=int,

@@ -183,7 +183,7 @@ class LayerRunner:
         def hook(_m: nn.Module, args: tuple) -> None:
             self.timer.sync()  # the accumulation's own time, not the attention still queued before it
             t = time.perf_counter()
-            acc.add(args[0])
+            self._add(acc, args[0], "attention activations")
             self.timer.sync()
             hook_time[0] += time.perf_counter() - t
 
@@ -206,8 +206,16 @@ class LayerRunner:
             with self.timer("forward"):
                 z = self.adapter.mlp_hidden(self.layer, h)
             with self.timer("hessian"):
-                acc.add(z)
+                self._add(acc, z, "MLP activations")
         return self._reduced(acc)
+
+    def _add(self, acc: HessianAccumulator, x: torch.Tensor, what: str) -> None:
+        """``acc.add`` whose NaN/inf refusal names this layer (the first layer that produced them)."""
+        try:
+            acc.add(x)
+        except NumericalError:
+            raise NumericalError(f"layer {self.index} produced NaN/inf {what}; use --dtype float32 or check the "
+                                 "model and data") from None
 
     def _reduced(self, acc: HessianAccumulator) -> torch.Tensor:
         """``H`` over every rank's calibration tokens: the raw float64 sums and token counts are
