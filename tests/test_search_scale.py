@@ -25,18 +25,9 @@ from slimgpt.search.database import LevelDatabase, build_database, dense_mlp_hes
 from slimgpt.search.fitness import KLFitness, Stitcher, token_kl
 from slimgpt.search.levels import attention_shapes, ladders, make_problem, mutate, widths_for
 from slimgpt.search.size import FILE_OVERHEAD, PRESETS, estimate_database_bytes, layers_bytes
+from test_search import SMOL, SMOL_DENSE, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 
 DEV = torch.device("cpu")
-SMOL = LayerSpace(9, 3, 1536, per_q_head=2 * 64 * 576, per_kv_head=2 * 64 * 576, per_channel=3 * 576)
-SMOL_DENSE = 134_515_008
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def calib_ids(n: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
