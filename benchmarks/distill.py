@@ -1,6 +1,6 @@
 """Recovery benchmark (issue 25): pruned SmolLM2-135M recovered by distillation vs LM-loss LoRA.
 
-For each ratio (default schedule, CPU calibration defaults) and each method, at each token budget,
+For each ratio (``--schedule``, default: slimgpt prune's; CPU calibration defaults) and each method, at each token budget,
 one recovery run on C4 (never Wikipedia text: WikiText-2 comes from it), then WikiText-2 perplexity
 (seq 128, first 256 windows); then the zero-shot table (seven commonsense tasks, 200 documents
 each) for the dense and pruned models and the best run of each method. Methods:
@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--lr-lora", type=float, help="LoRA learning rate (default: slimgpt finetune's)")
     ap.add_argument("--teacher-tokens", help="cap on the tokens sampled from the teacher")
     ap.add_argument("--teacher-topk", type=int)
+    ap.add_argument("--schedule", help="pruning allocation (default: slimgpt prune's; a pruned model already in "
+                    "--work is reused as it is, and the table names its schedule)")
     ap.add_argument("--nsamples", type=int, help="pruning calibration windows (default: slimgpt prune's)")
     ap.add_argument("--calib-seqlen", type=int)
     ap.add_argument("--ppl-windows", type=int, default=256)
@@ -136,7 +138,7 @@ def main() -> None:
                 prune_model(a, ratio, folder)
             model, tok = load_model(str(folder), device=dev)
             pruned_rows[key] = {"params": sum(p.numel() for p in model.parameters()), **ppl(model, tok, f"pruned {key}"),
-                                "folder": str(folder)}
+                                "folder": str(folder), "schedule": pruned_schedule(folder)}
             save()
             del model
         plan = [(m, b) for m in methods for b in budgets] + [(m, budgets[-1]) for m in extra]
@@ -181,8 +183,16 @@ def prune_model(a: argparse.Namespace, ratio: float, folder: Path) -> None:
     from slimgpt.api import prune
     from slimgpt.config import PruneConfig
 
-    kw = {k: v for k, v in (("nsamples", a.nsamples), ("seqlen", a.calib_seqlen)) if v}
+    kw = {k: v for k, v in (("nsamples", a.nsamples), ("seqlen", a.calib_seqlen), ("schedule", a.schedule)) if v}
     prune(PruneConfig(model=a.model, out=str(folder), ratio=ratio, data_dir=a.data_dir, **kw))
+
+
+def pruned_schedule(folder: Path) -> str | None:
+    """The allocation a pruned folder was made with (its slimgpt.json), for the table's header."""
+    try:
+        return json.loads((folder / "slimgpt.json").read_text())["config"].get("schedule")
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def keep_best(doc: dict[str, Any], ratio: float, method: str, work: Path) -> None:
@@ -225,7 +235,8 @@ def gap_closed(pruned: float, recovered: float, dense: float) -> float:
 
 def write_markdown(doc: dict[str, Any], path: Path) -> None:
     dense = doc["dense"]["ppl"]
-    lines = [f"Recovery of {doc['meta']['model']} pruned by SlimGPT (default schedule); {doc['meta']['ppl']}; "
+    schedules = sorted({str(p.get("schedule") or "unrecorded") for p in doc.get("pruned", {}).values()})
+    lines = [f"Recovery of {doc['meta']['model']} pruned by SlimGPT ({'/'.join(schedules)} schedule); {doc['meta']['ppl']}; "
              f"recovery on {doc['meta']['data']} ({doc['meta']['device']}, {doc['meta']['threads']} threads).", "",
              "| ratio | method | tokens | steps | lr | WikiText-2 PPL | × dense | gap closed (PPL / log PPL) | "
              "train tok/s | forward tok/s | train s |",
