@@ -177,13 +177,14 @@ class LayerRunner:
     def attention_hessian(self, module: nn.Module | None = None) -> torch.Tensor:
         """``H = 2XXᵀ/n`` of the input of ``module`` (default: o_proj), over all calibration tokens."""
         module = module or self.adapter.attention(self.layer).o
-        acc = HessianAccumulator(module.in_features, device=self.device, sum_dtype=torch.float64)
+        acc = HessianAccumulator(module.in_features, device=self.device, sum_dtype=torch.float64,
+                                 where=f"layer {self.index}'s attention activations")
         hook_time = [0.0]
 
         def hook(_m: nn.Module, args: tuple) -> None:
             self.timer.sync()  # the accumulation's own time, not the attention still queued before it
             t = time.perf_counter()
-            self._add(acc, args[0], "attention activations")
+            acc.add(args[0])
             self.timer.sync()
             hook_time[0] += time.perf_counter() - t
 
@@ -201,21 +202,14 @@ class LayerRunner:
     def mlp_hessian(self) -> torch.Tensor:
         """``H`` of down_proj's input ``act(gate(x)) * up(x)`` after the (possibly pruned) attention."""
         acc = HessianAccumulator(self.adapter.intermediate_size(self.layer), device=self.device,
-                                 sum_dtype=torch.float64)  # the same H however the batches are split
+                                 sum_dtype=torch.float64,  # the same H however the batches are split
+                                 where=f"layer {self.index}'s MLP activations")
         for h in self.attention_outputs():
             with self.timer("forward"):
                 z = self.adapter.mlp_hidden(self.layer, h)
             with self.timer("hessian"):
-                self._add(acc, z, "MLP activations")
+                acc.add(z)
         return self._reduced(acc)
-
-    def _add(self, acc: HessianAccumulator, x: torch.Tensor, what: str) -> None:
-        """``acc.add`` whose NaN/inf refusal names this layer (the first layer that produced them)."""
-        try:
-            acc.add(x)
-        except NumericalError:
-            raise NumericalError(f"layer {self.index} produced NaN/inf {what}; use --dtype float32 or check the "
-                                 "model and data") from None
 
     def _reduced(self, acc: HessianAccumulator) -> torch.Tensor:
         """``H`` over every rank's calibration tokens: the raw float64 sums and token counts are

@@ -81,8 +81,8 @@ class HessianAccumulator:
     """
 
     def __init__(self, ncols: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 sum_dtype: torch.dtype | None = None):
-        self.dtype = dtype
+                 sum_dtype: torch.dtype | None = None, where: str = ""):
+        self.dtype, self.where = dtype, where
         self.sum = torch.zeros(ncols, ncols, device=device, dtype=sum_dtype or dtype)
         self.count = 0
         self.upper = self.sum.dtype != dtype and ncols >= LEAN_MIN_COLS
@@ -92,9 +92,8 @@ class HessianAccumulator:
         tf32 = self.sum.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and self.dtype == torch.float32
         x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=self.dtype)
         if not torch.isfinite(x).all():
-            raise NumericalError(
-                "calibration activations contain NaN/inf; try --dtype float32 or different calibration text"
-            )
+            raise NumericalError(f"{self.where or 'calibration activations'} contain NaN/inf; try --dtype float32 "
+                                 "or different calibration text")
         with exact_tf32(tf32):
             if self.sum.dtype == self.dtype:
                 self.sum.addmm_(x.T, x)
