@@ -54,10 +54,11 @@ ATTN_SCALES = (0.0, 0.5, 1.0)
 """Attention shares tried with each depth curve (0: FFN channels only; 1: the layer's ratio, as the
 paper). 2 (attention at twice the layer's ratio) was measured and left out: it never won (SmolLM2
 KL 0.72-9.7 against the winners' 0.36-1.84, docs/auto_schedule.md), and each member costs scoring time."""
-CURVES: dict[str, float | None] = {"uniform": 1.0, "log": None}
-"""Depth curves by their first layer's ratio as a share of the mean layer ratio: ``uniform`` (1) and
-the paper's ``log`` (``None``: ``--first-ratio`` or the paper's mean / 3.2). A flatter log curve
-(first layer at 0.6 × the mean) was measured and never won."""
+CURVES = ("uniform", "log")
+"""Depth curves: the same ratio in every layer; the paper's log curve (layer 0 at ``--first-ratio``
+or the mean / 3.2). A flatter log curve (layer 0 at 0.6 × the mean) was tried at 20 % on SmolLM2
+and did not win (docs/auto_schedule.md)."""
+
 
 @dataclass
 class AutoSettings:
@@ -103,13 +104,10 @@ def candidates(spaces: list[LayerSpace], total_params: int, ratio: float,
     ``CURVE-aA`` plus ``log`` (the paper's schedule, ``first_ratio`` as given). Infeasible members
     (FFN-only beyond what the FFNs hold) are left out; duplicates keep the first name."""
     out: dict[str, list[LayerWidth]] = {"log": solve_widths(spaces, total_params, ratio, "log", first_ratio)}
-    mean = ratio * total_params / sum(s.params for s in spaces)
-    for curve, share in CURVES.items():
-        kind = "uniform" if curve == "uniform" else "log"
-        first = first_ratio if share is None else min(1.0, share * mean)
+    for curve in CURVES:
         for a in ATTN_SCALES:
             try:
-                w = solve_widths(spaces, total_params, ratio, kind, first, attn_scale=a)
+                w = solve_widths(spaces, total_params, ratio, curve, first_ratio, attn_scale=a)
             except ConfigError:
                 continue
             if all(_shape(w) != _shape(v) for v in out.values()):
