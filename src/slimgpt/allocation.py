@@ -44,6 +44,7 @@ from slimgpt.errors import ConfigError, NumericalError
 from slimgpt.methods.base import LayerRunner, Timer, embed_batches
 from slimgpt.schedule import LayerSpace, LayerWidth, removed_params, solve_widths
 from slimgpt.search.database import ffn_path
+from slimgpt.search.fitness import token_kl
 from slimgpt.solvers.heads import HeadScore, prune_heads
 from slimgpt.solvers.hessian import damped_inverse, dead_columns
 from slimgpt.surgery import head_rows
@@ -308,7 +309,7 @@ def _kl(adapter: ModelAdapter, dense: list[torch.Tensor], cand: list[torch.Tenso
     for d, c in zip(dense, cand):
         logp = F.log_softmax(adapter.logits(d.to(device)[0]).float(), dim=-1)
         logq = F.log_softmax(adapter.logits(c.to(device)[0]).float(), dim=-1)
-        total += float((logp.exp() * (logp - logq)).sum(-1).mean())
+        total += float(token_kl(logp, logq).mean())
     value = total / len(dense)
     if not math.isfinite(value):
         raise NumericalError("NaN/inf logits while scoring --schedule auto; use --dtype float32 or --schedule log")
