@@ -160,6 +160,61 @@ def test_recomputed_hessian_reproduces_the_stored_variant(gqa_db):
     torch.testing.assert_close(v.weight, ref.weight.float())
 
 
+def test_dense_pass_equals_the_block_by_block_statistics():
+    """One hooked pass gives the same Hessians, outputs and input norms as the separate calls
+    (attention Hessian, attention outputs, MLP Hessian, outputs) that a pruning layer makes."""
+    from slimgpt.methods.base import LayerRunner, Timer, embed_batches
+
+    model = build_tiny(LlamaConfig, LlamaForCausalLM, num_key_value_heads=2)
+    ad = get_adapter(model)
+    calib = calib_ids(n=6)
+    hidden = embed_batches(ad, calib, 4, DEV)  # two batches, the second short
+    ctx = ad.context(calib.shape[1], DEV, torch.float32)
+    layer = ad.layers[1]
+    one = LayerRunner(1, layer, ad, hidden, ctx, DEV, Timer()).dense_pass()
+    ref = LayerRunner(1, layer, ad, hidden, ctx, DEV, Timer())
+    torch.testing.assert_close(one.attn_hessian, ref.attention_hessian(), rtol=0, atol=0)
+    mids = ref.attention_outputs()
+    torch.testing.assert_close(one.mlp_hessian, ref.mlp_hessian(), rtol=0, atol=0)
+    for a, b in zip(one.outputs, ref.outputs(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    tokens = sum(x.shape[0] * x.shape[1] for x in hidden)
+    assert one.input_norms[0] == pytest.approx(sum(float(x.pow(2).sum()) for x in hidden) / tokens, rel=1e-6)
+    assert one.input_norms[1] == pytest.approx(sum(float(x.pow(2).sum()) for x in mids) / tokens, rel=1e-6)
+
+
+def test_bf16_forward_database_keeps_the_models_weights(tmp_path):
+    """With a bfloat16 twin giving the activations (--search-dtype), the variants are still
+    solved from the float32 weights and stored in float32, close to the all-float32 database's
+    (only the Hessians carry the twin's rounding), and the fix-up Hessian recomputed from the
+    twin continues the stored path exactly."""
+    from slimgpt.methods.blockpruner import search_adapter
+
+    model = build_tiny(LlamaConfig, LlamaForCausalLM, num_key_value_heads=2, tie_word_embeddings=False)
+    ad = get_adapter(model)
+    ref = _db(model, tmp_path / "fp32")
+    with search_adapter(ad, DEV, torch.bfloat16) as twin:
+        assert next(twin.model.parameters()).dtype == torch.bfloat16
+        db = build_database(ad, calib_ids(), layer_spaces(ad), DEV, tmp_path / "bf16", {}, levels=10,
+                            progress=False, forward=twin)
+        H = dense_mlp_hessian(twin, calib_ids(), DEV, 1)
+    assert db.index["dtype"] == "float32"
+    compared = 0
+    for kind, n in (("attn", len(db.attn_removed[1])), ("ffn", len(db.ffn_levels[1]))):
+        for level in range(1, n - 1):
+            a, b = db.variant(kind, 1, level), ref.variant(kind, 1, level)
+            assert a is not None and b is not None and a.weight.dtype == torch.float32
+            if a.kept == b.kept:
+                compared += 1
+                torch.testing.assert_close(a.weight, b.weight, rtol=0.05, atol=0.05 * float(b.weight.abs().max()))
+    assert compared >= 3
+    down = ad.mlp(ad.layers[1]).down.weight.data
+    v = ffn_variant_at(down, H, db.ffn_levels[1][2], db.ffn_group[1], 0.01)
+    stored = db.variant("ffn", 1, 2)
+    assert stored is not None and v.kept == stored.kept
+    torch.testing.assert_close(v.weight, stored.weight)
+
+
 # --------------------------------------------------------------------------------- fitness
 def test_fitness_is_mean_token_kl_dense_to_candidate(gqa_db):
     model, db = gqa_db

@@ -16,10 +16,11 @@ def ratio_arg(text: str) -> float:
 
 
 def add_search_args(p: argparse.ArgumentParser) -> None:
-    """BlockPruner's search knobs (prune and compare)."""
+    """The searches' precision and BlockPruner's windows (prune and compare)."""
     p.add_argument("--search-dtype", default="auto",
-                   help="blockpruner search precision: auto (bf16 on CPUs with native bf16, else the model's) | float32 "
-                        "| bfloat16 | float16")
+                   help="precision of the blockpruner search and of --schedule search's forwards (level database "
+                        "activations, candidate KL): auto (bf16 on CPUs with native bf16, else the model's) | float32 "
+                        "| bfloat16 | float16; the solvers and the pruned model keep the model's dtype")
     p.add_argument("--search-nsamples", type=int,
                    help="blockpruner: score candidates on the first N calibration windows (default: all)")
 

@@ -13,6 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -76,6 +77,16 @@ def checksum(t: torch.Tensor, chunk: int = 1 << 22) -> tuple[float, float]:
     return total, weighted
 
 
+@dataclass
+class DensePass:
+    """What :meth:`LayerRunner.dense_pass` collects from one unchanged pass over a layer."""
+
+    attn_hessian: torch.Tensor  # o_proj's input
+    mlp_hessian: torch.Tensor  # down_proj's input
+    outputs: list[torch.Tensor]  # per batch, on the compute device
+    input_norms: tuple[float, float]  # mean ||x||² entering the attention and the MLP block
+
+
 class LayerRunner:
     """One decoder layer and its calibration inputs, run block by block.
 
@@ -101,6 +112,7 @@ class LayerRunner:
         self.inputs, self.ctx, self.device, self.timer = inputs, ctx, device, timer
         self._mid: list[torch.Tensor] | None = None
         self._mid_key: tuple | None = None
+        self.passed: DensePass | None = None  # what dense_pass collected, kept for the caller's propagation
 
     # ---- activations ---------------------------------------------------------------------
     def batches(self) -> Iterator[torch.Tensor]:
@@ -210,6 +222,49 @@ class LayerRunner:
             with self.timer("hessian"):
                 acc.add(z)
         return self._reduced(acc)
+
+    @torch.no_grad()
+    def dense_pass(self) -> DensePass:
+        """The layer run once, unchanged, over every batch: both Hessians (``o_proj``'s and
+        ``down_proj``'s inputs, taken by hooks during the forward), the layer's outputs and the
+        blocks' mean squared input norms. For a consumer that edits no weight before it has all of
+        these (the search's level database): one attention and one MLP pass instead of the two and
+        a half that :meth:`attention_hessian`, :meth:`mlp_hessian` and :meth:`outputs` cost, with
+        the same values (the hooks see exactly the tensors those methods form)."""
+        o, down = self.adapter.attention(self.layer).o, self.adapter.mlp(self.layer).down
+        acc_o = HessianAccumulator(o.in_features, device=self.device, sum_dtype=torch.float64,
+                                   where=f"layer {self.index}'s attention activations")
+        acc_d = HessianAccumulator(down.in_features, device=self.device, sum_dtype=torch.float64,
+                                   where=f"layer {self.index}'s MLP activations")
+        hook_time = [0.0]
+
+        def adder(acc: HessianAccumulator) -> Callable[[nn.Module, tuple], None]:
+            def hook(_m: nn.Module, args: tuple) -> None:
+                self.timer.sync()
+                t = time.perf_counter()
+                acc.add(args[0])
+                self.timer.sync()
+                hook_time[0] += time.perf_counter() - t
+            return hook
+
+        handles = [o.register_forward_pre_hook(adder(acc_o)), down.register_forward_pre_hook(adder(acc_d))]
+        outputs: list[torch.Tensor] = []
+        sq, tokens = [0.0, 0.0], 0
+        try:
+            with self.timer("forward"):
+                for x in self.batches():
+                    mid = self._check(self.adapter.attention_block(self.layer, x, self.ctx), "attention outputs")
+                    outputs.append(self._check(self.adapter.mlp_block(self.layer, mid), "outputs"))
+                    sq[0] += float(x.float().pow(2).sum())
+                    sq[1] += float(mid.float().pow(2).sum())
+                    tokens += x.shape[0] * x.shape[1]
+                    del mid
+        finally:
+            for h in handles:
+                h.remove()
+        self.timer.move("forward", "hessian", hook_time[0])
+        self.passed = DensePass(self._reduced(acc_o), self._reduced(acc_d), outputs, (sq[0] / tokens, sq[1] / tokens))
+        return self.passed
 
     def _reduced(self, acc: HessianAccumulator) -> torch.Tensor:
         """``H`` over every rank's calibration tokens: the raw float64 sums and token counts are

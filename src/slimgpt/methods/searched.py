@@ -35,6 +35,7 @@ import torch
 
 from slimgpt.errors import ConfigError
 from slimgpt.methods.base import GlobalMethod, PruneContext
+from slimgpt.methods.blockpruner import resolve_search_dtype, search_adapter
 from slimgpt.methods.slimgpt import SlimGPT
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerWidth, removed_params, solve_widths
@@ -157,18 +158,72 @@ class SearchedSlimGPT(GlobalMethod):
         ffn_step = int(cfg.search_ffn_step) or None
         levels = None if ffn_step else int(cfg.search_levels)
         times: dict[str, float] = {}
-        t = time.perf_counter()
-        dtype = str(next(adapter.model.parameters()).dtype)
-        db = build_database(adapter, ctx.calib, spaces, ctx.device, folder,
-                            {**key, "ffn_step": ffn_step, "levels": levels, "dtype": dtype},
-                            levels=levels, ffn_step=ffn_step, damp=cfg.damp, head_score=self.width.head_score,
-                            batch_size=cfg.batch_size, timer=ctx.timer, progress=ctx.progress)
-        times["database"] = time.perf_counter() - t
+        # the database's forward and every fitness run in the search dtype (bf16 on a CPU with native
+        # bf16, as BlockPruner's search): they only rank candidates; the solvers read the model's weights
+        search_dtype = resolve_search_dtype(cfg.search_dtype, next(adapter.model.parameters()).dtype, ctx.device)
+        with search_adapter(adapter, ctx.device, search_dtype) as fast:
+            t = time.perf_counter()
+            dtype = str(next(adapter.model.parameters()).dtype)
+            db = build_database(adapter, ctx.calib, spaces, ctx.device, folder,
+                                {**key, "ffn_step": ffn_step, "levels": levels, "dtype": dtype,
+                                 "forward_dtype": str(search_dtype)},
+                                levels=levels, ffn_step=ffn_step, damp=cfg.damp, head_score=self.width.head_score,
+                                batch_size=cfg.batch_size, timer=ctx.timer, progress=ctx.progress, forward=fast)
+            times["database"] = time.perf_counter() - t
+            problem = make_problem(spaces, target, attn_removed=db.attn_removed, ffn_kept=db.ffn_levels)
+            res, fitness, starts, stats = self._search(ctx, fast, db, problem, settings, target, journal, state,
+                                                       deadline, times)
+            alloc = widths_for(problem, spaces, res.levels, db.attn_shapes, db.ffn_levels)
+            H_fix = None
+            if cfg.search_final == "stitch" and alloc.fixup_layer is not None:  # from the pass the database saw
+                H_fix = dense_mlp_hessian(fast, ctx.calib, ctx.device, alloc.fixup_layer, cfg.batch_size)
         db_bytes = db.bytes_on_disk()
-        problem = make_problem(spaces, target, attn_removed=db.attn_removed, ffn_kept=db.ffn_levels)
+        t = time.perf_counter()
+        if cfg.search_final == "rerun":
+            if ctx.run_layers is None:
+                raise ConfigError("--search-final rerun needs the pipeline's layer-wise driver")
+            plans = ctx.run_layers(self.width, alloc.widths, spaces)
+        else:
+            plans = stitch(adapter, db, res.levels, alloc.fixup_layer, alloc.widths, cfg.damp, lambda i: H_fix)
+        times["final"] = time.perf_counter() - t
+        for i, p in plans.items():
+            p.stats.update(attn_level=res.levels[2 * i], mlp_level=res.levels[2 * i + 1],
+                           search_removed=round(alloc.widths[i].ratio, 4))
+        removed = removed_params(spaces, alloc.widths)
+        self.summary = {
+            "final": cfg.search_final, "levels_per_block": levels, "ffn_step": ffn_step, "seed": settings.seed,
+            "database": {"bytes": db_bytes, "dtype": db.index.get("dtype"), "ffn_group": sorted(set(db.ffn_group))},
+            "search_dtype": str(search_dtype).removeprefix("torch."),
+            "offspring": settings.offspring, "stage_tokens": list(settings.stages),
+            "stage_windows": [list(fitness.stage(t)) for t in settings.stages],  # (windows, tokens each)
+            "survivors": list(settings.survivors),
+            "budget_s": parse_seconds(cfg.search_budget), "generations": res.generations,
+            "stopped_by": res.stopped_by, "improvements": res.improvements,
+            "starts": {k: (v if k == "chosen" else {"kl": v["kl"]}) for k, v in starts.items()},
+            "kl": {"start": res.start_fitness, "final": res.fitness, "windows": settings.stages[-1]},
+            "params": {"target_removed": target, "removed": removed, "off_by": removed - target,
+                       "fixup_layer": alloc.fixup_layer, "fixup_channels": alloc.fixup_channels},
+            **stats,
+            "time_s": {**times, "total": earlier + time.perf_counter() - t0},
+            "levels": res.levels,
+            "allocation": [{"layer": i, "remove_groups": w.remove_groups, "remove_per_group": w.remove_per_group,
+                            "heads": w.heads(s), "kv_heads": w.kv_heads(s), "channels": w.channels,
+                            "removed": round(w.ratio, 4)} for i, (s, w) in enumerate(zip(spaces, alloc.widths))],
+            "history": res.history,
+        }
+        log.info("searched allocation: KL %.4f → %.4f in %d generations (%s), %d evaluations; removed %s of %s target",
+                 res.start_fitness, res.fitness, res.generations, res.stopped_by, fitness.evaluations,
+                 f"{removed:,}", f"{target:,.0f}")
+        return plans
+
+
+    def _search(self, ctx: PruneContext, adapter: Any, db: LevelDatabase, problem: Problem, settings: EvoSettings,
+                target: float, journal: _Journal | None, state: dict[str, Any] | None, deadline: float,
+                times: dict[str, float]) -> tuple[Any, KLFitness, dict[str, Any], dict[str, int]]:
+        """The starts and the evolutionary search over ``db``'s variants stitched into ``adapter``
+        (the search-dtype model): the result, the fitness, the starts and the counters."""
+        cfg, spaces = ctx.cfg, ctx.spaces
         model = adapter.model
-        home = next(model.parameters()).device
-        model.to(ctx.device)
         stitcher = Stitcher(adapter, db)
         last = settings.stages[-1]
         try:
@@ -226,46 +281,8 @@ class SearchedSlimGPT(GlobalMethod):
                      "memo_hits": fitness.memo_hits,
                      "block_passes": fitness.block_passes, "search_block_passes": fitness.block_passes - passes0}
         finally:
-            stitcher.restore()
-            model.to(home)
-        alloc = widths_for(problem, spaces, res.levels, db.attn_shapes, db.ffn_levels)
-        t = time.perf_counter()
-        if cfg.search_final == "rerun":
-            if ctx.run_layers is None:
-                raise ConfigError("--search-final rerun needs the pipeline's layer-wise driver")
-            plans = ctx.run_layers(self.width, alloc.widths, spaces)
-        else:
-            plans = stitch(adapter, db, res.levels, alloc.fixup_layer, alloc.widths, cfg.damp,
-                           lambda i: dense_mlp_hessian(adapter, ctx.calib, ctx.device, i, cfg.batch_size))
-        times["final"] = time.perf_counter() - t
-        for i, p in plans.items():
-            p.stats.update(attn_level=res.levels[2 * i], mlp_level=res.levels[2 * i + 1],
-                           search_removed=round(alloc.widths[i].ratio, 4))
-        removed = removed_params(spaces, alloc.widths)
-        self.summary = {
-            "final": cfg.search_final, "levels_per_block": levels, "ffn_step": ffn_step, "seed": settings.seed,
-            "database": {"bytes": db_bytes, "dtype": db.index.get("dtype"), "ffn_group": sorted(set(db.ffn_group))},
-            "offspring": settings.offspring, "stage_tokens": list(settings.stages),
-            "stage_windows": [list(fitness.stage(t)) for t in settings.stages],  # (windows, tokens each)
-            "survivors": list(settings.survivors),
-            "budget_s": parse_seconds(cfg.search_budget), "generations": res.generations,
-            "stopped_by": res.stopped_by, "improvements": res.improvements,
-            "starts": {k: (v if k == "chosen" else {"kl": v["kl"]}) for k, v in starts.items()},
-            "kl": {"start": res.start_fitness, "final": res.fitness, "windows": settings.stages[-1]},
-            "params": {"target_removed": target, "removed": removed, "off_by": removed - target,
-                       "fixup_layer": alloc.fixup_layer, "fixup_channels": alloc.fixup_channels},
-            **stats,
-            "time_s": {**times, "total": earlier + time.perf_counter() - t0},
-            "levels": res.levels,
-            "allocation": [{"layer": i, "remove_groups": w.remove_groups, "remove_per_group": w.remove_per_group,
-                            "heads": w.heads(s), "kv_heads": w.kv_heads(s), "channels": w.channels,
-                            "removed": round(w.ratio, 4)} for i, (s, w) in enumerate(zip(spaces, alloc.widths))],
-            "history": res.history,
-        }
-        log.info("searched allocation: KL %.4f → %.4f in %d generations (%s), %d evaluations; removed %s of %s target",
-                 res.start_fitness, res.fitness, res.generations, res.stopped_by, fitness.evaluations,
-                 f"{removed:,}", f"{target:,.0f}")
-        return plans
+            stitcher.restore()  # adapter may be the model itself (search dtype = model dtype)
+        return res, fitness, starts, stats
 
 
 @torch.no_grad()
