@@ -268,6 +268,27 @@ def summarise(r: dict[str, Any], report: dict[str, Any], layers: int, full_layer
     )
 
 
+def database(r: dict[str, Any], report: dict[str, Any], layers: int, full_layers: int, layer_params: float) -> None:
+    """A ``--schedule search`` run (options after ``--``): the level database's bytes and build
+    seconds per layer against the layers' own bytes in the dtype the variants are stored in (the
+    model's: float32 on a CPU, bf16 on a GPU), and both projected to the whole model."""
+    s = report.get("method", {}).get("search")
+    if not s:
+        return
+    db = s["database"]["bytes"]
+    stored = getattr(torch, s["database"]["dtype"]).itemsize
+    layer_bf16 = layer_params * 2
+    r["search_database"] = {
+        "bytes": db, "build_s": round(s["time_s"]["database"], 1), "search_dtype": s.get("search_dtype"),
+        "stored_dtype": s["database"]["dtype"], "levels_per_block": s["levels_per_block"],
+        "per_layer_bytes": int(db / layers), "per_layer_build_s": round(s["time_s"]["database"] / layers, 1),
+        "layers_bf16_bytes": int(layer_bf16 * layers),
+        "over_layers_same_dtype": round(db / (layer_params * stored * layers), 3),
+        "projected_bytes": int(db / layers * full_layers),
+        "projected_bf16_bytes": int(db / layers * full_layers * 2 / stored),
+        "projected_build_s": round(s["time_s"]["database"] / layers * full_layers, 1)}
+
+
 def markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [f"# {res['preset']}: {res['layers']} of {res['full_layers']} layers, {res['dtype']} on {res['device']}",
@@ -295,6 +316,14 @@ def markdown(res: dict[str, Any]) -> str:
             f"{r['peak_rss_mib'] / 1024:.2f} | {'-' if cuda is None else f'{cuda / 1024:.2f}'} | "
             f"{r['disk_written_bytes'] / GiB:.2f} | {(r.get('activations') or {}).get('where', '?')} | "
             f"{r['projection']['prune_s']} | {r['projection']['wall_s']} |")
+    for r in res["runs"]:
+        if d := r.get("search_database"):
+            lines += ["", f"Level database ({r['label']}, `--schedule search`, {d['levels_per_block']} levels, forward in "
+                      f"{d['search_dtype']}, variants stored in {d['stored_dtype']}): {d['bytes'] / GiB:.2f} GiB, "
+                      f"{d['per_layer_build_s']} s per layer; **{d['over_layers_same_dtype']} × the layers' own bytes** in "
+                      f"that dtype (goal ≤ 2 × their bf16 bytes, the same ratio once stored in bf16); projected to "
+                      f"{res['full_layers']} layers: {d['projected_bytes'] / GiB:.1f} GiB "
+                      f"({d['projected_bf16_bytes'] / GiB:.1f} GiB in bf16), {d['projected_build_s'] / 60:.0f} min."]
     if "identical_weights" in res:
         lines += ["", f"Streamed and in-memory runs wrote bitwise identical weights: **{res['identical_weights']}**."]
     peak = res["projected_in_memory_peak_gib"]
@@ -377,6 +406,7 @@ def main() -> None:
                 report = json.loads((out / "slimgpt.json").read_text())
                 res["dtype"], res["device"] = report["dtype"], report["device"]
                 summarise(r, report, layers, res["full_layers"], scale)
+                database(r, report, layers, res["full_layers"], per_layer_bytes / DTYPES[a.save_dtype].itemsize)
                 r["output_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
                 outs.append(out)
             else:

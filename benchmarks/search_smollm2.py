@@ -34,7 +34,29 @@ from typing import Any
 LOG_REFERENCE = {"dense": 54.22, "0.2": 114.79, "0.5": 490.01}
 
 
-def stitched_ppl(run: dict[str, Any], windows: int, db_folder: str | None = None) -> dict[str, Any]:
+def model_kl(dense: Any, model: Any, windows: Any) -> float:
+    """Mean per-token KL(dense || model) on ``windows`` in float32 (the search's fitness, exact)."""
+    import torch
+    import torch.nn.functional as F
+
+    from slimgpt.search.fitness import token_kl
+
+    total = 0.0
+    with torch.no_grad():
+        for ids in windows:
+            p = F.log_softmax(dense(ids[None]).logits.float(), -1)
+            q = F.log_softmax(model(ids[None]).logits.float(), -1)
+            total += float(token_kl(p, q).mean())
+    return total / len(windows)
+
+
+def stitched_ppl(run: dict[str, Any], folder: Path, windows: int, db_folder: str | None = None) -> dict[str, Any]:
+    """The stitched model at the run's found levels (database rebuilt with the run's settings and
+    search dtype, so the same variants), its perplexity, and the float32 KL of both the stitched
+    and the run's own (rerun) model on the search's last-stage windows."""
+    import copy
+    import math
+
     import torch
 
     from slimgpt.arch import get_adapter
@@ -42,6 +64,8 @@ def stitched_ppl(run: dict[str, Any], windows: int, db_folder: str | None = None
     from slimgpt.data.calibration import sample_calibration
     from slimgpt.driver import layer_spaces
     from slimgpt.evaluation.perplexity import perplexity
+    from slimgpt.io import load_pruned
+    from slimgpt.methods.blockpruner import search_adapter
     from slimgpt.methods.searched import stitch
     from slimgpt.search.database import LevelDatabase, build_database, dense_mlp_hessian
     from slimgpt.search.levels import make_problem, widths_for
@@ -50,27 +74,36 @@ def stitched_ppl(run: dict[str, Any], windows: int, db_folder: str | None = None
 
     cfg = PruneConfig(**{k: v for k, v in run["config"].items() if k in PruneConfig.__dataclass_fields__})
     model, tok = load_model(cfg.model)
+    dense_model = copy.deepcopy(model).eval()
     calib, _ = sample_calibration(cfg.calib, tok, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.data_dir)
     ad = get_adapter(model)
     spaces = layer_spaces(ad)
     dense = parameter_count(model)
     search = run["method"]["search"]
+    search_dtype = getattr(torch, search.get("search_dtype", "float32"))
+    cpu = torch.device("cpu")
     t = time.perf_counter()
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, search_adapter(ad, cpu, search_dtype) as fast:
         if db_folder:  # a copy of the run's own OUT.search.db (same settings and calibration)
             db = LevelDatabase(Path(db_folder), json.loads((Path(db_folder) / "index.json").read_text()))
         else:
-            db = build_database(ad, calib, spaces, torch.device("cpu"), Path(d) / "db", {},
+            db = build_database(ad, calib, spaces, cpu, Path(d) / "db", {},
                                 levels=search.get("levels_per_block"), ffn_step=search.get("ffn_step"),
-                                damp=cfg.damp, head_score=cfg.head_score, batch_size=cfg.batch_size)
+                                damp=cfg.damp, head_score=cfg.head_score, batch_size=cfg.batch_size, forward=fast)
         p = make_problem(spaces, cfg.ratio * dense, attn_removed=db.attn_removed, ffn_kept=db.ffn_levels)
         alloc = widths_for(p, spaces, search["levels"], db.attn_shapes, db.ffn_levels)
-        plans = stitch(ad, db, search["levels"], alloc.fixup_layer, alloc.widths, cfg.damp,
-                       lambda i: dense_mlp_hessian(ad, calib, torch.device("cpu"), i, cfg.batch_size))
+        H_fix = dense_mlp_hessian(fast, calib, cpu, alloc.fixup_layer, cfg.batch_size) \
+            if alloc.fixup_layer is not None else None
+        plans = stitch(ad, db, search["levels"], alloc.fixup_layer, alloc.widths, cfg.damp, lambda i: H_fix)
         slim = shrink_model(model, plans)
     build_s = time.perf_counter() - t
+    kl_windows = calib[: math.ceil(search["kl"]["windows"] / calib.shape[1])]
+    rerun, _ = load_pruned(folder)
+    out = {"build_s": build_s, "search_dtype": str(search_dtype).removeprefix("torch."),
+           "kl_windows": int(kl_windows.shape[0]), "kl_stitched_fp32": model_kl(dense_model, slim.eval(), kl_windows),
+           "kl_rerun_fp32": model_kl(dense_model, rerun.eval(), kl_windows), "params": parameter_count(slim)}
     ppl = perplexity(slim, tok, "wikitext2", seqlen=128, max_windows=windows)
-    return {"ppl": ppl["ppl"], "windows": ppl["windows"], "params": parameter_count(slim), "build_s": build_s}
+    return {"ppl": ppl["ppl"], "windows": ppl["windows"], **out}
 
 
 def _eval_ppl(folder: Path) -> dict[str, float | None]:
@@ -101,6 +134,17 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
                          f"{'–' if secs is None else f'{secs:.0f}'} | {note} |")
     lines += ["", f"Dense {dense:.2f}. SmolLM2-135M, C4 64 × 512 calibration, cpu float32, "
               f"{result.get('torch_threads', 2)} torch threads."]
+    both = {r: run for r, run in sorted(result["runs"].items()) if "kl_rerun_fp32" in (run.get("stitched") or {})}
+    if both:
+        lines += ["", "**Score what you build, or build what you score** (one search, its allocation realised both "
+                  "ways; KL(dense ‖ model) in float32 on the search's last-stage windows):", "",
+                  "| ratio | search KL (stitched candidate, search dtype) | stitched: KL / PPL | "
+                  "rerun (sequential SlimGPT): KL / PPL |", "|---|---:|---:|---:|"]
+        for ratio, run in both.items():
+            st = run["stitched"]
+            lines.append(f"| {float(ratio):.2f} | {run['kl']['final']:.4f} ({st['search_dtype']}) | "
+                         f"{st['kl_stitched_fp32']:.4f} / {st['ppl']:.2f} | "
+                         f"{st['kl_rerun_fp32']:.4f} / {run['pruned_ppl']:.2f} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -144,7 +188,7 @@ def main() -> None:
             "allocation": [(r["heads"], r["kv_heads"], r["channels"]) for r in s["allocation"]],
         }
         if a.stitch:
-            entry["stitched"] = stitched_ppl(run, a.ppl_windows, a.db[k] if k < len(a.db) else None)
+            entry["stitched"] = stitched_ppl(run, folder, a.ppl_windows, a.db[k] if k < len(a.db) else None)
         if entry.get("pruned_ppl") is None:  # run without --ppl: evaluate the saved model
             from slimgpt.evaluation.perplexity import perplexity
             from slimgpt.io import load_pruned

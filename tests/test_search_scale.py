@@ -234,10 +234,14 @@ def test_fitness_is_mean_token_kl_dense_to_candidate(gqa_db):
     with torch.no_grad():
         cand = torch.cat([ad.logits(fit._run(ad.embed(windows[k : k + 1]), 0, 32)) for k in range(4)]).float()
     fit.stitcher.restore()
-    want = F.kl_div(cand.log_softmax(-1).flatten(0, 1), dense.half().float().flatten(0, 1), log_target=True,
-                    reduction="batchmean")  # the mean over all 4 x 32 tokens; dense kept in float16
-    assert got == pytest.approx(float(want), rel=1e-4)
+    p16 = dense.exp().half().float()  # the dense probabilities as the fitness keeps them (float16)
+    want = F.kl_div(cand.log_softmax(-1).flatten(0, 1), p16.flatten(0, 1), reduction="batchmean")
+    assert got == pytest.approx(float(want), rel=1e-4)  # the mean over all 4 x 32 tokens
     assert got > 1e-3
+    # and the stage of a prefix: the first 20 tokens of window 0 only
+    fit2 = KLFitness(ad, Stitcher(ad, db), windows, DEV)
+    want20 = F.kl_div(cand[0, :20].log_softmax(-1), p16[0, :20], reduction="batchmean")
+    assert fit2(levels, 20) == pytest.approx(float(want20), rel=1e-4)
 
 
 def test_parent_cache_from_a_later_block_equals_a_full_forward(gqa_db):

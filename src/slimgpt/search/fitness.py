@@ -10,9 +10,10 @@ whose level changed, and never copies the model.
 **Fitness.** :class:`KLFitness` scores a candidate by the mean per-token
 ``KL(p_dense || p_candidate)`` of the next-token distributions on a selection stage's calibration
 tokens: whole first windows, or a prefix of window 0 when the stage is shorter than a window
-(EvoPress: more stable than perplexity; never evaluation text); per-window values are memoised. The dense log-probabilities
-are computed once and kept in float16 (the dense entropy term is the same for every candidate, so
-their rounding cannot reorder candidates by more than it perturbs the cross-entropy weights).
+(EvoPress: more stable than perplexity; never evaluation text); per-window values are memoised. The dense probabilities
+are computed once and kept in float16 (the KL is exact for those stored values: their rounding
+perturbs only the cross-entropy weights, the same for every candidate), and a candidate's KL is
+taken from its logits directly (``Σ p log p − Σ p z + logsumexp(z) Σ p``), no log-softmax formed.
 Candidates differ from their parent in a few units: the parent's hidden states at every block
 boundary are cached (``set_parent``), and a candidate runs only from its first changed block on.
 """
@@ -157,10 +158,22 @@ class KLFitness:
         self.window_evaluations = 0  # windows forwarded (memo hits not counted)
         self.memo_hits = 0
         stitcher.restore()
-        self.dense_logp: list[torch.Tensor] = []
+        # per window: the dense next-token probabilities p (float16) and, per token, Σ p log p and Σ p
+        # of exactly those stored values, so that KL(p || q) = Σ p log p - Σ p z + logsumexp(z) Σ p
+        # needs only the candidate's logits z: no log-softmax of them is materialised (at a 49k-152k
+        # vocabulary the per-token V-wide passes cost as much as the bf16 forward)
+        self.dense_p: list[torch.Tensor] = []
+        self.dense_plogp: list[torch.Tensor] = []
+        self.dense_psum: list[torch.Tensor] = []
         with torch.no_grad():
             for ids in windows.split(self.batch):
-                self.dense_logp += list(self._logp(self._run(self._embed(ids), 0, self.seqlen)).half())
+                for logp in self._logp(self._run(self._embed(ids), 0, self.seqlen)):
+                    p = logp.exp().half()
+                    pf = p.float()
+                    self.dense_p.append(p)
+                    self.dense_plogp.append(torch.xlogy(pf, pf).sum(-1))
+                    self.dense_psum.append(pf.sum(-1))
+                    del pf
         self._parent: list[int] | None = None
         self._cache: dict[int, list[torch.Tensor]] = {}
         self._recorded: tuple[tuple[int, ...], dict[int, list[torch.Tensor]]] | None = None
@@ -202,9 +215,13 @@ class KLFitness:
 
     def _kl(self, h: torch.Tensor, ws: list[int], length: int) -> list[float]:
         """Each window's mean KL over its first ``length`` tokens (``h``: the batch's final states)."""
-        logq = self._logp(h)
-        logp = torch.stack([self.dense_logp[w][:length] for w in ws]).float()
-        values = token_kl(logp, logq).mean(-1).tolist()
+        z = self.adapter.logits(h).float()
+        lse = torch.logsumexp(z, -1)
+        values = []
+        for k, w in enumerate(ws):
+            cross = torch.linalg.vecdot(self.dense_p[w][:length].float(), z[k])  # Σ_v p z, per token
+            kl = self.dense_plogp[w][:length] - cross + lse[k] * self.dense_psum[w][:length]
+            values.append(float(kl.mean()))
         if not all(math.isfinite(v) for v in values):
             raise NumericalError("NaN/inf logits while scoring a searched allocation; use --dtype float32")
         return values
