@@ -112,7 +112,7 @@ class LayerRunner:
         self.inputs, self.ctx, self.device, self.timer = inputs, ctx, device, timer
         self._mid: list[torch.Tensor] | None = None
         self._mid_key: tuple | None = None
-        self.passed: DensePass | None = None  # what dense_pass collected, kept for the caller's propagation
+        self.dense_outputs: list[torch.Tensor] | None = None  # dense_pass's outputs, for the caller's propagation
 
     # ---- activations ---------------------------------------------------------------------
     def batches(self) -> Iterator[torch.Tensor]:
@@ -192,15 +192,7 @@ class LayerRunner:
         acc = HessianAccumulator(module.in_features, device=self.device, sum_dtype=torch.float64,
                                  where=f"layer {self.index}'s attention activations")
         hook_time = [0.0]
-
-        def hook(_m: nn.Module, args: tuple) -> None:
-            self.timer.sync()  # the accumulation's own time, not the attention still queued before it
-            t = time.perf_counter()
-            acc.add(args[0])
-            self.timer.sync()
-            hook_time[0] += time.perf_counter() - t
-
-        handle = module.register_forward_pre_hook(hook)
+        handle = module.register_forward_pre_hook(self._accumulating_hook(acc, hook_time))
         try:
             with self.timer("forward"):
                 for x in self.batches():
@@ -237,17 +229,8 @@ class LayerRunner:
         acc_d = HessianAccumulator(down.in_features, device=self.device, sum_dtype=torch.float64,
                                    where=f"layer {self.index}'s MLP activations")
         hook_time = [0.0]
-
-        def adder(acc: HessianAccumulator) -> Callable[[nn.Module, tuple], None]:
-            def hook(_m: nn.Module, args: tuple) -> None:
-                self.timer.sync()
-                t = time.perf_counter()
-                acc.add(args[0])
-                self.timer.sync()
-                hook_time[0] += time.perf_counter() - t
-            return hook
-
-        handles = [o.register_forward_pre_hook(adder(acc_o)), down.register_forward_pre_hook(adder(acc_d))]
+        handles = [o.register_forward_pre_hook(self._accumulating_hook(acc_o, hook_time)),
+                   down.register_forward_pre_hook(self._accumulating_hook(acc_d, hook_time))]
         outputs: list[torch.Tensor] = []
         sq, tokens = [0.0, 0.0], 0
         try:
@@ -263,8 +246,18 @@ class LayerRunner:
             for h in handles:
                 h.remove()
         self.timer.move("forward", "hessian", hook_time[0])
-        self.passed = DensePass(self._reduced(acc_o), self._reduced(acc_d), outputs, (sq[0] / tokens, sq[1] / tokens))
-        return self.passed
+        self.dense_outputs = outputs
+        return DensePass(self._reduced(acc_o), self._reduced(acc_d), outputs, (sq[0] / tokens, sq[1] / tokens))
+
+    def _accumulating_hook(self, acc: HessianAccumulator, seconds: list[float]) -> Callable[[nn.Module, tuple], None]:
+        """A forward pre-hook adding the module's input to ``acc``, its own time added to ``seconds[0]``."""
+        def hook(_m: nn.Module, args: tuple) -> None:
+            self.timer.sync()  # the accumulation's own time, not the work still queued before it
+            t = time.perf_counter()
+            acc.add(args[0])
+            self.timer.sync()
+            seconds[0] += time.perf_counter() - t
+        return hook
 
     def _reduced(self, acc: HessianAccumulator) -> torch.Tensor:
         """``H`` over every rank's calibration tokens: the raw float64 sums and token counts are

@@ -160,12 +160,12 @@ class SearchedSlimGPT(GlobalMethod):
         times: dict[str, float] = {}
         # the database's forward and every fitness run in the search dtype (bf16 on a CPU with native
         # bf16, as BlockPruner's search): they only rank candidates; the solvers read the model's weights
-        search_dtype = resolve_search_dtype(cfg.search_dtype, next(adapter.model.parameters()).dtype, ctx.device)
+        model_dtype = next(adapter.model.parameters()).dtype
+        search_dtype = resolve_search_dtype(cfg.search_dtype, model_dtype, ctx.device)
         with search_adapter(adapter, ctx.device, search_dtype) as fast:
             t = time.perf_counter()
-            dtype = str(next(adapter.model.parameters()).dtype)
             db = build_database(adapter, ctx.calib, spaces, ctx.device, folder,
-                                {**key, "ffn_step": ffn_step, "levels": levels, "dtype": dtype,
+                                {**key, "ffn_step": ffn_step, "levels": levels, "dtype": str(model_dtype),
                                  "forward_dtype": str(search_dtype)},
                                 levels=levels, ffn_step=ffn_step, damp=cfg.damp, head_score=self.width.head_score,
                                 batch_size=cfg.batch_size, timer=ctx.timer, progress=ctx.progress, forward=fast)
@@ -215,7 +215,6 @@ class SearchedSlimGPT(GlobalMethod):
                  res.start_fitness, res.fitness, res.generations, res.stopped_by, fitness.evaluations,
                  f"{removed:,}", f"{target:,.0f}")
         return plans
-
 
     def _search(self, ctx: PruneContext, adapter: Any, db: LevelDatabase, problem: Problem, settings: EvoSettings,
                 target: float, journal: _Journal | None, state: dict[str, Any] | None, deadline: float,

@@ -172,7 +172,7 @@ def _dense_layers(adapter: ModelAdapter, calib: torch.Tensor, device: torch.devi
         try:
             run = LayerRunner(i, layer, adapter, hidden, ctx, device, timer)
             yield i, run
-            outs = run.passed.outputs if run.passed is not None else run.outputs()  # the consumer's pass, or one now
+            outs = run.dense_outputs if run.dense_outputs is not None else run.outputs()  # the consumer's pass, or one now
             hidden = [o_.to("cpu") for o_ in outs]  # dense propagation: the next layer's inputs
             del run
         finally:
@@ -243,10 +243,10 @@ def build_database(
         attn_levels, counts, group = ladders(s, levels, ffn_step)
         geo = adapter.geometry(layer)
         dense = run.dense_pass()  # one forward: both Hessians, the outputs, the input norms
-        norms = list(dense.input_norms)
+        norms, Ho, Hd = list(dense.input_norms), dense.attn_hessian, dense.mlp_hessian
+        del dense  # each Hessian is freed once its ladder is written
         # attention ladder
         o = adapter.attention(layer).o
-        Ho = dense.attn_hessian
         shapes, removed, errors = [], [], []
         with timer("solver"):
             Hinv0, _ = damped_inverse(Ho, damp, where=f"layer {i} o_proj")
@@ -273,8 +273,6 @@ def build_database(
         index["attn_removed"].append(removed)
         index["errors"]["attn"].append(errors)
         # FFN ladder, on the dense attention's outputs
-        Hd = dense.mlp_hessian
-        del dense
         with timer("solver"):
             down = adapter.mlp(layer).down
             stored = counts[1:-1]  # dense and removed store nothing
