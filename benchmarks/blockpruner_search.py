@@ -23,7 +23,8 @@ import torch
 from slimgpt.arch import get_adapter
 from slimgpt.data.calibration import get_calibration
 from slimgpt.driver import layer_spaces
-from slimgpt.methods.blockpruner import block_search, search_adapter
+from slimgpt.methods.blockpruner import block_search
+from slimgpt.twin import search_adapter
 from slimgpt.zoo import load_model
 
 OUT = Path(__file__).resolve().parent / "results" / "blockpruner_search.json"

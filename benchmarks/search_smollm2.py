@@ -65,11 +65,11 @@ def stitched_ppl(run: dict[str, Any], folder: Path, windows: int, db_folder: str
     from slimgpt.driver import layer_spaces
     from slimgpt.evaluation.perplexity import perplexity
     from slimgpt.io import load_pruned
-    from slimgpt.methods.blockpruner import search_adapter
     from slimgpt.methods.searched import stitch
     from slimgpt.search.database import LevelDatabase, build_database, dense_mlp_hessian
     from slimgpt.search.levels import make_problem, widths_for
     from slimgpt.surgery import parameter_count, shrink_model
+    from slimgpt.twin import search_adapter
     from slimgpt.zoo import load_model
 
     cfg = PruneConfig(**{k: v for k, v in run["config"].items() if k in PruneConfig.__dataclass_fields__})

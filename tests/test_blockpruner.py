@@ -266,7 +266,7 @@ def test_hybrid_width_pass_runs_on_the_depth_pruned_model(tiny_qwen2, tiny_token
 def test_search_in_another_dtype_uses_a_cast_copy(tiny_llama_gqa):
     """The bf16 search equals a search on a copy with every parameter cast (buffers such as RoPE
     frequencies kept in fp32), and leaves the model as it was."""
-    from slimgpt.methods.blockpruner import resolve_search_dtype, search_adapter
+    from slimgpt.twin import resolve_search_dtype, search_adapter
 
     model = tiny_llama_gqa
     before = {k: v.clone() for k, v in model.state_dict().items()}

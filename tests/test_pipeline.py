@@ -244,3 +244,16 @@ def test_timer_waits_for_the_gpu_on_cuda_only(monkeypatch):
     with Timer()("forward"):
         pass
     assert calls == [] and cpu.seconds["forward"] >= 0
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_is_bf16_on_gpus_that_have_it(monkeypatch, bf16, expected):
+    """Gemma and Qwen2.5 overflow float16; ``auto`` must not pick it on a GPU with bfloat16, and
+    stays float32 on CPU whatever CUDA reports."""
+    from slimgpt.utils import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == expected
+    assert resolve_dtype(None, torch.device("cuda", 0)) == expected
+    assert resolve_dtype("auto", DEV) == torch.float32
+    assert resolve_dtype("float16", torch.device("cuda", 0)) == torch.float16

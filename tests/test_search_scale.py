@@ -188,7 +188,7 @@ def test_bf16_forward_database_keeps_the_models_weights(tmp_path):
     solved from the float32 weights and stored in float32, close to the all-float32 database's
     (only the Hessians carry the twin's rounding), and the fix-up Hessian recomputed from the
     twin continues the stored path exactly."""
-    from slimgpt.methods.blockpruner import search_adapter
+    from slimgpt.twin import search_adapter
 
     model = build_tiny(LlamaConfig, LlamaForCausalLM, num_key_value_heads=2, tie_word_embeddings=False)
     ad = get_adapter(model)

@@ -115,7 +115,7 @@ class PruneConfig:
             check_writable(self.out, "output folder")  # before the model is loaded, not when saving
         # last: the method registry imports torch (seconds), the checks above answer a typo at once
         from slimgpt.methods import METHODS
-        from slimgpt.methods.blockpruner import SEARCH_DTYPES
+        from slimgpt.twin import SEARCH_DTYPES
 
         if self.method not in METHODS:
             raise ConfigError(f"unknown --method '{self.method}'; choose from {', '.join(METHODS)}")

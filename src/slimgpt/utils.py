@@ -35,9 +35,13 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU (half-precision matmuls are slow there), float16 on CUDA."""
+    """``auto``: float32 on CPU (half-precision matmuls are slow there); on CUDA bfloat16 where the
+    GPU has it (Ampere and later), else float16. bf16 has float32's range: Gemma and Qwen2.5 were
+    trained in it and their activations overflow float16's 65504."""
     if name in (None, "auto"):
-        return torch.float32 if device.type == "cpu" else torch.float16
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     if name not in DTYPES:
         raise ConfigError(f"unknown --dtype '{name}'; use auto, float32, float16 or bfloat16")
     return DTYPES[name]

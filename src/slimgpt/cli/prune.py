@@ -36,7 +36,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ (× mean diagonal)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on CUDA) | float32 | float16 | bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU; bf16 on CUDA, fp16 on GPUs without bf16) | float32 | float16 | bfloat16")
     p.add_argument("--head-score", default="gcd", help="gcd (paper) | gcd-exact | initial (the '-GCD' ablation)")
     p.add_argument("--ffn-groups", default="dynamic", help="dynamic (DGS) | N fixed group size ('-DGS': 128)")
     p.add_argument("--min-group", type=int, default=8, help="smallest dynamic group size")

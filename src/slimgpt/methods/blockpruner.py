@@ -40,30 +40,26 @@ gate/up/down) as surgery removes them; norms and biases left in place are not co
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 from slimgpt import distributed
-from slimgpt.arch import get_adapter
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import ConfigError, NumericalError
 from slimgpt.methods.base import GlobalMethod, PruneContext, Timer
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerSpace
+from slimgpt.twin import resolve_search_dtype, search_adapter
 
 log = logging.getLogger(__name__)
 
@@ -82,55 +78,6 @@ def block_params(spaces: list[LayerSpace], b: int) -> int:
     if b % 2 == 0:
         return s.num_heads * s.per_q_head + s.num_kv_heads * s.per_kv_head
     return s.channels * s.per_channel
-
-
-@contextmanager
-def on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Run with the whole model on ``device`` (a block search touches every layer ``R²/2`` times
-    per round, so streaming layers in and out would dominate), and put it back afterwards."""
-    home = next(model.parameters()).device
-    if home == device:
-        yield
-        return
-    model.to(device)
-    try:
-        yield
-    finally:
-        model.to(home)
-
-
-SEARCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def resolve_search_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype the search runs in (see the module docstring for ``auto``)."""
-    if name != "auto":
-        return getattr(torch, name)
-    native_bf16 = device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    if model_dtype == torch.float32 and native_bf16:
-        return torch.bfloat16
-    return model_dtype
-
-
-@contextmanager
-def search_adapter(adapter: ModelAdapter, device: torch.device, dtype: torch.dtype) -> Iterator[ModelAdapter]:
-    """An adapter over the model on ``device`` in ``dtype``: the model itself when it already has
-    that dtype, else a copy whose parameters are cast one by one (no full-precision duplicate is
-    ever made; buffers such as RoPE frequencies keep their precision). The model is untouched."""
-    model = adapter.model
-    if next(model.parameters()).dtype == dtype:
-        with on_device(model, device):
-            yield adapter
-        return
-    memo: dict[int, Any] = {
-        id(p): nn.Parameter(p.detach().to(device=device, dtype=dtype), requires_grad=False)
-        for p in model.parameters()
-    }
-    twin = copy.deepcopy(model, memo).to(device)
-    try:
-        yield get_adapter(twin)
-    finally:
-        del twin, memo
 
 
 class BlockChain:

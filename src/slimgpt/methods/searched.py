@@ -35,7 +35,6 @@ import torch
 
 from slimgpt.errors import ConfigError
 from slimgpt.methods.base import GlobalMethod, PruneContext
-from slimgpt.methods.blockpruner import resolve_search_dtype, search_adapter
 from slimgpt.methods.slimgpt import SlimGPT
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerWidth, removed_params, solve_widths
@@ -44,6 +43,7 @@ from slimgpt.search.evolution import EvoSettings, evolve
 from slimgpt.search.fitness import KLFitness, Stitcher
 from slimgpt.search.levels import Problem, make_problem, nearest_levels, repair, widths_for
 from slimgpt.search.options import add_allocation_args, int_list, parse_seconds
+from slimgpt.twin import resolve_search_dtype, search_adapter
 
 log = logging.getLogger(__name__)
 

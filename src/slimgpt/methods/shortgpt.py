@@ -21,11 +21,11 @@ from slimgpt.methods.base import PruneContext
 from slimgpt.methods.blockpruner import (
     DepthMethod,
     block_params,
-    on_device,
     removal_plans,
     target_from_config,
 )
 from slimgpt.plan import LayerPlan
+from slimgpt.twin import on_device
 
 log = logging.getLogger(__name__)
 
