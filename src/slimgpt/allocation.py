@@ -48,6 +48,7 @@ from slimgpt.search.fitness import token_kl
 from slimgpt.solvers.heads import HeadScore, prune_heads
 from slimgpt.solvers.hessian import damped_inverse, dead_columns
 from slimgpt.surgery import head_rows
+from slimgpt.twin import on_device
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,8 @@ def choose_allocation(
         layer.to(home)
     # the scoring windows are the first Hessian windows: their dense outputs are already in ``hidden``
     dense_final = list(torch.cat(hidden)[: settings.score_windows].split(1))
-    with timer("score"):
+    # the output head stays home (CPU when layers stream) between prunes; score on ``device``
+    with timer("score"), on_device(adapter.decoder.norm, device), on_device(adapter.model.lm_head, device):
         scores = {n: _kl(adapter, dense_final, states[n], device) for n in names}
     chosen = min(names, key=lambda n: (scores[n], names.index(n)))
     secs = {**timer.seconds, "total": time.perf_counter() - t0}
