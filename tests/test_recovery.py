@@ -24,7 +24,14 @@ from slimgpt.config import PruneConfig
 from slimgpt.errors import ConfigError
 from slimgpt.io import load_pruned, saved_tensors
 from slimgpt.recovery import RecoveryConfig, recover
-from slimgpt.recovery.data import Example, TrainData, parse_sources, repeat_warning, window_order
+from slimgpt.recovery.data import (
+    Example,
+    TrainData,
+    parse_sources,
+    repeat_warning,
+    sampling_batch,
+    window_order,
+)
 from slimgpt.recovery.loop import (
     Teacher,
     TopkCache,
@@ -377,3 +384,21 @@ def test_user_errors_are_one_line(folders, tmp_path: Path, capsys) -> None:
                  "--device", "cpu"]) == 2
     assert "--teacher auto needs the source model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_sampling_batch_is_sized_by_the_kv_cache() -> None:
+    """GPU rows: a quarter of the free memory over one row's KV cache (K and V, every layer, every
+    position), clamped to 16..1024; a CPU keeps 64."""
+    from transformers import LlamaConfig
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    smol = LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+    row = 2 * 30 * 3 * 64 * 256 * 2  # bytes of one 256-token row in bf16
+    assert sampling_batch(smol, 256, torch.bfloat16, cuda, free_bytes=100 * 4 * row) == 100
+    assert sampling_batch(smol, 256, torch.float32, cuda, free_bytes=100 * 4 * row) == 50
+    assert sampling_batch(smol, 256, torch.bfloat16, cuda, free_bytes=80 * 2**30) == 1024
+    assert sampling_batch(smol, 256, torch.bfloat16, cuda, free_bytes=2**20) == 16
+    llama8b = LlamaConfig(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8)
+    assert sampling_batch(llama8b, 256, torch.bfloat16, cuda, free_bytes=80 * 2**30) == 80 * 2**30 // 4 // (
+        2 * 32 * 8 * 128 * 256 * 2)
+    assert sampling_batch(smol, 256, torch.bfloat16, cpu) == 64

@@ -33,6 +33,7 @@ from slimgpt.recovery.data import (
     parse_sources,
     repeat_warning,
     sample_teacher,
+    sampling_batch,
     teacher_share,
     teacher_windows_needed,
 )
@@ -169,9 +170,7 @@ def add_teacher_windows(data: TrainData, specs: list[Any], teacher: nn.Module | 
     t0 = time.perf_counter()
     if pool is None:
         def sample() -> dict[str, Any]:
-            # CPU: 300 tok/s at 64 (1 thread), 170 at 16. GPU: decoding is bound by the per-token step,
-            # not the batch (an H200 sampled 5.3k tok/s at 256), so a wider batch is nearly free
-            batch = 64 if device.type != "cuda" else 1024
+            batch = sampling_batch(teacher.config, cfg.seqlen, next(teacher.parameters()).dtype, device)
             rows = sample_teacher(teacher, tokenizer, n + n_val, cfg.seqlen, cfg.seed, device, batch, progress)
             return {"ids": torch.tensor([r.input_ids for r in rows], dtype=torch.long)}
 

@@ -351,6 +351,24 @@ def sample_teacher(teacher: Any, tokenizer: Any, n: int, seqlen: int, seed: int,
     return out
 
 
+def sampling_batch(config: Any, seqlen: int, dtype: torch.dtype, device: torch.device,
+                   free_bytes: int | None = None) -> int:
+    """Rows decoded at once when sampling from the teacher. CPU: 64 (300 tok/s on one thread, 170 at
+    16). GPU: decoding is bound by the per-token step, not the batch (an H200 sampled 5.3k tok/s at
+    256 rows of SmolLM2), so take as many rows as a quarter of the free memory holds in KV cache,
+    between 16 and 1024: 1024 rows of SmolLM2 with 80 GB free, ~600 of an 8B model (20 GB of cache)."""
+    if device.type != "cuda":
+        return 64
+    cfg = getattr(config, "text_config", config)
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    row = 2 * cfg.num_hidden_layers * kv * head_dim * seqlen * torch.tensor([], dtype=dtype).element_size()
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    return max(16, min(1024, free_bytes // 4 // row))
+
+
 def teacher_windows_needed(share: float, total_windows: int, cap_tokens: int | None, seqlen: int) -> int:
     """How many windows to sample: the teacher's share of the run, at most ``cap_tokens`` worth."""
     n = math.ceil(share * total_windows)
@@ -360,5 +378,5 @@ def teacher_windows_needed(share: float, total_windows: int, cap_tokens: int | N
 
 
 __all__ = ["Example", "SourceSpec", "TEACHER", "TrainData", "WHEEL_TEXTS", "alpaca_examples", "build_examples",
-           "check_source", "collate", "parse_sources", "repeat_warning", "sample_teacher", "scored_tokens",
-           "teacher_share", "teacher_windows_needed", "text_examples", "window_order"]
+           "check_source", "collate", "parse_sources", "repeat_warning", "sample_teacher", "sampling_batch",
+           "scored_tokens", "teacher_share", "teacher_windows_needed", "text_examples", "window_order"]
