@@ -173,20 +173,3 @@ def test_auto_windows_cover_the_widest_ffn():
     assert auto_windows(4, 512, s)[0] == 4  # never more than the calibration holds
 
 
-def test_a_streamed_run_falls_back_to_the_log_schedule_and_says_so(caplog):
-    from slimgpt import pipeline
-
-    model = _model()
-    spaces = layer_spaces(get_adapter(model))
-
-    class Run:
-        stream = True
-        cfg = PruneConfig(schedule="auto", ratio=0.3)
-        allocation = None
-
-    Run.spaces, Run.dense_params = spaces, model.num_parameters()
-    run = Run()
-    with caplog.at_level("WARNING"):
-        widths = pipeline.auto_widths(run)  # type: ignore[arg-type]
-    assert widths == solve_widths(spaces, model.num_parameters(), 0.3, "log")
-    assert "log schedule" in caplog.text and run.allocation["fallback"] == "streamed run"

@@ -25,8 +25,8 @@ from slimgpt.config import PruneConfig
 from slimgpt.errors import ConfigError
 from slimgpt.io import saved_tensors as weights  # other tests import it from here
 
-# --schedule log: a streamed run cannot score the auto family (it falls back to log, test_allocation),
-# and these tests compare streamed with in-memory runs
+# --schedule log: these tests compare streamed with in-memory runs of the layer-wise driver (the
+# auto schedule's streamed pass has its own test below)
 RUN = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4", "--ratio", "0.3", "--schedule", "log"]
 KINDS = {
     "llama": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=2, tie_word_embeddings=True)),
@@ -92,8 +92,9 @@ def calib(tmp_path: Path) -> Path:
 
 
 def config(model: Path, out: Path, calib: Path, **kw) -> PruneConfig:
+    kw.setdefault("schedule", "log")
     return PruneConfig(model=str(model), out=str(out), calib=str(calib), nsamples=8, seqlen=32, batch_size=4,
-                       ratio=0.3, schedule="log", **kw)
+                       ratio=0.3, **kw)
 
 
 def reference_weights(model: Path, calib: Path) -> dict[str, torch.Tensor]:
@@ -208,3 +209,26 @@ def test_streamed_equals_in_memory_in_bfloat16(model_dir: Path, calib: Path, tmp
     prune(config(model_dir, tmp_path / "st", calib, dtype="bfloat16", max_memory="1KiB"), progress=False)
     assert_same_weights(tmp_path / "mem", tmp_path / "st")
     assert weights(tmp_path / "st")["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_bias"])  # head tied to the embedding (read under its name) / untied
+def test_streamed_auto_schedule_equals_in_memory(kind: str, tmp_path: Path, calib: Path, monkeypatch) -> None:
+    """``--schedule auto`` streams its scoring pass too: the same KL of every candidate, the same
+    choice and weights as in memory, with no other layer's weights in memory while one is scored."""
+    src = save_tiny(tmp_path / "src", kind)
+    mem = prune(config(src, tmp_path / "mem", calib, schedule="auto"), progress=False)
+    held: list[tuple[int, list[int]]] = []
+    layer = streaming.StreamedWeights.layer
+
+    def watched(self, index: int):  # noqa: ANN202
+        real = [i for i, lay in enumerate(self.store.adapter.layers) if any(p.device.type != "meta" for p in lay.parameters())]
+        held.append((index, real))
+        return layer(self, index)
+
+    monkeypatch.setattr(streaming.StreamedWeights, "layer", watched)
+    st = prune(config(src, tmp_path / "st", calib, schedule="auto", max_memory="1KiB"), progress=False)
+    assert st.report["streamed"] and not mem.report["streamed"]
+    assert held == [(i, []) for i in range(4)]
+    a, b = mem.report["method"]["auto"], st.report["method"]["auto"]
+    assert len(a["kl"]) > 1 and a["kl"] == b["kl"] and a["chosen"] == b["chosen"]
+    assert_same_weights(tmp_path / "mem", tmp_path / "st")

@@ -22,6 +22,10 @@ best (docs/auto_schedule.md has the numbers that chose the family):
   scoring windows (EvoPress's fitness); the lowest wins, and sequential SlimGPT then prunes the
   model at the winner's widths (the ordinary layer-wise run, streaming and checkpoints included).
 
+The pass reads weights through a :class:`Weights` access: the model's own (:class:`ResidentWeights`,
+each layer moved to the device while it is worked on) or, for a run streamed from disk, one layer at
+a time from the checkpoint files (:class:`slimgpt.streaming.StreamedWeights`).
+
 The cost is the dense pass on ``nsamples / 4`` windows plus ``candidates × score windows`` layer
 forwards and one solve per distinct variant: under one extra log-schedule run.
 """
@@ -31,8 +35,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +195,36 @@ def _forward(adapter: ModelAdapter, layer: nn.Module, v: _Variant, h: torch.Tens
     return h
 
 
+# ---------------------------------------------------------------------------------- weights
+class Weights(Protocol):
+    """Where the pass finds the weights it needs, each only while it is needed."""
+
+    def embedding(self) -> AbstractContextManager[None]: ...
+
+    def layer(self, index: int) -> AbstractContextManager[None]: ...
+
+    def head(self) -> AbstractContextManager[None]: ...
+
+
+class ResidentWeights:
+    """The model's own weights: a layer, and the final norm and head for the scoring, sit on the
+    device while they are used and go back home (the CPU when layers are offloaded) afterwards."""
+
+    def __init__(self, adapter: ModelAdapter, device: torch.device) -> None:
+        self.adapter, self.device = adapter, device
+
+    def embedding(self) -> AbstractContextManager[None]:
+        return nullcontext()  # embed_batches moves what it embeds
+
+    def layer(self, index: int) -> AbstractContextManager[None]:
+        return on_device(self.adapter.layers[index], self.device)
+
+    @contextmanager
+    def head(self) -> Iterator[None]:
+        with on_device(self.adapter.decoder.norm, self.device), on_device(self.adapter.model.lm_head, self.device):
+            yield
+
+
 # ---------------------------------------------------------------------------------- the pass
 @torch.no_grad()
 def choose_allocation(
@@ -199,11 +235,14 @@ def choose_allocation(
     device: torch.device,
     settings: AutoSettings,
     progress: bool = True,
+    weights: Weights | None = None,
 ) -> AutoResult:
     """Score every allocation in ``family`` by calibration KL (module docstring); the lowest wins
-    (ties: the earlier name). The model's weights are left as they were."""
+    (ties: the earlier name). The model's weights are left as they were; ``weights`` says where they
+    are read (default: the model's own)."""
     t0 = time.perf_counter()
     timer = Timer(device)
+    weights = weights if weights is not None else ResidentWeights(adapter, device)
     dtype = next(adapter.model.parameters()).dtype
     names = list(family)
     assert settings.score_windows <= settings.hessian_windows, "scoring windows are a prefix of the Hessian windows"
@@ -211,33 +250,30 @@ def choose_allocation(
     score_calib = calib[: settings.score_windows]
     ctx = adapter.context(calib.shape[1], device, dtype)
     offload = torch.device("cpu")
-    with timer("forward"):
+    with timer("forward"), weights.embedding():
         hidden = embed_batches(adapter, hess_calib, settings.batch_size, offload)
         start = embed_batches(adapter, score_calib, 1, offload)
     states = {n: [x.clone() for x in start] for n in names}  # per candidate, per scoring window
     bar = tqdm(range(adapter.num_layers), desc="auto schedule: layers", disable=not progress)
     for i in bar:
         layer, s = adapter.layers[i], spaces[i]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        run = LayerRunner(i, layer, adapter, hidden, ctx, device, timer)
-        variants = _layer_variants(run, s, {n: family[n][i] for n in names}, settings, timer)
-        swap = _Swap(adapter, layer)
-        with timer("forward"):
-            for n in names:
-                v = variants[n]
-                try:
-                    swap.install(v)
-                    states[n] = [_forward(adapter, layer, v, x.to(device), ctx).to(offload) for x in states[n]]
-                finally:
-                    swap.restore()
-        hidden = [o.to(offload) for o in run.outputs()]  # dense propagation: every variant sees dense inputs
-        del run
-        layer.to(home)
+        with weights.layer(i):
+            run = LayerRunner(i, layer, adapter, hidden, ctx, device, timer)
+            variants = _layer_variants(run, s, {n: family[n][i] for n in names}, settings, timer)
+            swap = _Swap(adapter, layer)
+            with timer("forward"):
+                for n in names:
+                    v = variants[n]
+                    try:
+                        swap.install(v)
+                        states[n] = [_forward(adapter, layer, v, x.to(device), ctx).to(offload) for x in states[n]]
+                    finally:
+                        swap.restore()
+            hidden = [o.to(offload) for o in run.outputs()]  # dense propagation: every variant sees dense inputs
+            del run, variants, swap
     # the scoring windows are the first Hessian windows: their dense outputs are already in ``hidden``
     dense_final = list(torch.cat(hidden)[: settings.score_windows].split(1))
-    # the output head stays home (CPU when layers stream) between prunes; score on ``device``
-    with timer("score"), on_device(adapter.decoder.norm, device), on_device(adapter.model.lm_head, device):
+    with timer("score"), weights.head():
         scores = {n: _kl(adapter, dense_final, states[n], device) for n in names}
     chosen = min(names, key=lambda n: (scores[n], names.index(n)))
     secs = {**timer.seconds, "total": time.perf_counter() - t0}

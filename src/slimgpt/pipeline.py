@@ -181,11 +181,11 @@ def auto_widths(run: Run) -> list[LayerWidth]:
     from slimgpt import allocation
 
     c = run.cfg
-    if run.stream:  # the candidates' scoring runs the whole model; a streamed run has one layer at a time
-        log.warning("--schedule auto (the default) needs the model in memory and this run streams it from disk: "
-                    "using the paper's log schedule instead (pass --schedule log to say so, or give it more memory)")
-        run.allocation = {"chosen": "log", "fallback": "streamed run", "time_s": {"total": 0.0}}
-        return solve_widths(run.spaces, run.dense_params, c.ratio, "log", c.first_ratio)
+    weights = None
+    if run.stream:  # the pass reads one layer at a time from disk, as the prune does
+        assert run.source is not None
+        weights = streaming.StreamedWeights(streaming.StreamingStore(run.adapter, run.source, run.dtype, None),
+                                            run.device)
     assert c.nsamples is not None and c.seqlen is not None and run.calib is not None
     hess, score = allocation.auto_windows(c.nsamples, c.seqlen, run.spaces)
     method = run.method
@@ -197,7 +197,7 @@ def auto_widths(run: Run) -> list[LayerWidth]:
         family = allocation.candidates(run.spaces, run.dense_params, c.ratio, c.first_ratio)
         with distributed.solo():  # rank 0 scores on its own (its Hessians are not reduced); the others wait
             return allocation.choose_allocation(run.adapter, run.calib, run.spaces, family, run.device, settings,
-                                                progress=run.progress)
+                                                progress=run.progress, weights=weights)
 
     res = distributed.agree(choose, "choosing the --schedule auto allocation")
     run.allocation = res.summary()

@@ -393,9 +393,10 @@ class StreamingStore(InMemoryStore):
         prefix = names[id(module)] + "."
         originals = {n: t for n, t in module.state_dict(keep_vars=True).items()}
         t0 = time.perf_counter()
-        tensors = self.source.load([prefix + n for n in originals], self.dtype)
-        for n, t in tensors.items():
-            set_module_tensor_to_device(module, n.removeprefix(prefix), "cpu", value=t, clear_cache=False)
+        wanted = {n: self._stored_name(prefix + n, t) for n, t in originals.items()}
+        tensors = self.source.load(sorted(set(wanted.values())), self.dtype)
+        for n, stored in wanted.items():
+            set_module_tensor_to_device(module, n, "cpu", value=tensors[stored], clear_cache=False)
         self.seconds["load"] += time.perf_counter() - t0
         del tensors
         try:
@@ -403,6 +404,16 @@ class StreamingStore(InMemoryStore):
         finally:
             for n, t in originals.items():
                 set_tensor(module, n, t)
+
+    def _stored_name(self, name: str, tensor: torch.Tensor) -> str:
+        """The checkpoint's name for ``tensor``: its own, or for a tied tensor (a head tied to the
+        embedding) the name it is saved under."""
+        if name in self.source.shapes:
+            return name
+        for other, t in self.adapter.model.named_parameters(remove_duplicate=False):
+            if t is tensor and other in self.source.shapes:
+                return other
+        raise ModelError(f"{self.source.folder} has no tensor '{name}'; load the model without --max-memory")
 
     def inputs(self, adapter: ModelAdapter, calib: torch.Tensor, batch_size: int,
                offload: torch.device) -> list[torch.Tensor]:
@@ -435,6 +446,37 @@ class StreamingStore(InMemoryStore):
         log.warning("--max-memory %s is below the estimated peak of the streamed run (%s: %s); the smallest cap "
                     "that should hold is %s, or lower --nsamples/--seqlen/--batch-size or add --offload-activations "
                     "DIR", cfg.max_memory, _gib(plan.streamed()), plan.parts(True), _gib(plan.streamed()))
+
+
+class StreamedWeights:
+    """:class:`slimgpt.allocation.Weights` for a streamed run: the embedding, one layer, or the final
+    norm and head read from the checkpoint files while used (the layer on the device), then given
+    back to the meta device, so that ``--schedule auto`` holds no more weights than the prune."""
+
+    def __init__(self, store: StreamingStore, device: torch.device) -> None:
+        self.store, self.device = store, device
+
+    def embedding(self) -> Any:
+        return self.store._materialized(self.store.adapter.decoder.embed_tokens)
+
+    @contextmanager
+    def layer(self, index: int):  # noqa: ANN201 - a context manager
+        layer = self.store.adapter.layers[index]
+        with self.store._materialized(layer):
+            layer.to(self.device)
+            try:
+                yield
+            finally:
+                layer.to("cpu")
+        _trim_heap()
+
+    @contextmanager
+    def head(self):  # noqa: ANN201 - a context manager
+        adapter = self.store.adapter
+        with self.store._materialized(adapter.decoder.norm), self.store._materialized(adapter.model.lm_head):
+            adapter.decoder.norm.to(self.device)
+            adapter.model.lm_head.to(self.device)
+            yield
 
 
 def _trim_heap() -> None:
