@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -402,3 +403,23 @@ def test_sampling_batch_is_sized_by_the_kv_cache() -> None:
     assert sampling_batch(llama8b, 256, torch.bfloat16, cuda, free_bytes=80 * 2**30) == 80 * 2**30 // 4 // (
         2 * 32 * 8 * 128 * 256 * 2)
     assert sampling_batch(smol, 256, torch.bfloat16, cpu) == 64
+
+
+def test_a_bf16_pruned_folder_is_trained_in_fp32_and_saved_in_bf16(folders, tmp_path: Path) -> None:
+    """The weights train in float32 and go back to disk in the folder's own bf16 (not at twice its
+    size): exactly the trained float32 weights rounded."""
+    from slimgpt.io import cast_saved_weights
+
+    _, student, text = folders
+    bf16 = tmp_path / "p16"
+    shutil.copytree(student, bf16)
+    cast_saved_weights(bf16, torch.bfloat16)
+    res = recover(quick(model=str(bf16), data=str(text), out=str(tmp_path / "rec")), progress=False)
+    saved = saved_tensors(tmp_path / "rec")
+    trained = dict(res.model.state_dict())
+    assert next(res.model.parameters()).dtype == torch.float32
+    assert saved and all(t.dtype == torch.bfloat16 for t in saved.values())
+    for k, t in saved.items():
+        assert torch.equal(t, trained[k].to(torch.bfloat16)), k
+    assert json.loads((tmp_path / "rec" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "rec" / "slimgpt.json").read_text())["saved_dtype"] == "bfloat16"

@@ -232,3 +232,33 @@ def test_streamed_auto_schedule_equals_in_memory(kind: str, tmp_path: Path, cali
     a, b = mem.report["method"]["auto"], st.report["method"]["auto"]
     assert len(a["kl"]) > 1 and a["kl"] == b["kl"] and a["chosen"] == b["chosen"]
     assert_same_weights(tmp_path / "mem", tmp_path / "st")
+
+
+def test_a_bf16_source_pruned_in_fp32_is_saved_in_bf16(tmp_path: Path, calib: Path) -> None:
+    """``--save-dtype auto``: the run computes in fp32 (CPU) and writes the source's bf16, in memory
+    and streamed alike (the streamed run's layer checkpoints are replaced, not written through);
+    the saved tensors are the fp32 result rounded to bf16, and transformers reads them as bf16."""
+    src = save_tiny(tmp_path / "src")
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(src)
+    before = tree_digest(src)
+    mem = prune(config(src, tmp_path / "mem", calib), progress=False)
+    st = prune(config(src, tmp_path / "st", calib, max_memory="1KiB"), progress=False)
+    keep = prune(config(src, tmp_path / "f32", calib, save_dtype="float32"), progress=False)
+    assert mem.report["dtype"] == "float32" and mem.report["saved_dtype"] == st.report["saved_dtype"] == "bfloat16"
+    assert keep.report["saved_dtype"] == "float32"
+    assert_same_weights(tmp_path / "mem", tmp_path / "st")
+    got, full = weights(tmp_path / "mem"), weights(tmp_path / "f32")
+    assert got.keys() == full.keys()
+    for k in full:
+        assert full[k].dtype == torch.float32 and torch.equal(got[k], full[k].to(torch.bfloat16)), k
+    assert mem.model is not None and next(mem.model.parameters()).dtype == torch.float32  # the result itself is untouched
+    import json
+
+    assert json.loads((tmp_path / "st" / "config.json").read_text())["dtype"] == "bfloat16"
+    index = json.loads((tmp_path / "st" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in weights(tmp_path / "st").values())
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "st")
+    assert next(again.parameters()).dtype == torch.bfloat16
+    assert tree_digest(src) == before
+    with pytest.raises(ConfigError, match="--save-dtype"):
+        config(src, tmp_path / "bad", calib, save_dtype="int8").validate()

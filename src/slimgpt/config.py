@@ -35,6 +35,7 @@ class PruneConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    save_dtype: str = "auto"  # weights on disk (auto: the source's 16-bit dtype when the run is fp32)
     head_score: str = "gcd"
     ffn_groups: str = "dynamic"
     min_group: int = 8
@@ -116,9 +117,12 @@ class PruneConfig:
         # last: the method registry imports torch (seconds), the checks above answer a typo at once
         from slimgpt.methods import METHODS
         from slimgpt.twin import SEARCH_DTYPES
+        from slimgpt.utils import DTYPES
 
         if self.method not in METHODS:
             raise ConfigError(f"unknown --method '{self.method}'; choose from {', '.join(METHODS)}")
+        if self.save_dtype != "auto" and self.save_dtype not in DTYPES:
+            raise ConfigError(f"unknown --save-dtype '{self.save_dtype}'; use auto, float32, float16 or bfloat16")
         if self.search_dtype not in SEARCH_DTYPES:
             raise ConfigError(f"--search-dtype must be one of {', '.join(SEARCH_DTYPES)}; got '{self.search_dtype}'")
 

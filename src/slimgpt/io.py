@@ -13,6 +13,9 @@ A saved folder is an ordinary transformers checkpoint plus two things:
 
 Saving is atomic: everything is written into a temporary folder beside the target and renamed into
 place at the end, so an interrupted run never leaves a half-written model where a good one was.
+
+Weights are saved in the source checkpoint's precision by default (:func:`save_dtype`): a bf16 model
+pruned in fp32 on a CPU is written back in bf16, not at twice the source's size.
 """
 
 from __future__ import annotations
@@ -31,31 +34,96 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 import slimgpt.modeling as slim_modeling
 from slimgpt.errors import ConfigError, ModelError
+from slimgpt.utils import DTYPES
 
 FORMAT_VERSION = 1
 _CODE_FILES = ("configuration_slimgpt.py", "modeling_slimgpt.py")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def source_dtype(name_or_path: str | Path | None) -> torch.dtype | None:
+    """The floating dtype a model's config.json records (``dtype``, or transformers 4's
+    ``torch_dtype``), for a local folder or a hub id; ``None`` when it cannot be read."""
+    if name_or_path is None:
+        return None
+    try:
+        from slimgpt.zoo import resolve_model
+
+        folder = Path(resolve_model(str(name_or_path)))  # a zoo name: its converted folder
+        if (folder / "config.json").is_file():
+            cfg = json.loads((folder / "config.json").read_text())
+        else:  # a hub id: its config alone (the weights were loaded already, so it is cached)
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(str(name_or_path)).to_dict()
+    except Exception:  # noqa: BLE001 - no readable config: keep the run's dtype
+        return None
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    return DTYPES.get(str(name).removeprefix("torch.")) if name else None
+
+
+def save_dtype(name: str, source: torch.dtype | None, run: torch.dtype) -> torch.dtype | None:
+    """The dtype to write the weights in, ``None`` for the run's own. ``auto``: the source's 16-bit
+    dtype when the run computed in float32 (pruning in fp32 on a CPU must not double the size of
+    a bf16 checkpoint), else the run's."""
+    if name == "auto":
+        return source if run == torch.float32 and source in (torch.bfloat16, torch.float16) else None
+    if name not in DTYPES:
+        raise ConfigError(f"unknown --save-dtype '{name}'; use auto, float32, float16 or bfloat16")
+    return None if DTYPES[name] == run else DTYPES[name]
+
+
+def cast_saved_weights(folder: Path, dtype: torch.dtype) -> None:
+    """Rewrite the floating tensors of every safetensors file in ``folder`` as ``dtype``, one file at
+    a time (a file that is a hard link, e.g. a streamed run's layer checkpoint, is replaced, never
+    written through); the index's total size and config.json's ``dtype`` follow."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    size = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {"format": "pt"}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        size += sum(t.numel() * t.element_size() for t in tensors.values())
+        tmp = path.with_name(path.name + ".cast")
+        save_file(tensors, str(tmp), metadata=meta)
+        del tensors
+        os.replace(tmp, path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        doc = json.loads(index.read_text())
+        doc.setdefault("metadata", {})["total_size"] = size
+        index.write_text(json.dumps(doc, indent=2) + "\n")
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg.pop("torch_dtype", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def save_pruned(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, metadata: dict,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` (a slim model from :func:`slimgpt.surgery.shrink_model`), ``tokenizer``
-    (may be ``None``) and ``metadata`` to ``out_dir``; returns the absolute folder path."""
+    (may be ``None``) and ``metadata`` to ``out_dir``, the weights in ``dtype`` (default: the
+    model's); returns the absolute folder path. The model itself is left as it is."""
     model_type = model.config.model_type
     if model_type not in slim_modeling.SLIM_MODEL_TYPES:
         raise ModelError(f"save_pruned expects a shrunk model, got model_type '{model_type}'; "
                          "pass it through slimgpt.surgery.shrink_model first")
     return write_pruned_folder(out_dir, model.config, type(model).__name__, model.save_pretrained, tokenizer,
-                               metadata, overwrite, _source_folder(model.config))
+                               metadata, overwrite, _source_folder(model.config), dtype)
 
 
 def write_pruned_folder(out_dir: str | Path, config: Any, model_class: str, write_weights: Callable[[Path], None],
                         tokenizer: Any, metadata: dict, overwrite: bool = False,
-                        source: Path | None = None) -> Path:
+                        source: Path | None = None, dtype: torch.dtype | None = None) -> Path:
     """The atomic folder writer behind :func:`save_pruned`, for callers that write the weights
     themselves (:mod:`slimgpt.streaming` writes safetensors shards layer by layer): ``write_weights``
     gets the temporary folder and must write config.json and the weights into it; ``source`` is
-    the model folder that must not be overwritten."""
+    the model folder that must not be overwritten; ``dtype``, when given, is what the weights are
+    rewritten in before the folder is moved into place."""
     out = Path(out_dir).expanduser().resolve()
     _check_target(out, source, overwrite)
 
@@ -70,6 +138,8 @@ def write_pruned_folder(out_dir: str | Path, config: Any, model_class: str, writ
             "AutoModelForCausalLM": f"modeling_slimgpt.{model_class}",
         }
         write_weights(tmp)
+        if dtype is not None:
+            cast_saved_weights(tmp, dtype)
         for name in _CODE_FILES:
             shutil.copy2(Path(slim_modeling.__file__).parent / name, tmp / name)
         if tokenizer is not None:

@@ -39,6 +39,7 @@ from slimgpt.checkpoint import (
 from slimgpt.config import PruneConfig
 from slimgpt.driver import LayerStore, layer_spaces, run_layerwise
 from slimgpt.errors import ConfigError, DistributedError, ModelError, SlimGPTError
+from slimgpt.io import save_dtype, source_dtype
 from slimgpt.methods import make_method
 from slimgpt.methods.base import GlobalMethod, Method, PruneContext, Timer
 from slimgpt.plan import LayerPlan
@@ -59,6 +60,7 @@ class Run:
     method: Method | GlobalMethod
     progress: bool = True
     source_dir: Path | None = None  # the model's local folder (None: in memory or a hub id)
+    save_dtype: torch.dtype | None = None  # what the weights are written in (None: the run's dtype)
     stream: bool = False  # layers are read from disk one at a time
     model: Any = None
     tokenizer: Any = None
@@ -143,8 +145,11 @@ def load(run: Run, model: Any = None, tokenizer: Any = None) -> None:
             model, tokenizer, run.source = streaming.load_skeleton(run.cfg.model, run.dtype)
         else:
             model, tokenizer = load_model(run.cfg.model, dtype=run.dtype, device="cpu")
+        source = source_dtype(run.source_dir or run.cfg.model)  # after loading: a hub id's config is cached
     else:
+        source = next(model.parameters()).dtype
         model.to(run.dtype)
+    run.save_dtype = save_dtype(run.cfg.save_dtype, source, run.dtype)
     run.model, run.tokenizer, run.adapter = model, tokenizer, get_adapter(model)
     run.t_loaded = time.perf_counter()
 
@@ -364,9 +369,10 @@ class LayerwiseExecution(Execution):
             if run.stream:
                 assert self.ckpt is not None and run.source is not None
                 out = streaming.save_streamed(run.adapter, run.tokenizer, run.source, self.ckpt, c.out, report,
-                                              c.overwrite, run.dtype)
+                                              c.overwrite, run.dtype, run.save_dtype)
             else:
-                out = save_pruned(model, run.tokenizer, c.out, metadata=report, overwrite=c.overwrite)
+                out = save_pruned(model, run.tokenizer, c.out, metadata=report, overwrite=c.overwrite,
+                                  dtype=run.save_dtype)
         except OSError as e:
             raise storage_error(e, c.out, self.ckpt) from e
         if self.ckpt is not None:
@@ -409,7 +415,8 @@ class WholeModelExecution(Execution):
         c = run.cfg
         assert c.out is not None
         try:
-            out = save_pruned(model, run.tokenizer, c.out, metadata=report, overwrite=c.overwrite)
+            out = save_pruned(model, run.tokenizer, c.out, metadata=report, overwrite=c.overwrite,
+                              dtype=run.save_dtype)
         except OSError as e:
             raise storage_error(e, c.out, None) from e
         if self.journal is not None:
@@ -450,6 +457,7 @@ def build_report(run: Run, outcome: Outcome) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "method": run.method.config() | ({"schedule": "auto", "auto": run.allocation} if run.allocation else {}),
         "device": str(run.device), "dtype": str(run.dtype).removeprefix("torch."),
+        "saved_dtype": str(run.save_dtype or run.dtype).removeprefix("torch."),  # the weights on disk
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "processes": distributed.world(),  # torchrun ranks that split the calibration windows
         "calibration": run.calib_info,

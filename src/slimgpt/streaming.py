@@ -508,8 +508,10 @@ def _data_bytes(path: Path) -> int:
 
 
 def save_streamed(adapter: ModelAdapter, tokenizer: Any, source: SourceWeights, checkpoint: Checkpoint,
-                  out: str | Path, metadata: dict, overwrite: bool, dtype: torch.dtype) -> Path:
-    """Write the pruned model from the checkpoint's layer files, atomically (see the module docstring).
+                  out: str | Path, metadata: dict, overwrite: bool, dtype: torch.dtype,
+                  save_dtype: torch.dtype | None = None) -> Path:
+    """Write the pruned model from the checkpoint's layer files, atomically (see the module docstring),
+    the weights in ``save_dtype`` when given (the run's ``dtype`` otherwise).
 
     Shards: one per decoder layer (hard links to the finished layer files) and a last one with
     everything else; ``model.safetensors.index.json`` maps names to shards as transformers expects.
@@ -548,4 +550,4 @@ def save_streamed(adapter: ModelAdapter, tokenizer: Any, source: SourceWeights, 
         model.generation_config.save_pretrained(tmp)
 
     return write_pruned_folder(out, config, model_cls.__name__, write_weights, tokenizer, metadata, overwrite,
-                               source.folder.resolve())
+                               source.folder.resolve(), save_dtype)

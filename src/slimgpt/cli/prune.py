@@ -37,6 +37,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU; bf16 on CUDA, fp16 on GPUs without bf16) | float32 | float16 | bfloat16")
+    p.add_argument("--save-dtype", default="auto",
+                   help="weights on disk: auto (the source checkpoint's bf16/fp16 when the run computed in fp32, "
+                        "so a CPU run does not double the model's size; else the run's) | float32 | float16 | bfloat16")
     p.add_argument("--head-score", default="gcd", help="gcd (paper) | gcd-exact | initial (the '-GCD' ablation)")
     p.add_argument("--ffn-groups", default="dynamic", help="dynamic (DGS) | N fixed group size ('-DGS': 128)")
     p.add_argument("--min-group", type=int, default=8, help="smallest dynamic group size")
@@ -90,7 +93,7 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
     return PruneConfig(
         model=a.model, out=a.out, method=a.method, ratio=a.ratio, schedule=a.schedule, first_ratio=a.first_ratio,
         calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size, damp=a.damp, seed=a.seed,
-        device=a.device, dtype=a.dtype, head_score=a.head_score, ffn_groups=a.ffn_groups, min_group=a.min_group,
+        device=a.device, dtype=a.dtype, save_dtype=a.save_dtype, head_score=a.head_score, ffn_groups=a.ffn_groups, min_group=a.min_group,
         max_group=a.max_group, propagate=a.propagate, data_dir=a.data_dir, overwrite=a.overwrite,
         blocks=a.blocks, depth_share=a.depth_share, search_dtype=a.search_dtype, search_nsamples=a.search_nsamples,
         resume=a.resume, max_memory=a.max_memory, offload_activations=a.offload_activations,
@@ -139,7 +142,7 @@ def run(a: argparse.Namespace) -> int:
         return 0
     with distributed.solo():  # evaluation files and the report: rank 0 alone
         after_prune(a, res, dense_ppl, pruned_ppl)
-    print(f"saved to {res.out} (reload: AutoModelForCausalLM.from_pretrained('{res.out}') and AutoTokenizer likewise, "
+    print(f"saved to {res.out} in {res.report.get('saved_dtype', res.report['dtype'])} (reload: AutoModelForCausalLM.from_pretrained('{res.out}') and AutoTokenizer likewise, "
           "after `import slimgpt` or with trust_remote_code=True)")
     return 0
 

@@ -231,10 +231,14 @@ def recover(cfg: RecoveryConfig, model: Any = None, tokenizer: Any = None, progr
     device = distributed.init(resolve_device(cfg.device))
     seed_everything(cfg.seed)
     t_start = time.perf_counter()
+    save_as = None  # a model passed in is saved as it is
     if model is None:
+        from slimgpt.io import save_dtype, source_dtype
         from slimgpt.zoo import load_model
 
         model, tokenizer = load_model(cfg.model, dtype=torch.float32, device=device)
+        # trained in float32 (master weights), written back in the folder's own 16-bit dtype
+        save_as = save_dtype("auto", source_dtype(cfg.model), torch.float32)
     if tokenizer is None:
         raise ModelError(f"{cfg.model} has no tokenizer; save one into the model folder")
     drop_gguf_quantizer(model)
@@ -319,7 +323,7 @@ def recover(cfg: RecoveryConfig, model: Any = None, tokenizer: Any = None, progr
     out = None
     if cfg.out is not None:
         meta = {**source_metadata(cfg.model), **report, "finetune_history": history}
-        out = distributed.agree(lambda: save_recovered(result_model, tokenizer, cfg.out, meta, cfg.overwrite),
+        out = distributed.agree(lambda: save_recovered(result_model, tokenizer, cfg.out, meta, cfg.overwrite, save_as),
                                 "saving the recovered model")
         if ckpt is not None and distributed.is_main():
             ckpt.discard()
@@ -335,27 +339,31 @@ def _loss_name(cfg: RecoveryConfig, teacher: bool) -> str:
 
 
 def save_recovered(model: Any, tokenizer: Any, out: str | Path, metadata: dict[str, Any],
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Adapters (a PeftModel) → adapter folder (+ tokenizer, ``slimgpt_finetune.json``); a slim model
     → a pruned-model folder (:func:`slimgpt.io.save_pruned`); a stock model → ``save_pretrained``.
-    Atomic in every case."""
+    Atomic in every case; a model's weights in ``dtype`` when given (adapters stay as trained)."""
     if is_peft(model):
         return _save_folder(model, tokenizer, out, overwrite, "slimgpt_finetune.json", metadata)
     drop_gguf_quantizer(model)
+    if dtype is not None:
+        metadata = {**metadata, "saved_dtype": str(dtype).removeprefix("torch.")}
     if model.config.model_type.startswith("slimgpt_"):
         from slimgpt.io import save_pruned
 
-        return save_pruned(model, tokenizer, out, metadata, overwrite=overwrite)
-    return _save_folder(model, tokenizer, out, overwrite, "slimgpt.json", metadata)
+        return save_pruned(model, tokenizer, out, metadata, overwrite=overwrite, dtype=dtype)
+    return _save_folder(model, tokenizer, out, overwrite, "slimgpt.json", metadata, dtype)
 
 
 def _save_folder(model: Any, tokenizer: Any, out: str | Path, overwrite: bool, meta_name: str,
-                 metadata: dict[str, Any]) -> Path:
+                 metadata: dict[str, Any], dtype: torch.dtype | None = None) -> Path:
     """``save_pretrained`` of model and tokenizer plus a metadata JSON, written atomically."""
-    from slimgpt.io import atomic_path
+    from slimgpt.io import atomic_path, cast_saved_weights
 
     with atomic_path(out, overwrite) as tmp:
         model.save_pretrained(tmp)
+        if dtype is not None:
+            cast_saved_weights(tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / meta_name).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
