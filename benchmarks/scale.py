@@ -257,7 +257,7 @@ def summarise(r: dict[str, Any], report: dict[str, Any], layers: int, full_layer
         solver_over_forward_hessian=round(t["solver"] / max(t["calibration_forward"] + t["hessian"], 1e-9), 3),
         offload_other_share=round((t["offload"] + t["other"]) / max(r["wall_s"], 1e-9), 3),
         memory_in_run=report["memory"], streamed=report["streamed"], activations=report.get("activations"),
-        params=report["params"],
+        params=report["params"], saved_dtype=report.get("saved_dtype", report["dtype"]),
         projection={
             "layers": full_layers,
             "prune_s": round(per_layer["total"] * full_layers, 1),
@@ -266,6 +266,19 @@ def summarise(r: dict[str, Any], report: dict[str, Any], layers: int, full_layer
             "wall_s": round(per_layer["total"] * full_layers + (t["load"] + outside) * scale, 1),
         },
     )
+
+
+def auto_pass(r: dict[str, Any], report: dict[str, Any], layers: int, full_layers: int) -> None:
+    """A ``--schedule auto`` run (options after ``--``): the allocation pass's seconds (included in the
+    prune's total) per layer and projected to the whole model."""
+    a = report.get("method", {}).get("auto")
+    if not a or "kl" not in a:
+        return
+    total = a["time_s"]["total"]
+    r["auto_schedule"] = {"chosen": a["chosen"], "candidates": len(a["kl"]), "total_s": round(total, 1),
+                          "per_layer_s": round(total / layers, 1), "projected_s": round(total / layers * full_layers, 1),
+                          "time_s": a["time_s"], "hessian_windows": a.get("hessian_windows"),
+                          "score_windows": a.get("score_windows")}
 
 
 def database(r: dict[str, Any], report: dict[str, Any], layers: int, full_layers: int, layer_params: float) -> None:
@@ -324,6 +337,13 @@ def markdown(res: dict[str, Any]) -> str:
                       f"that dtype (goal ≤ 2 × their bf16 bytes, the same ratio once stored in bf16); projected to "
                       f"{res['full_layers']} layers: {d['projected_bytes'] / GiB:.1f} GiB "
                       f"({d['projected_bf16_bytes'] / GiB:.1f} GiB in bf16), {d['projected_build_s'] / 60:.0f} min."]
+    for r in res["runs"]:
+        if d := r.get("auto_schedule"):
+            split = ", ".join(f"{k} {v:.0f}" for k, v in d["time_s"].items() if k != "total")
+            lines += ["", f"`--schedule auto` pass ({r['label']}): {d['candidates']} candidates over {d['hessian_windows']} "
+                      f"Hessian / {d['score_windows']} scoring windows, {d['total_s']} s ({split}), "
+                      f"**{d['per_layer_s']} s per layer** (in the prune's total above); projected to "
+                      f"{res['full_layers']} layers: {d['projected_s'] / 60:.0f} min; chose `{d['chosen']}`."]
     if "identical_weights" in res:
         lines += ["", f"Streamed and in-memory runs wrote bitwise identical weights: **{res['identical_weights']}**."]
     peak = res["projected_in_memory_peak_gib"]
@@ -407,6 +427,7 @@ def main() -> None:
                 res["dtype"], res["device"] = report["dtype"], report["device"]
                 summarise(r, report, layers, res["full_layers"], scale)
                 database(r, report, layers, res["full_layers"], per_layer_bytes / DTYPES[a.save_dtype].itemsize)
+                auto_pass(r, report, layers, res["full_layers"])
                 r["output_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
                 outs.append(out)
             else:

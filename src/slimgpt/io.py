@@ -41,15 +41,35 @@ _CODE_FILES = ("configuration_slimgpt.py", "modeling_slimgpt.py")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+_ST_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _stored_dtype(folder: Path) -> torch.dtype | None:
+    """The floating dtype most of a folder's safetensors bytes are stored in (read from the file
+    headers alone); ``None`` without safetensors files."""
+    sizes: dict[torch.dtype, int] = {}
+    for path in folder.glob("*.safetensors"):
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__" and entry["dtype"] in _ST_FLOATS:
+                dt = _ST_FLOATS[entry["dtype"]]
+                sizes[dt] = sizes.get(dt, 0) + entry["data_offsets"][1] - entry["data_offsets"][0]
+    return max(sizes, key=sizes.__getitem__) if sizes else None
+
+
 def source_dtype(name_or_path: str | Path | None) -> torch.dtype | None:
-    """The floating dtype a model's config.json records (``dtype``, or transformers 4's
-    ``torch_dtype``), for a local folder or a hub id; ``None`` when it cannot be read."""
+    """The floating dtype a model's weights are stored in: for a local folder its safetensors files'
+    own, else what its config.json records (``dtype``, or transformers 4's ``torch_dtype``; a hub id
+    too); ``None`` when it cannot be read."""
     if name_or_path is None:
         return None
     try:
         from slimgpt.zoo import resolve_model
 
         folder = Path(resolve_model(str(name_or_path)))  # a zoo name: its converted folder
+        if folder.is_dir() and (stored := _stored_dtype(folder)) is not None:
+            return stored
         if (folder / "config.json").is_file():
             cfg = json.loads((folder / "config.json").read_text())
         else:  # a hub id: its config alone (the weights were loaded already, so it is cached)
