@@ -270,13 +270,16 @@ def summarise(r: dict[str, Any], report: dict[str, Any], layers: int, full_layer
 
 def auto_pass(r: dict[str, Any], report: dict[str, Any], layers: int, full_layers: int) -> None:
     """A ``--schedule auto`` run (options after ``--``): the allocation pass's seconds (included in the
-    prune's total) per layer and projected to the whole model."""
+    prune's total) per layer and projected to the whole model; the final scoring (the head on the
+    scoring windows) happens once, whatever the depth."""
     a = report.get("method", {}).get("auto")
     if not a or "kl" not in a:
         return
-    total = a["time_s"]["total"]
+    total, score = a["time_s"]["total"], a["time_s"].get("score", 0.0)
+    per_layer = (total - score) / layers
     r["auto_schedule"] = {"chosen": a["chosen"], "candidates": len(a["kl"]), "total_s": round(total, 1),
-                          "per_layer_s": round(total / layers, 1), "projected_s": round(total / layers * full_layers, 1),
+                          "per_layer_s": round(per_layer, 1), "score_s": round(score, 1),
+                          "projected_s": round(per_layer * full_layers + score, 1),
                           "time_s": a["time_s"], "hessian_windows": a.get("hessian_windows"),
                           "score_windows": a.get("score_windows")}
 
@@ -342,7 +345,8 @@ def markdown(res: dict[str, Any]) -> str:
             split = ", ".join(f"{k} {v:.0f}" for k, v in d["time_s"].items() if k != "total")
             lines += ["", f"`--schedule auto` pass ({r['label']}): {d['candidates']} candidates over {d['hessian_windows']} "
                       f"Hessian / {d['score_windows']} scoring windows, {d['total_s']} s ({split}), "
-                      f"**{d['per_layer_s']} s per layer** (in the prune's total above); projected to "
+                      f"**{d['per_layer_s']} s per layer** and {d['score_s']} s of scoring once (in the prune's "
+                      f"total above, whose projection counts the scoring per layer); projected to "
                       f"{res['full_layers']} layers: {d['projected_s'] / 60:.0f} min; chose `{d['chosen']}`."]
     if "identical_weights" in res:
         lines += ["", f"Streamed and in-memory runs wrote bitwise identical weights: **{res['identical_weights']}**."]

@@ -58,6 +58,11 @@ def _stored_dtype(folder: Path) -> torch.dtype | None:
     return max(sizes, key=sizes.__getitem__) if sizes else None
 
 
+def _data_bytes(path: Path) -> int:
+    with path.open("rb") as f:
+        return path.stat().st_size - 8 - int.from_bytes(f.read(8), "little")
+
+
 def source_dtype(name_or_path: str | Path | None) -> torch.dtype | None:
     """The floating dtype a model's weights are stored in: for a local folder its safetensors files'
     own, else what its config.json records (``dtype``, or transformers 4's ``torch_dtype``; a hub id
@@ -104,6 +109,10 @@ def cast_saved_weights(folder: Path, dtype: torch.dtype) -> None:
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {"format": "pt"}
+            if all(not f.get_slice(k).get_dtype().startswith(("F", "BF")) or _ST_FLOATS.get(f.get_slice(k).get_dtype())
+                   == dtype for k in f.keys()):  # nothing to cast (e.g. written in ``dtype`` already)
+                size += _data_bytes(path)
+                continue
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
         size += sum(t.numel() * t.element_size() for t in tensors.values())

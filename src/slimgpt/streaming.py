@@ -540,7 +540,7 @@ def save_streamed(adapter: ModelAdapter, tokenizer: Any, source: SourceWeights, 
             size += _data_bytes(tmp / name)
         for j, key in enumerate(head):  # one tensor per shard: in memory one at a time
             name = f"model-{n + j + 1:05d}-of-{total:05d}.safetensors"
-            save_file(source.load([key], dtype), str(tmp / name), metadata={"format": "pt"})
+            save_file(source.load([key], save_dtype or dtype), str(tmp / name), metadata={"format": "pt"})
             weight_map[key] = name
             size += _data_bytes(tmp / name)
             _trim_heap()
