@@ -11,6 +11,7 @@
 # it ~67 times; the run mixes C4 with text sampled from the teacher (kl-mix: half of the windows),
 # TEACHER_TOKENS of it (default 1M: token-by-token decoding at batch 256, ~2 minutes), sampled once
 # and read ~10 times. BUDGET=10M halves the training time; PYTHON picks the interpreter.
+# A GPU machine with no network and small transfers: tools/device_stage.sh stages the model, texts and wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATIO=${RATIO:-0.5}
