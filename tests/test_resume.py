@@ -197,3 +197,45 @@ def test_sigterm_says_what_is_saved_and_resumes(setup, tmp_path: Path) -> None:
     assert not out.exists()
     resume(src, calib, out)
     assert_same_weights(ref, out)
+
+
+AUTO = [("auto" if a == "log" else a) for a in RUN]  # the default schedule, whose pass a resume must not redo
+
+
+def test_auto_allocation_is_kept_for_the_resume(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--schedule auto`` keeps its choice in the work folder: a run interrupted before its first
+    layer was committed, or killed after its second, resumes without choosing again, and ends
+    bitwise where an uninterrupted run ends."""
+    src, calib = save_tiny(tmp_path / "src"), calib_text(tmp_path / "calib.txt")
+    ref = tmp_path / "ref"
+    assert main(["prune", str(src), "--out", str(ref), "--calib", str(calib), *AUTO]) == 0
+    chosen = json.loads((ref / "slimgpt.json").read_text())["method"]["auto"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:  # stopped after choosing, before any layer
+        m.setattr("slimgpt.pipeline.run_layerwise", interrupted)
+        assert main(["prune", str(src), "--out", str(out), "--calib", str(calib), *AUTO]) == 130
+    work = Checkpoint.folder_for(out)
+    assert sorted(p.name for p in work.iterdir()) == ["allocation.json"]
+    capsys.readouterr()
+    assert main(["prune", str(src), "--out", str(out), "--calib", str(calib), *AUTO]) != 0  # not without --resume
+    assert "--resume" in capsys.readouterr().err
+
+    def no_choice(*a, **k):
+        raise AssertionError("the allocation was chosen already")
+
+    monkeypatch.setattr("slimgpt.allocation.choose_allocation", no_choice)
+    resume(src, calib, out, "--schedule", "auto")
+    assert_same_weights(ref, out)
+    again = json.loads((out / "slimgpt.json").read_text())["method"]["auto"]
+    assert again["from_checkpoint"] and again["chosen"] == chosen["chosen"] and again["kl"] == chosen["kl"]
+
+    killed_out = tmp_path / "killed"
+    r = run_cli("prune", str(src), "--out", str(killed_out), "--calib", str(calib), *AUTO, env={KILL_ENV: "1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert (Checkpoint.folder_for(killed_out) / "allocation.json").is_file()
+    resume(src, calib, killed_out, "--schedule", "auto")
+    assert_same_weights(ref, killed_out)

@@ -37,7 +37,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -93,6 +93,17 @@ class AutoResult:
     def summary(self) -> dict[str, Any]:
         return {"chosen": self.chosen, "kl": {k: round(v, 6) for k, v in self.scores.items()},
                 "time_s": {k: round(v, 3) for k, v in self.seconds.items()}, **self.settings}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, exactly (the checkpoint keeps it for ``--resume``)."""
+        return {"widths": [asdict(w) for w in self.widths], "chosen": self.chosen, "scores": self.scores,
+                "seconds": self.seconds, "settings": self.settings}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> AutoResult:
+        """A result read back from the checkpoint: no time spent choosing it in this run."""
+        return cls([LayerWidth(**w) for w in doc["widths"]], doc["chosen"], doc["scores"], {"total": 0.0},
+                   {**doc["settings"], "from_checkpoint": True, "chosen_in_s": doc["seconds"].get("total")})
 
 
 def auto_windows(nsamples: int, seqlen: int, spaces: list[LayerSpace]) -> tuple[int, int]:

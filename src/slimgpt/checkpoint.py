@@ -4,6 +4,8 @@ A run with an output folder ``OUT`` keeps its work in ``OUT.partial/`` beside it
 appears only when the model is complete, by an atomic rename):
 
     state.json                  settings fingerprint, layer count, finished layers, input shapes
+    allocation.json             ``--schedule auto``'s per-layer widths, written once chosen, so that a
+                                resume does not redo its pass (an hour and more at 8B on a CPU)
     layer-00000.safetensors     layer 0 as cut (full tensor names) + its plan in the metadata
     ...
     inputs-00007/               the next layer's inputs: one raw file per calibration batch
@@ -45,6 +47,7 @@ from slimgpt.plan import LayerPlan
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+ALLOCATION = "allocation.json"
 KILL_ENV = "SLIMGPT_TEST_KILL_AFTER_LAYER"  # test hook: SIGKILL this process after committing layer k
 SIGNAL_ENV = "SLIMGPT_TEST_KILL_SIGNAL"  # ... or send it this signal instead (TERM: what schedulers send)
 RANK_ENV = "SLIMGPT_TEST_KILL_RANK"  # ... only on this torchrun rank (default 0, the one that commits)
@@ -228,11 +231,21 @@ class Checkpoint:
         if source is not None and (folder == source or folder.is_relative_to(source) or source.is_relative_to(folder)):
             raise ConfigError(f"the work folder {folder} would overlap the source model {source}; choose another --out")
         if folder.exists() and not (folder / "state.json").exists():
-            ours = folder.is_dir() and all(re.fullmatch(r"(layer-\d+\.safetensors|inputs-\d+)(\.tmp)?|state\.json\.tmp",
-                                                        p.name) for p in folder.iterdir())
+            ours = folder.is_dir() and all(
+                re.fullmatch(r"(layer-\d+\.safetensors|inputs-\d+|allocation\.json)(\.tmp)?|state\.json\.tmp", p.name)
+                for p in folder.iterdir())
             if not ours:
                 raise ConfigError(f"{folder} exists and is not a slimgpt work folder; move it or choose another --out")
-            shutil.rmtree(folder)  # stopped before its first commit: nothing finished to keep
+            if not (folder / ALLOCATION).is_file():
+                shutil.rmtree(folder)  # stopped before its first commit: nothing finished to keep
+            elif not resume:
+                raise ConfigError(f"{folder} holds the --schedule auto allocation of an unfinished run for this --out; "
+                                  "add --resume to continue it, or delete that folder to start over")
+            else:  # the allocation is kept; the layers start again from 0
+                for p in folder.iterdir():
+                    if p.name != ALLOCATION:
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+                return cls(folder, dict(settings), None)
         if not folder.exists():
             if resume:
                 log.info("nothing to resume in %s; starting from layer 0", folder)
@@ -273,6 +286,33 @@ class Checkpoint:
         missing = [i for i in range(self.done) if not self.layer_path(i).is_file()]
         if missing:
             raise ConfigError(f"{self.folder} lacks finished layer {missing[0]}; delete it and run again")
+
+    def save_allocation(self, doc: dict[str, Any]) -> None:
+        """Keep ``--schedule auto``'s choice (``doc``) with the settings it was made under (call
+        after :meth:`bind`)."""
+        path = self.folder / ALLOCATION
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps({**doc, "run_settings": self.settings}, indent=1, default=_jsonable))
+            os.replace(tmp, path)
+        except OSError as e:
+            raise storage_error(e, self.folder, self) from e
+
+    def load_allocation(self) -> dict[str, Any] | None:
+        """The allocation saved by this run under the same settings and data, else ``None``."""
+        path = self.folder / ALLOCATION
+        if not path.is_file():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        saved = json.loads(json.dumps(self.settings, default=_jsonable))
+        if doc.pop("run_settings", None) != saved:
+            log.info("%s was chosen under other settings; choosing again", path)
+            return None
+        return doc
 
     @property
     def done(self) -> int:

@@ -165,12 +165,13 @@ def calibrate(run: Run) -> None:
     run.mem = PeakMemory(run.device)
 
 
-def plan_widths(run: Run) -> list[LayerWidth]:
+def plan_widths(run: Run, ckpt: Checkpoint | None = None) -> list[LayerWidth]:
     """Per-layer widths from the schedule, solved to the whole-model parameter target
-    (``auto``: chosen by :mod:`slimgpt.allocation` from the calibration windows)."""
+    (``auto``: chosen by :mod:`slimgpt.allocation` from the calibration windows, or read back from
+    ``ckpt`` when this run chose them before it was interrupted)."""
     c = run.cfg
     if c.schedule == "auto" and c.method == "slimgpt":
-        widths = auto_widths(run)
+        widths = auto_widths(run, ckpt)
     else:  # other layer-wise methods keep the paper's schedule under the default
         schedule = "log" if c.schedule == "auto" else c.schedule
         widths = solve_widths(run.spaces, run.dense_params, c.ratio, schedule, c.first_ratio)
@@ -180,7 +181,7 @@ def plan_widths(run: Run) -> list[LayerWidth]:
     return widths
 
 
-def auto_widths(run: Run) -> list[LayerWidth]:
+def auto_widths(run: Run, ckpt: Checkpoint | None = None) -> list[LayerWidth]:
     """``--schedule auto``: score the allocation family on the dense model (rank 0 under torchrun;
     every rank gets the same widths) and keep the lowest calibration KL."""
     from slimgpt import allocation
@@ -199,10 +200,17 @@ def auto_widths(run: Run) -> list[LayerWidth]:
         min_group=c.min_group, max_group=c.max_group, damp=c.damp, batch_size=c.batch_size)
 
     def choose() -> allocation.AutoResult:
+        saved = ckpt.load_allocation() if ckpt is not None else None
+        if saved is not None:
+            log.info("--schedule auto: %s, chosen before the interruption, read from %s", saved["chosen"], ckpt.folder)
+            return allocation.AutoResult.from_dict(saved)
         family = allocation.candidates(run.spaces, run.dense_params, c.ratio, c.first_ratio)
         with distributed.solo():  # rank 0 scores on its own (its Hessians are not reduced); the others wait
-            return allocation.choose_allocation(run.adapter, run.calib, run.spaces, family, run.device, settings,
-                                                progress=run.progress, weights=weights)
+            res = allocation.choose_allocation(run.adapter, run.calib, run.spaces, family, run.device, settings,
+                                               progress=run.progress, weights=weights)
+        if ckpt is not None:
+            ckpt.save_allocation(res.to_dict())
+        return res
 
     res = distributed.agree(choose, "choosing the --schedule auto allocation")
     run.allocation = res.summary()
@@ -279,12 +287,12 @@ class LayerwiseExecution(Execution):
     def execute(self, run: Run) -> Outcome:
         adapter, ckpt = run.adapter, self.ckpt
         t0 = time.perf_counter()
-        widths = plan_widths(run)
         if ckpt is not None:
             if ckpt.done and not ckpt.folder.is_dir():
                 raise ConfigError(f"rank {distributed.rank()} cannot read {ckpt.folder}: --resume under torchrun needs "
                                   "--out on a filesystem every node can read")
             ckpt.bind(data_identity(run.calib, run.source_dir, run.model), adapter)  # same data and model to resume
+        widths = plan_widths(run, ckpt if distributed.is_main() else None)
         writer = ckpt if distributed.is_main() else None
         store = open_store(run, ckpt)
         plans: dict[int, LayerPlan] = {}
