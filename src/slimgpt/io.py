@@ -42,6 +42,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 _ST_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_ST_NAMES = {v: k for k, v in _ST_FLOATS.items()}
 
 
 def _stored_dtype(folder: Path) -> torch.dtype | None:
@@ -109,8 +110,8 @@ def cast_saved_weights(folder: Path, dtype: torch.dtype) -> None:
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {"format": "pt"}
-            if all(not f.get_slice(k).get_dtype().startswith(("F", "BF")) or _ST_FLOATS.get(f.get_slice(k).get_dtype())
-                   == dtype for k in f.keys()):  # nothing to cast (e.g. written in ``dtype`` already)
+            floats = {d for d in (f.get_slice(k).get_dtype() for k in f.keys()) if d.startswith(("F", "BF"))}
+            if floats <= {_ST_NAMES[dtype]}:  # nothing to cast (e.g. written in ``dtype`` already)
                 size += _data_bytes(path)
                 continue
             tensors = {k: f.get_tensor(k) for k in f.keys()}
