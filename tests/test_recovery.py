@@ -218,6 +218,20 @@ def test_warmup_then_cosine() -> None:
     assert lrs[4] == 1.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 0
 
 
+def test_held_out_scoring_stays_a_small_share_of_the_run() -> None:
+    """Default interval: ten evaluations when they are cheap, but never more often than every
+    10 × (2 × val windows) / (4 × windows a step) steps; an explicit --eval-every wins."""
+    def every(**kw) -> int:
+        return resolve_plan(RecoveryConfig(model="x", **kw), torch.device("cpu"), 10_000, 256, 128).eval_every
+
+    assert every(max_steps=25, batch_size=4, grad_accum=1) == 20  # 16 val windows: was every 2 steps
+    assert every(max_steps=196, batch_size=4, grad_accum=1) == 20
+    assert every(max_steps=400, batch_size=4, grad_accum=1) == 40  # ten evaluations
+    assert every(max_steps=25, batch_size=4, grad_accum=1, val_size=2) == 3
+    assert every(max_steps=25, batch_size=4, grad_accum=1, eval_every=1) == 1
+    assert every(max_steps=5, batch_size=4, grad_accum=1) == 0  # before and after only
+
+
 # ---- whole runs ---------------------------------------------------------------------------------------
 
 

@@ -70,7 +70,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-data", help="held-out text/records (default: --val-size windows split off the first source)")
     g.add_argument("--val-size", type=int, help="held-out windows (default: 16 on CPU, 128 on GPU, at most 10%%)")
     g.add_argument("--eval-every", type=int, default=0,
-                   help="score the held-out windows (KL, perplexity) every N steps (0: about ten times per run)")
+                   help="score the held-out windows (KL, perplexity) every N steps (0: up to ten times per run, at most ~10%% of its time; always before and after)")
     g.add_argument("--save-every", default="10m",
                    help="checkpoint every N steps or every 600s / 10m / 1h of training (0: never); Ctrl-C also saves")
     g.add_argument("--seed", type=int, default=0, help="data order, LoRA init, teacher samples (default: 0)")
