@@ -41,8 +41,38 @@ _CODE_FILES = ("configuration_slimgpt.py", "modeling_slimgpt.py")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-_ST_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_ST_NAMES = {v: k for k, v in _ST_FLOATS.items()}
+# ---- safetensors headers (read without loading a tensor) ---------------------------------------------
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+def header_length(path: Path) -> int:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    if not 0 < n < 100 * 2**20:
+        raise ValueError(f"{path.name}: bad safetensors header length")
+    return n
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    n = header_length(path)
+    with open(path, "rb") as f:
+        f.seek(8)
+        return json.loads(f.read(n))
+
+
+def safetensors_data_bytes(path: Path) -> int:
+    return path.stat().st_size - 8 - header_length(path)
+
+
+def _float_dtypes(header: dict[str, Any]) -> dict[str, int]:
+    """Bytes per floating safetensors dtype name (``F32``, ``BF16``, ``F8_E4M3``, ...) in a header."""
+    sizes: dict[str, int] = {}
+    for name, entry in header.items():
+        if name != "__metadata__" and entry["dtype"].startswith(("F", "BF")):
+            sizes[entry["dtype"]] = sizes.get(entry["dtype"], 0) + entry["data_offsets"][1] - entry["data_offsets"][0]
+    return sizes
 
 
 def _stored_dtype(folder: Path) -> torch.dtype | None:
@@ -50,18 +80,10 @@ def _stored_dtype(folder: Path) -> torch.dtype | None:
     headers alone); ``None`` without safetensors files."""
     sizes: dict[torch.dtype, int] = {}
     for path in folder.glob("*.safetensors"):
-        with path.open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for name, entry in header.items():
-            if name != "__metadata__" and entry["dtype"] in _ST_FLOATS:
-                dt = _ST_FLOATS[entry["dtype"]]
-                sizes[dt] = sizes.get(dt, 0) + entry["data_offsets"][1] - entry["data_offsets"][0]
+        for name, n in _float_dtypes(safetensors_header(path)).items():
+            if name in ("F32", "F16", "BF16"):
+                sizes[ST_DTYPES[name]] = sizes.get(ST_DTYPES[name], 0) + n
     return max(sizes, key=sizes.__getitem__) if sizes else None
-
-
-def _data_bytes(path: Path) -> int:
-    with path.open("rb") as f:
-        return path.stat().st_size - 8 - int.from_bytes(f.read(8), "little")
 
 
 def source_dtype(name_or_path: str | Path | None) -> torch.dtype | None:
@@ -106,14 +128,14 @@ def cast_saved_weights(folder: Path, dtype: torch.dtype) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    name = next(k for k, v in ST_DTYPES.items() if v == dtype)
     size = 0
     for path in sorted(folder.glob("*.safetensors")):
+        if set(_float_dtypes(safetensors_header(path))) <= {name}:  # nothing to cast (e.g. written in ``dtype``)
+            size += safetensors_data_bytes(path)
+            continue
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {"format": "pt"}
-            floats = {d for d in (f.get_slice(k).get_dtype() for k in f.keys()) if d.startswith(("F", "BF"))}
-            if floats <= {_ST_NAMES[dtype]}:  # nothing to cast (e.g. written in ``dtype`` already)
-                size += _data_bytes(path)
-                continue
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
         size += sum(t.numel() * t.element_size() for t in tensors.values())

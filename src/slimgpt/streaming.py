@@ -49,6 +49,13 @@ from slimgpt.arch.base import ModelAdapter
 from slimgpt.checkpoint import ActivationFiles, Checkpoint, layer_prefixes, set_tensor
 from slimgpt.driver import LayerStore
 from slimgpt.errors import ConfigError, ModelError
+from slimgpt.io import (
+    ST_DTYPES,
+    header_length,
+    safetensors_data_bytes,
+    safetensors_header,
+    write_pruned_folder,
+)
 from slimgpt.methods.base import embed_batches
 from slimgpt.plan import LayerPlan
 from slimgpt.preflight import available_memory  # one definition: the pre-flight checks use it too
@@ -66,21 +73,6 @@ def _gib(n: float) -> str:
 # ---- the source checkpoint ------------------------------------------------------------------------
 
 
-def _header_length(path: Path) -> int:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-    if not 0 < n < 100 * 2**20:
-        raise ValueError(f"{path.name}: bad safetensors header length")
-    return n
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    n = _header_length(path)
-    with open(path, "rb") as f:
-        f.seek(8)
-        return json.loads(f.read(n))
-
-
 def _itemsize(st_dtype: str) -> int:
     return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
             "U16": 2}.get(st_dtype, 1)
@@ -94,7 +86,7 @@ def weights_bytes(folder: Path, dtype: torch.dtype) -> int | None:
     total = 0
     try:
         for f in files:
-            for k, v in _safetensors_header(f).items():
+            for k, v in safetensors_header(f).items():
                 if k == "__metadata__":
                     continue
                 n = 1
@@ -104,11 +96,6 @@ def weights_bytes(folder: Path, dtype: torch.dtype) -> int | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable: loading will say so in one line
     return total
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
 
 
 class SourceWeights:
@@ -139,8 +126,8 @@ class SourceWeights:
             for path in files:
                 with safe_open(str(path), "pt") as f:  # validates the header and offsets
                     keys = list(f.keys())
-                header = _safetensors_header(path)
-                start = 8 + _header_length(path)
+                header = safetensors_header(path)
+                start = 8 + header_length(path)
                 for k in keys:
                     self.files[k] = path
                     self.shapes[k] = tuple(header[k]["shape"])
@@ -164,12 +151,12 @@ class SourceWeights:
 
     def _read(self, name: str) -> torch.Tensor:
         start, entry = self._entries[name]
-        if entry["dtype"] not in _ST_DTYPES:  # rare formats (fp8, ...): let safetensors decode them
+        if entry["dtype"] not in ST_DTYPES:  # rare formats (fp8, ...): let safetensors decode them
             from safetensors import safe_open
 
             with safe_open(str(self.files[name]), "pt") as f:
                 return f.get_tensor(name).clone()
-        t = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
+        t = torch.empty(entry["shape"], dtype=ST_DTYPES[entry["dtype"]])
         begin, end = entry["data_offsets"]
         if t.numel():
             buf = memoryview(t.view(-1).view(torch.uint8).numpy())
@@ -462,12 +449,9 @@ class StreamedWeights:
     @contextmanager
     def layer(self, index: int):  # noqa: ANN201 - a context manager
         layer = self.store.adapter.layers[index]
-        with self.store._materialized(layer):
+        with self.store._materialized(layer):  # on exit the meta tensors are put back, wherever these went
             layer.to(self.device)
-            try:
-                yield
-            finally:
-                layer.to("cpu")
+            yield
         _trim_heap()
 
     @contextmanager
@@ -501,12 +485,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _data_bytes(path: Path) -> int:
-    with open(path, "rb") as f:
-        header = int.from_bytes(f.read(8), "little")
-    return path.stat().st_size - 8 - header
-
-
 def save_streamed(adapter: ModelAdapter, tokenizer: Any, source: SourceWeights, checkpoint: Checkpoint,
                   out: str | Path, metadata: dict, overwrite: bool, dtype: torch.dtype,
                   save_dtype: torch.dtype | None = None) -> Path:
@@ -518,7 +496,6 @@ def save_streamed(adapter: ModelAdapter, tokenizer: Any, source: SourceWeights, 
     """
     from safetensors.torch import save_file
 
-    from slimgpt.io import write_pruned_folder
     from slimgpt.surgery import slim_config
 
     model = adapter.model
@@ -537,12 +514,12 @@ def save_streamed(adapter: ModelAdapter, tokenizer: Any, source: SourceWeights, 
             _link_or_copy(checkpoint.layer_path(i), tmp / name)
             with safe_open(str(tmp / name), "pt") as f:
                 weight_map.update(dict.fromkeys(f.keys(), name))
-            size += _data_bytes(tmp / name)
+            size += safetensors_data_bytes(tmp / name)
         for j, key in enumerate(head):  # one tensor per shard: in memory one at a time
             name = f"model-{n + j + 1:05d}-of-{total:05d}.safetensors"
             save_file(source.load([key], save_dtype or dtype), str(tmp / name), metadata={"format": "pt"})
             weight_map[key] = name
-            size += _data_bytes(tmp / name)
+            size += safetensors_data_bytes(tmp / name)
             _trim_heap()
         index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -357,13 +357,14 @@ def sampling_batch(config: Any, seqlen: int, dtype: torch.dtype, device: torch.d
     16). GPU: decoding is bound by the per-token step, not the batch (an H200 sampled 5.3k tok/s at
     256 rows of SmolLM2), so take as many rows as a quarter of the free memory holds in KV cache,
     between 16 and 1024: 1024 rows of SmolLM2 with 80 GB free, ~600 of an 8B model (20 GB of cache)."""
+    from slimgpt.preflight import Geometry
+
     if device.type != "cuda":
         return 64
-    cfg = getattr(config, "text_config", config)
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    row = 2 * cfg.num_hidden_layers * kv * head_dim * seqlen * torch.tensor([], dtype=dtype).element_size()
+    geo = Geometry.of(config.to_dict())
+    if geo is None:
+        return 16
+    row = 2 * geo.layers * geo.kv_heads * geo.head_dim * seqlen * dtype.itemsize
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
     return max(16, min(1024, free_bytes // 4 // row))
