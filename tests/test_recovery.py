@@ -33,16 +33,10 @@ from slimgpt.recovery.data import (
     sampling_batch,
     window_order,
 )
-from slimgpt.recovery.loop import (
-    Teacher,
-    TopkCache,
-    hidden_states,
-    lr_at,
-    resolve_plan,
-    scored_rows,
-    split_model,
-)
 from slimgpt.recovery.losses import IGNORE, TeacherTargets, chunked_head_loss, teacher_topk, token_kl_topk
+from slimgpt.recovery.plan import lr_at, resolve_plan
+from slimgpt.recovery.split import hidden_states, scored_rows, split_model
+from slimgpt.recovery.teacher import Teacher, TopkCache
 from test_distributed import free_port
 from test_finetune import pruned
 

@@ -24,11 +24,13 @@ from torch import nn
 from slimgpt.recovery.api import RecoveryResult as FinetuneResult
 from slimgpt.recovery.api import recover as finetune
 from slimgpt.recovery.api import save_recovered as save_finetuned
+from slimgpt.recovery.config import RecoveryConfig as FinetuneConfig
 from slimgpt.recovery.data import Example, TrainData, alpaca_examples, build_examples, collate, text_examples
-from slimgpt.recovery.loop import RecoveryConfig as FinetuneConfig
-from slimgpt.recovery.loop import Trainer, evaluate, resolve_plan
+from slimgpt.recovery.evaluation import evaluate
+from slimgpt.recovery.loop import Trainer
 from slimgpt.recovery.lora import add_lora, load_adapter, lora_targets, merge_lora
 from slimgpt.recovery.losses import IGNORE
+from slimgpt.recovery.plan import resolve_plan
 
 
 def summed_nll(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:

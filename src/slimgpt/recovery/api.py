@@ -24,6 +24,7 @@ from torch import nn
 from slimgpt import distributed
 from slimgpt.errors import ConfigError, DataError, ModelError
 from slimgpt.recovery.checkpoint import RunCheckpoint
+from slimgpt.recovery.config import RecoveryConfig, compute_dtype
 from slimgpt.recovery.data import (
     TEACHER,
     Example,
@@ -37,16 +38,9 @@ from slimgpt.recovery.data import (
     teacher_share,
     teacher_windows_needed,
 )
-from slimgpt.recovery.loop import (
-    CPU_VAL,
-    GPU_VAL,
-    RecoveryConfig,
-    Trainer,
-    compute_dtype,
-    plan_dict,
-    resolve_plan,
-)
+from slimgpt.recovery.loop import Trainer
 from slimgpt.recovery.lora import add_lora, is_peft, lora_targets, merge_lora
+from slimgpt.recovery.plan import CPU_VAL, GPU_VAL, plan_dict, resolve_plan
 
 log = logging.getLogger(__name__)
 
