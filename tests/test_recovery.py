@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from slimgpt.api import prune
 from slimgpt.cli import main
@@ -28,12 +29,13 @@ from slimgpt.recovery import RecoveryConfig, recover
 from slimgpt.recovery.data import (
     Example,
     TrainData,
+    collate,
     parse_sources,
     repeat_warning,
     sampling_batch,
     window_order,
 )
-from slimgpt.recovery.losses import IGNORE, TeacherTargets, chunked_head_loss, teacher_topk, token_kl_topk
+from slimgpt.recovery.losses import IGNORE, TeacherTargets, chunked_head_loss
 from slimgpt.recovery.plan import lr_at, resolve_plan
 from slimgpt.recovery.split import hidden_states, scored_rows, split_model
 from slimgpt.recovery.teacher import Teacher, TopkCache
@@ -106,11 +108,46 @@ def test_loss_equals_an_independent_kl(pair, temperature: float, lm_weight: floa
     for name, g in ref_grads.items():  # the written-out gradient is the KL's gradient
         got = dict(student.named_parameters())[name].grad
         assert torch.allclose(got, g.float(), rtol=1e-4, atol=1e-6), name
-    # masked tokens neither count nor weigh: unmasking changes the value
+    # masked tokens neither count nor weigh: unmasking changes the value (mutant: labels not
+    # consulted, every position scored -> the masked loss equals the unmasked one and this fails)
     unmasked = {**batch, "labels": batch["input_ids"].clone()}
     with torch.no_grad():
-        assert our_loss(student, teacher, unmasked, temperature, lm_weight).item() == pytest.approx(
-            independent_loss(student, teacher, unmasked, temperature, lm_weight).item(), rel=1e-5)
+        opened = our_loss(student, teacher, unmasked, temperature, lm_weight).item()
+        assert opened == pytest.approx(independent_loss(student, teacher, unmasked, temperature, lm_weight).item(),
+                                       rel=1e-5)
+    assert abs(opened - ours.item()) > 1e-3 * abs(opened)
+
+
+def test_right_padding_equals_each_example_alone(pair) -> None:
+    """A collated batch of unequal windows (right-padded, attention mask 0 on the padding, one with a
+    masked prompt) gives the loss of each example run alone without padding, token-weighted; the
+    reference scores every example separately, so it owes nothing to the batch's mask or labels.
+    Mutant caught: collate labelling the padding with the pad id instead of IGNORE."""
+    student, teacher = pair
+    g = torch.Generator().manual_seed(3)
+    lengths, prompt = (9, 4, 7), (0, 0, 3)
+    items = []
+    for n, cut in zip(lengths, prompt):
+        ids = torch.randint(3, 128, (n,), generator=g).tolist()
+        items.append(Example(ids, [IGNORE] * cut + ids[cut:]))
+    batch = collate(items, pad_id=0)
+    assert not bool(batch["attention_mask"].all())  # real padding, not an all-ones mask
+    total, count = torch.zeros((), dtype=f64), 0
+    for e in items:
+        alone = {"input_ids": torch.tensor([e.input_ids]), "attention_mask": torch.ones(1, len(e.input_ids)),
+                 "labels": torch.tensor([e.labels])}
+        n = int((alone["labels"][:, 1:] != IGNORE).sum())
+        total = total + independent_loss(student, teacher, alone, 1.5, 0.3) * n
+        count += n
+    ref = total / count
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    ours = our_loss(student, teacher, batch, 1.5, 0.3)
+    ours.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    for name, grad in ref_grads.items():
+        assert torch.allclose(dict(student.named_parameters())[name].grad, grad.float(), rtol=1e-4, atol=1e-6), name
 
 
 def test_direction_is_teacher_to_student() -> None:
@@ -128,16 +165,35 @@ def test_direction_is_teacher_to_student() -> None:
     assert ours == pytest.approx(forward, rel=1e-5) and abs(forward - reverse) > 0.1 * forward
 
 
-def test_temperature_scales_by_t_squared(pair) -> None:
-    """T² · KL at T: the T² factor is there (softened distributions are closer, KL at T=2 is about a
-    quarter of KL at T=1 here, and T² brings the loss back to the same scale: that is its purpose)."""
+def test_high_temperature_limit_is_logit_matching(pair) -> None:
+    """Hinton et al.'s limit, which the T² factor exists for: as T grows, T² · KL(softmax(t/T) ‖
+    softmax(s/T)) tends to ½ · mean_v (d_v − mean d)² with d = t − s (logit matching), a finite value.
+    Not the definition the first test checks: a loss without T² tends to 0 here, one that softens
+    only the teacher or only the student diverges, and at T = 1 the gradients are still far apart.
+    Mutants caught: no T² on the loss; the written-out gradient scaled by T² instead of T."""
     student, teacher = pair
     batch = batch_with_masks()
+    keep = batch["labels"][:, 1:] != IGNORE
     with torch.no_grad():
-        at2 = our_loss(student, teacher, batch, 2.0, 0.0).item()
-        at1 = our_loss(student, teacher, batch, 1.0, 0.0).item()
-        plain = independent_loss(student, teacher, batch, 2.0, 0.0).item() / 4  # KL at T=2 without T²
-    assert at2 == pytest.approx(4 * plain, rel=1e-5) and plain < 0.5 * at1
+        t = teacher(batch["input_ids"]).logits[:, :-1][keep].to(f64)
+    s = student(batch["input_ids"]).logits[:, :-1][keep].to(f64)
+    d = t - s
+    limit = (0.5 * (d - d.mean(-1, keepdim=True)).pow(2).mean(-1)).mean()
+    limit.backward()
+    ref_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    ours = our_loss(student, teacher, batch, 32.0, 0.0)
+    ours.backward()
+    assert ours.item() == pytest.approx(limit.item(), rel=2e-3)  # measured 3e-5 at T = 32
+    # the written-out gradient T (q_T − p) tends to the same limit, as 1/T (measured: at most 6 %, 3 %,
+    # 1.5 % from the limit's gradient at T = 8, 16, 32)
+    for name, grad in ref_grads.items():
+        got = dict(student.named_parameters())[name].grad
+        assert (got - grad.float()).norm() <= 3e-2 * grad.norm(), name
+    student.zero_grad(set_to_none=True)
+    our_loss(student, teacher, batch, 1.0, 0.0).backward()  # T = 1 is still far from the limit's gradient
+    assert any((p.grad - ref_grads[n].float()).norm() > 0.2 * ref_grads[n].norm()
+               for n, p in student.named_parameters() if n in ref_grads)
 
 
 def test_topk_with_the_whole_vocabulary_equals_the_full_kl(pair) -> None:
@@ -152,33 +208,57 @@ def test_topk_with_the_whole_vocabulary_equals_the_full_kl(pair) -> None:
     g_top = [p.grad.clone() for p in student.parameters() if p.grad is not None]
     assert top.item() == pytest.approx(full.item(), rel=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_full, g_top))
-    # k < vocabulary: the written-out gradient is autograd's gradient of the (k + 1)-outcome KL
+    # k < vocabulary: the written-out gradient is autograd's gradient of the (k + 1)-outcome KL, built
+    # independently (mutant caught: teacher_topk's tail mass taken at T = 1, which a reference made
+    # with teacher_topk itself, as before, could not see)
     student.zero_grad(set_to_none=True)
     few = our_loss(student, teacher, batch, 1.5, 0.0, topk=4)
     few.backward()
     g_few = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     student.zero_grad(set_to_none=True)
-    keep = batch["labels"][:, 1:] != IGNORE
-    s = student(batch["input_ids"]).logits[:, :-1][keep].double()
-    with torch.no_grad():
-        logp, ids = teacher_topk(teacher(batch["input_ids"]).logits[:, :-1][keep].double(), 4, 1.5)
-    ref = 1.5 ** 2 * token_kl_topk(s, logp, ids, 1.5).mean()
+    ref = topk_reference(student, teacher, batch, 4, 1.5)
     ref.backward()
     assert few.item() == pytest.approx(ref.item(), rel=1e-5) and few.item() != pytest.approx(full.item(), rel=1e-3)
     for n, p in student.named_parameters():
         if p.grad is not None:
             assert torch.allclose(g_few[n], p.grad.float(), rtol=1e-4, atol=1e-6), n
-    assert torch.allclose(logp[:, :4].exp().sum(-1) + logp[:, 4].exp(), torch.ones(len(logp)), atol=1e-6)
 
 
-def test_topk_cache_gives_what_the_teacher_gives(pair) -> None:
-    """Windows read again take their targets from the cache: the same as running the teacher."""
+def topk_reference(student, teacher, batch, k: int, temperature: float) -> torch.Tensor:
+    """T² · mean KL over the k + 1 outcomes "token i of the teacher's top k" and "any other token",
+    built here in float64 from the models' logits and taken by ``F.kl_div`` (nothing of the module
+    under test)."""
+    keep = batch["labels"][:, 1:] != IGNORE
+    s = student(batch["input_ids"]).logits[:, :-1][keep].to(f64) / temperature
+    with torch.no_grad():
+        t = teacher(batch["input_ids"]).logits[:, :-1][keep].to(f64) / temperature
+    top = t.topk(k, dim=-1).indices
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    p_k, q_k = p.gather(-1, top), q.gather(-1, top)
+    p_out = torch.cat([p_k, 1 - p_k.sum(-1, keepdim=True)], -1)
+    q_out = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
+    return temperature ** 2 * F.kl_div(q_out.log(), p_out, reduction="sum") / len(s)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_cache_gives_what_the_teacher_gives(pair, temperature: float) -> None:
+    """Windows read again take their targets from the cache: the same as running the teacher, and
+    both are the teacher's top k at T (log-probabilities and the tail's mass) computed here from its
+    logits. Mutant caught at T = 2: the cache's ``_topk_rows`` softening at T = 1."""
     _, teacher = pair
     batch = batch_with_masks()
     items = [Example(r.tolist(), lab.tolist()) for r, lab in zip(batch["input_ids"], batch["labels"])]
-    t = Teacher(teacher, 5, 1.0, 4, nullcontext)
+    keep = batch["labels"][:, 1:] != IGNORE
+    with torch.no_grad():
+        log_p = torch.log_softmax(teacher(batch["input_ids"]).logits[:, :-1][keep].to(f64) / temperature, -1)
+    want_p, want_i = log_p.topk(5, dim=-1)
+    want_rest = torch.log1p(-want_p.exp().sum(-1))
+    t = Teacher(teacher, 5, temperature, 4, nullcontext)
     direct = t.targets(batch, torch.device("cpu"))
-    ref_p, ref_i = direct.chunk(0, 10_000, 1.0)[1:]
+    ref_p, ref_i = direct.chunk(0, 10_000, temperature)[1:]
+    assert torch.equal(ref_i.long(), want_i)
+    assert torch.allclose(ref_p[:, :5].double(), want_p, atol=1e-5)
+    assert torch.allclose(ref_p[:, 5].double(), want_rest, atol=1e-4)
     t.cache = TopkCache(Counter({0: 2, 1: 2, 2: 2}))
     for _ in range(2):
         got = t.targets(batch, torch.device("cpu"), [0, 1, 2], items)
@@ -329,12 +409,59 @@ def test_resume_equals_an_uninterrupted_run(folders, tmp_path: Path, mode: str) 
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory(folders, tmp_path: Path) -> None:
+    """Same weights with and without checkpointing, and checkpointing was on: each decoder layer ran
+    its MLP once more per training micro-batch (the recomputation in backward). Mutant caught:
+    ``_checkpointing`` a no-op (same forward counts)."""
     _, student, text = folders
-    runs = [recover(quick(model=str(student), data=str(text), max_steps=2, grad_checkpointing=gc), progress=False)
-            for gc in (False, True)]
+    runs, calls = [], []
+    for gc in (False, True):
+        model, tok = load_pruned(student)
+        calls.append(0)
+        # a pre-hook of a module inside the layer: transformers keeps the layer's own hooks outside the
+        # checkpoint, and torch stops a recomputation once it has every saved tensor (before the MLP returns)
+        model.model.layers[1].mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(-1, calls[-1] + 1))
+        runs.append(recover(quick(model=str(student), data=str(text), max_steps=2, grad_checkpointing=gc),
+                            model=model, tokenizer=tok, progress=False))
     a, b = (dict(r.model.named_parameters()) for r in runs)
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert calls[1] - calls[0] == 2 * 2  # 2 steps x 2 micro-batches, each recomputed once
     assert not any(getattr(m, "gradient_checkpointing", False) for m in runs[1].model.modules())  # switched off after
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "gemma3-tied-softcap"])
+def test_tied_head_and_softcap_equal_an_independent_kl(family: str) -> None:
+    """The head shares the embedding matrix (its gradient is the sum of both uses) and, for Gemma,
+    the logits are soft-capped (``cap · tanh(z / cap)``, the autograd path of the chunked loss):
+    value and every gradient equal the float64 loss from the models' own logits. Mutants caught:
+    ``linear_head`` ignoring the cap; the chunked loss dropping the head-weight gradient."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import build_tiny
+    from test_gemma3 import tiny_gemma3
+
+    if family == "llama-tied":
+        teacher = build_tiny(LlamaConfig, LlamaForCausalLM, num_key_value_heads=4, tie_word_embeddings=True)
+    else:
+        teacher = tiny_gemma3(tie_word_embeddings=True)
+        assert teacher.config.final_logit_softcapping and not split_model(teacher).head.plain_linear
+    student = copy.deepcopy(teacher).train()
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(5)
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
+    batch = batch_with_masks()
+    ref = independent_loss(student, teacher, batch, 1.5, 0.3)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    ours = our_loss(student, teacher, batch, 1.5, 0.3)
+    ours.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    got = dict(student.named_parameters())
+    assert "model.embed_tokens.weight" in ref_grads
+    for name, g in ref_grads.items():
+        assert torch.allclose(got[name].grad, g.float(), rtol=1e-4, atol=1e-6), name
 
 
 PROGRAM = ("import json, sys\nfrom slimgpt.recovery import RecoveryConfig, recover\n"
