@@ -27,6 +27,16 @@ def build_tiny(config_cls: type, model_cls: type, seed: int = 0, **overrides) ->
     return model.eval()
 
 
+def gamma(n: int, dtype: torch.dtype = torch.float32) -> float:
+    """Higham's γ_n = n·u / (1 − n·u), u the unit roundoff of ``dtype``: a sum or dot product of ``n``
+    terms computed in ``dtype``, in any order and blocking, is within γ_n · Σ|terms| of the exact one.
+    Tolerances of float comparisons are derived from it (what a CPU's BLAS or a thread count may
+    change is the order, never the bound)."""
+    u = torch.finfo(dtype).eps / 2
+    assert n * u < 1
+    return n * u / (1 - n * u)
+
+
 @pytest.fixture
 def tiny_llama() -> PreTrainedModel:
     """Llama, 4 key/value heads (2 query heads each), tied embeddings."""
