@@ -301,6 +301,9 @@ def run_compare(
             if unit and matched is None:
                 matched, matched_by = row["removed_ratio"], name
             row["off_target_params"] = pruned - round((1 - (matched if matched is not None else ratio)) * dense_params)
+            auto = rep["method"].get("auto")
+            if isinstance(auto, dict):  # --schedule auto: its choice, every candidate's score, the windows
+                row["auto"] = auto_record(auto)
             search = rep["method"].get("search")
             if isinstance(search, dict) and rep["method"].get("schedule") == "search":  # the searched allocation
                 row["allocation_search"] = {k: search.get(k) for k in ("generations", "stopped_by", "kl", "starts",
@@ -323,6 +326,42 @@ def run_compare(
             write()
     write()  # rows kept by --resume after the last new one
     return result
+
+
+def auto_record(auto: dict[str, Any]) -> dict[str, Any]:
+    """What a row keeps of ``--schedule auto``'s report entry: the choice, every candidate's KL (mean
+    and per scoring window), the windows it was solved and scored on, and its time."""
+    keep = ("chosen", "kl", "kl_by_window", "windows", "hessian_windows", "score_windows", "from_checkpoint")
+    return {**{k: auto[k] for k in keep if k in auto}, "time_s": (auto.get("time_s") or {}).get("total")}
+
+
+def format_auto(method: str, ratio: float, a: dict[str, Any]) -> str:
+    """One line of the table's notes: what ``--schedule auto`` chose, from which scores, on which windows."""
+    kl = a.get("kl") or {}
+    ranked = ", ".join(f"{'**' + n + '**' if n == a.get('chosen') else n} {v:.4f}"
+                       for n, v in sorted(kl.items(), key=lambda kv: kv[1]))
+    w = a.get("windows") or {}
+    score = w.get("score") or []
+    where = ""
+    if score:
+        h = w.get("hessian") or [0, a.get("hessian_windows")]
+        held = "held out" if w.get("disjoint") else "in-sample"
+        where = (f" on calibration windows {_ranges(score)} ({held}; Hessians on {h[0]}-{h[1] - 1}, "
+                 f"seed {w.get('calibration_seed', '?')})")
+    t = a.get("time_s")
+    return (f"{method} at {ratio:.2f}: chose `{a.get('chosen')}`; KL {ranked}{where}"
+            + (f"; {t:.1f} s" if isinstance(t, int | float) else "") + ".")
+
+
+def _ranges(idx: list[int]) -> str:
+    """``[16, 17, 18, 19, 30]`` → ``16-19, 30``."""
+    out: list[str] = []
+    for i in sorted(idx):
+        if out and i == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ", ".join(out)
 
 
 def _evaluate_row(row: dict[str, Any], model: Any, tok: Any, ppl_dataset: str, seqlens: list[int],
@@ -457,6 +496,9 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"{r['method']} at {r['ratio']:.2f}: start {a['starts'].get('chosen')}, KL "
                          f"{a['kl']['start']:.4f} → {a['kl']['final']:.4f} in {a['generations']} generations "
                          f"({a['stopped_by']}); database {t.get('database', 0):.0f} s, search {t.get('search', 0):.0f} s.")
+    for r in rows:
+        if r.get("auto"):
+            lines.append(format_auto(r["method"], r["ratio"], r["auto"]))
     if task_names:
         lines.append("Zero-shot: accuracy in %, acc_norm where the task reports it, else acc (lm-eval).")
     return "\n".join(lines)

@@ -170,7 +170,14 @@ def plan_widths(run: Run, ckpt: Checkpoint | None = None) -> list[LayerWidth]:
     (``auto``: chosen by :mod:`slimgpt.allocation` from the calibration windows, or read back from
     ``ckpt`` when this run chose them before it was interrupted)."""
     c = run.cfg
-    if c.schedule == "auto" and c.method == "slimgpt":
+    fixed = None
+    if Path(c.schedule).is_file():  # per-layer widths (pruned at exactly those) or ratios
+        from slimgpt.allocation import read_widths_file
+
+        fixed = read_widths_file(c.schedule, run.spaces)
+    if fixed is not None:
+        widths = fixed
+    elif c.schedule == "auto" and c.method == "slimgpt":
         widths = auto_widths(run, ckpt)
     else:  # other layer-wise methods keep the paper's schedule under the default
         schedule = "log" if c.schedule == "auto" else c.schedule
@@ -193,11 +200,10 @@ def auto_widths(run: Run, ckpt: Checkpoint | None = None) -> list[LayerWidth]:
         weights = streaming.StreamedWeights(streaming.StreamingStore(run.adapter, run.source, run.dtype, None),
                                             run.device)
     assert c.nsamples is not None and c.seqlen is not None and run.calib is not None
-    hess, score = allocation.auto_windows(c.nsamples, c.seqlen, run.spaces)
-    method = run.method
-    settings = allocation.AutoSettings(
-        hess, score, head_score=getattr(method, "head_score", "gcd"), ffn_groups=getattr(method, "ffn_groups", "dynamic"),
-        min_group=c.min_group, max_group=c.max_group, damp=c.damp, batch_size=c.batch_size)
+    hess, score = allocation.auto_windows(c.nsamples, c.seqlen, run.spaces)  # disjoint: scored held out
+    settings = allocation.AutoSettings(hess, list(range(hess, hess + score)),
+                                       head_score=getattr(run.method, "head_score", "gcd"), min_group=c.min_group,
+                                       damp=c.damp, batch_size=c.batch_size)
 
     def choose() -> allocation.AutoResult:
         saved = ckpt.load_allocation() if ckpt is not None else None
@@ -208,6 +214,7 @@ def auto_widths(run: Run, ckpt: Checkpoint | None = None) -> list[LayerWidth]:
         with distributed.solo():  # rank 0 scores on its own (its Hessians are not reduced); the others wait
             res = allocation.choose_allocation(run.adapter, run.calib, run.spaces, family, run.device, settings,
                                                progress=run.progress, weights=weights)
+        res.settings["windows"]["calibration_seed"] = c.seed  # which windows: seed + indices name them
         if ckpt is not None:
             ckpt.save_allocation(res.to_dict())
         return res

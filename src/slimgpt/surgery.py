@@ -17,6 +17,10 @@ Memory: weights are sliced layer by layer in place on the input model (each slic
 source matrix at once, so the peak is the model plus one matrix) and then *moved*, not copied, into
 a slim model built on the meta device. Two full copies never coexist, which matters for models that
 barely fit; the price is that the input model is consumed (deep-copy it first if you need it).
+
+The same cut (:func:`_cut_layer`) serves passes that run many pruned forms of one model without
+keeping them (``--schedule auto``'s scoring, the search's stitcher): :class:`LayerSwap` installs a
+layer's pruned form over its dense tensors and puts them back.
 """
 
 from __future__ import annotations
@@ -143,40 +147,92 @@ def head_rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Te
     return (idx[:, None] * head_dim + torch.arange(head_dim, device=device)).reshape(-1)
 
 
-def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
-    """Keep only ``rows`` (outputs, and their bias entries) and/or ``cols`` (inputs) of ``lin``."""
-    weight = lin.weight
-    new = weight.data
+def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                  weight: torch.Tensor | None = None) -> None:
+    """Keep only ``rows`` (outputs, and their bias entries) and/or ``cols`` (inputs) of ``lin``;
+    ``weight`` (already the kept columns, e.g. OBS-compensated ones kept apart from the dense
+    layer) replaces the column slice, in ``lin``'s device and dtype."""
+    old = lin.weight
+    new = old.data
     if rows is not None:
         new = new.index_select(0, rows.to(new.device))
         if lin.bias is not None:
             lin.bias = nn.Parameter(lin.bias.data.index_select(0, rows.to(new.device)),
                                     requires_grad=lin.bias.requires_grad)
-    if cols is not None:
+    if weight is not None:
+        new = weight.to(device=new.device, dtype=new.dtype)
+    elif cols is not None:
         new = new.index_select(1, cols.to(new.device))
-    lin.weight = nn.Parameter(new, requires_grad=weight.requires_grad)
+    lin.weight = nn.Parameter(new, requires_grad=old.requires_grad)
     lin.out_features, lin.in_features = new.shape
 
 
-def _cut_layer(adapter: ModelAdapter, layer: nn.Module, heads: list[int] | None,
-               kv_heads: list[int] | None, channels: list[int] | None) -> None:
+def _cut_layer(adapter: ModelAdapter, layer: nn.Module, heads: list[int] | None, kv_heads: list[int] | None,
+               channels: list[int] | None, o_weight: torch.Tensor | None = None,
+               down_weight: torch.Tensor | None = None) -> None:
+    """The one way a layer is cut (the saved model, a streamed layer, and the temporary cuts of
+    :class:`LayerSwap`): q/k/v rows of the kept heads, their o_proj columns (or ``o_weight``),
+    gate/up rows of the kept channels, their down_proj columns (or ``down_weight``); then the
+    adapter brings the attention's head counts in line with the weights."""
     if heads is not None and kv_heads is not None:
         g = adapter.geometry(layer)
         lin = adapter.attention(layer)
-        if len(heads) < g.num_heads:
+        if len(heads) < g.num_heads or o_weight is not None:
             q_rows = head_rows(heads, g.head_dim, lin.q.weight.device)
             _slice_linear(lin.q, rows=q_rows)
-            _slice_linear(lin.o, cols=q_rows)
+            _slice_linear(lin.o, cols=q_rows, weight=o_weight)
         if len(kv_heads) < g.num_kv_heads:
             kv_rows = head_rows(kv_heads, g.head_dim, lin.k.weight.device)
             _slice_linear(lin.k, rows=kv_rows)
             _slice_linear(lin.v, rows=kv_rows)
-    if channels is not None and len(channels) < adapter.intermediate_size(layer):
+        adapter.sync_attention(layer)
+    if channels is not None and (len(channels) < adapter.intermediate_size(layer) or down_weight is not None):
         mlp = adapter.mlp(layer)
         idx = torch.tensor(channels, dtype=torch.long, device=mlp.down.weight.device)
         _slice_linear(mlp.gate, rows=idx)
         _slice_linear(mlp.up, rows=idx)
-        _slice_linear(mlp.down, cols=idx)
+        _slice_linear(mlp.down, cols=idx, weight=down_weight)
+
+
+class LayerSwap:
+    """Temporary cuts of decoder layer ``index`` over its dense tensors, for passes that run many
+    pruned forms of one model (``--schedule auto``'s candidates, the search's stitched variants).
+
+    :meth:`cut` installs a pruned form exactly as the final model holds it (validated as plans
+    are, sliced by :func:`_cut_layer`, the head counts set through the adapter), with the
+    compensated output columns kept apart (``o_weight`` / ``down_weight``); :meth:`restore` puts
+    the dense tensor objects back. The dense tensors are never edited or copied."""
+
+    def __init__(self, adapter: ModelAdapter, index: int) -> None:
+        self.adapter, self.index = adapter, index
+        self.layer = layer = adapter.layers[index]
+        a, m = adapter.attention(layer), adapter.mlp(layer)
+        self._dense = {
+            "attention": [(lin, lin.weight, lin.bias) for lin in (a.q, a.k, a.v, a.o)],
+            "mlp": [(lin, lin.weight, lin.bias) for lin in (m.gate, m.up, m.down)],
+        }
+
+    def restore(self, attention: bool = True, mlp: bool = True) -> None:
+        """Put the dense tensors of the chosen blocks back."""
+        for part in ("attention",) * attention + ("mlp",) * mlp:
+            for lin, w, b in self._dense[part]:
+                lin.weight, lin.bias = w, b
+                lin.out_features, lin.in_features = w.shape
+        if attention:
+            self.adapter.sync_attention(self.layer)
+
+    @torch.no_grad()
+    def cut(self, heads: list[int] | None = None, o_weight: torch.Tensor | None = None,
+            channels: list[int] | None = None, down_weight: torch.Tensor | None = None) -> None:
+        """Cut the blocks given (``None``: that block is left as it is) from their dense tensors:
+        keep query ``heads`` with ``o_weight`` as o_proj, ``channels`` with ``down_weight`` as
+        down_proj (``None`` weights: the dense columns, uncompensated)."""
+        if heads is not None:
+            self.restore(attention=True, mlp=False)
+        if channels is not None:
+            self.restore(attention=False, mlp=True)
+        (h, kv, c), = _validated_cuts(self.adapter, {self.index: LayerPlan(heads, channels)}).values()
+        _cut_layer(self.adapter, self.layer, h, kv, c, o_weight, down_weight)
 
 
 # ---- the slim model -----------------------------------------------------------------------------------

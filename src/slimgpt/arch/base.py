@@ -101,6 +101,18 @@ class ModelAdapter:
     def intermediate_size(self, layer: nn.Module) -> int:
         return self.mlp(layer).down.in_features
 
+    def sync_attention(self, layer: nn.Module) -> None:
+        """Make the attention module's head bookkeeping agree with its (cut or restored) weights,
+        so the layer runs at its new shape: the stock forward reads ``num_key_value_groups`` to
+        repeat key/value heads (the slim modules also keep ``num_heads`` / ``num_key_value_heads``).
+        :mod:`slimgpt.surgery` calls it after every cut; an architecture with other attributes
+        overrides it."""
+        g, attn = self.geometry(layer), layer.self_attn
+        for name, value in (("num_key_value_groups", g.n_rep), ("num_heads", g.num_heads),
+                            ("num_key_value_heads", g.num_kv_heads)):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+
     def attention_block_modules(self, layer: nn.Module) -> tuple[nn.Module, ...]:
         """Every module whose weights :meth:`attention_block` reads (its outputs are cached
         for as long as none of them changes)."""

@@ -1,11 +1,11 @@
 """Candidate evaluation: stored variants swapped into one model, KL divergence from the dense model.
 
-**Stitching.** :class:`Stitcher` installs a unit's variant by replacing the layer's weights with
-*sliced* tensors (kept q/k/v rows and compensated ``o_proj`` columns; kept gate/up rows and
-compensated ``down_proj`` columns; the attention's ``num_key_value_groups`` set as the slim
-modelling code sets it), so a candidate runs at its pruned cost; a removed block is skipped. The
-dense tensors are kept and put back by :meth:`Stitcher.restore`. Installing only touches units
-whose level changed, and never copies the model.
+**Stitching.** :class:`Stitcher` installs a unit's variant with :class:`slimgpt.surgery.LayerSwap`,
+the cut the final model gets (kept q/k/v rows and compensated ``o_proj`` columns; kept gate/up
+rows and compensated ``down_proj`` columns; the head counts set through the adapter), so a
+candidate runs at its pruned cost; a removed block is skipped. The dense tensors are kept and put
+back by :meth:`Stitcher.restore`. Installing only touches units whose level changed, and never
+copies the model.
 
 **Fitness.** :class:`KLFitness` scores a candidate by the mean per-token
 ``KL(p_dense || p_candidate)`` of the next-token distributions on a selection stage's calibration
@@ -13,7 +13,7 @@ tokens: whole first windows, or a prefix of window 0 when the stage is shorter t
 (EvoPress: more stable than perplexity; never evaluation text); per-window values are memoised. The dense probabilities
 are computed once and kept in float16 (the KL is exact for those stored values: their rounding
 perturbs only the cross-entropy weights, the same for every candidate), and a candidate's KL is
-taken from its logits directly (``Σ p log p − Σ p z + logsumexp(z) Σ p``), no log-softmax formed.
+taken from its logits directly (:class:`DenseTarget`, the KL ``--schedule auto`` scores with too).
 Candidates differ from their parent in a few units: the parent's hidden states at every block
 boundary are cached (``set_parent``), and a candidate runs only from its first changed block on.
 """
@@ -26,60 +26,33 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import NumericalError
 from slimgpt.search.database import LevelDatabase, Variant
-from slimgpt.surgery import head_rows
+from slimgpt.surgery import LayerSwap
 
 
 class Stitcher:
-    """Installs (unit, level) variants of ``db`` into ``adapter``'s model in place."""
+    """Installs (unit, level) variants of ``db`` into ``adapter``'s model in place, each layer cut
+    by :class:`slimgpt.surgery.LayerSwap` (the final model's cut) over its dense tensors."""
 
     def __init__(self, adapter: ModelAdapter, db: LevelDatabase) -> None:
         self.adapter, self.db = adapter, db
         self.levels = [0] * (2 * adapter.num_layers)
-        self._dense: list[dict[str, Any]] = []
-        for layer in adapter.layers:
-            a, m = adapter.attention(layer), adapter.mlp(layer)
-            lin = {f"attn.{n}": getattr(a, n) for n in "qkvo"} | {f"mlp.{n}": getattr(m, n) for n in ("gate", "up", "down")}
-            self._dense.append({
-                "params": {k: (v.weight, v.bias) for k, v in lin.items()},
-                "groups": getattr(layer.self_attn, "num_key_value_groups", None),
-                "geo": adapter.geometry(layer),
-            })
+        self.swaps = [LayerSwap(adapter, i) for i in range(adapter.num_layers)]
 
     def top_level(self, u: int) -> int:
+        """The level that removes unit ``u``'s block; -1 where none does (under ``--target vllm`` the
+        attention's top level is its narrowest stored variant)."""
         i = u // 2
-        return len(self.db.attn_removed[i]) - 1 if u % 2 == 0 else len(self.db.ffn_levels[i]) - 1
+        if u % 2:
+            return len(self.db.ffn_levels[i]) - 1
+        top = len(self.db.attn_removed[i]) - 1
+        return top if top and self.db.variant("attn", i, top) is None else -1
 
     def removed(self, u: int) -> bool:
         return self.levels[u] == self.top_level(u)
-
-    def _linears(self, i: int) -> dict[str, nn.Linear]:
-        layer = self.adapter.layers[i]
-        a, m = self.adapter.attention(layer), self.adapter.mlp(layer)
-        return {f"attn.{n}": getattr(a, n) for n in "qkvo"} | {f"mlp.{n}": getattr(m, n) for n in ("gate", "up", "down")}
-
-    @staticmethod
-    def _set(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        dev, dt = lin.weight.device, lin.weight.dtype
-        lin.weight = nn.Parameter(weight.to(device=dev, dtype=dt), requires_grad=False)
-        if bias is not None:
-            lin.bias = nn.Parameter(bias.to(device=dev, dtype=dt), requires_grad=False)
-        lin.out_features, lin.in_features = lin.weight.shape
-
-    def _restore_unit(self, u: int) -> None:
-        i = u // 2
-        lins, dense = self._linears(i), self._dense[i]
-        names = [n for n in lins if n.startswith("attn." if u % 2 == 0 else "mlp.")]
-        for n in names:
-            w, b = dense["params"][n]
-            lins[n].weight, lins[n].bias = w, b
-            lins[n].out_features, lins[n].in_features = w.shape
-        if u % 2 == 0 and dense["groups"] is not None:
-            self.adapter.layers[i].self_attn.num_key_value_groups = dense["groups"]
 
     def variant(self, u: int, level: int) -> Variant | None:
         return self.db.variant("attn" if u % 2 == 0 else "ffn", u // 2, level)
@@ -89,32 +62,17 @@ class Stitcher:
         """Put unit ``u`` at ``level`` (0 = dense, top = removed: the block is skipped)."""
         if self.levels[u] == level:
             return
-        self._restore_unit(u)
+        swap, attention = self.swaps[u // 2], u % 2 == 0
+        swap.restore(attention=attention, mlp=not attention)
         self.levels[u] = level
         if level == 0 or level == self.top_level(u):
             return
         v = self.variant(u, level)
         assert v is not None, f"no variant for unit {u} level {level}"
-        i = u // 2
-        lins, dense = self._linears(i), self._dense[i]
-        p = dense["params"]
-        if u % 2 == 0:
-            geo = dense["geo"]
-            heads = v.kept
-            kv = sorted({h // geo.n_rep for h in heads})
-            dev = p["attn.q"][0].device
-            q_rows, kv_rows = head_rows(heads, geo.head_dim, dev), head_rows(kv, geo.head_dim, dev)
-            for n, rows in (("attn.q", q_rows), ("attn.k", kv_rows), ("attn.v", kv_rows)):
-                w, b = p[n]
-                self._set(lins[n], w[rows], None if b is None else b[rows])
-            self._set(lins["attn.o"], v.weight, None)
-            self.adapter.layers[i].self_attn.num_key_value_groups = len(heads) // len(kv)
+        if attention:
+            swap.cut(heads=v.kept, o_weight=v.weight)
         else:
-            idx = torch.tensor(v.kept, dtype=torch.long)
-            for n in ("mlp.gate", "mlp.up"):
-                w, b = p[n]
-                self._set(lins[n], w[idx], None if b is None else b[idx])
-            self._set(lins["mlp.down"], v.weight, None)
+            swap.cut(channels=v.kept, down_weight=v.weight)
 
     def install(self, levels: list[int]) -> None:
         for u, lv in enumerate(levels):
@@ -127,8 +85,35 @@ class Stitcher:
 
 def token_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """Per-token ``KL(p || q) = sum_v p (log p - log q)`` from log-probabilities (last dim the
-    vocabulary): the dense model is ``p``, the candidate ``q`` (EvoPress's direction)."""
+    vocabulary): the dense model is ``p``, the candidate ``q`` (EvoPress's direction). The plain
+    form, for checks and benchmarks; the passes score with :class:`DenseTarget`."""
     return (logp.exp() * (logp - logq)).sum(-1)
+
+
+class DenseTarget:
+    """One window's dense next-token distributions, kept for scoring many candidates against them:
+    ``p`` in float16 and, per token, ``Σ p log p`` and ``Σ p`` of exactly those stored values, so
+    that :meth:`kl` needs only a candidate's logits ``z``:
+    ``KL(p || softmax z) = Σ p log p − Σ p z + logsumexp(z) Σ p`` (no log-softmax of the candidate is
+    formed: at a 49k-152k vocabulary the per-token V-wide passes cost as much as the forward). The
+    one KL of the search and of ``--schedule auto``; exact for the stored ``p`` (their rounding
+    perturbs only the weights of the cross-entropy, the same for every candidate)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        """``logits``: the dense model's, ``(tokens, vocabulary)``."""
+        p = F.log_softmax(logits.float(), dim=-1).exp().half()
+        pf = p.float()
+        self.p = p
+        self.plogp = torch.xlogy(pf, pf).sum(-1)
+        self.psum = pf.sum(-1)
+
+    def kl(self, z: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """Per-token ``KL(p_dense || softmax(z))`` over the first ``length`` tokens (default: all);
+        ``z``: a candidate's logits, ``(tokens, vocabulary)``."""
+        n = self.p.shape[0] if length is None else length
+        z = z[:n].float()
+        cross = torch.linalg.vecdot(self.p[:n].float(), z)  # Σ_v p z, per token
+        return self.plogp[:n] - cross + torch.logsumexp(z, -1) * self.psum[:n]
 
 
 class KLFitness:
@@ -158,22 +143,11 @@ class KLFitness:
         self.window_evaluations = 0  # windows forwarded (memo hits not counted)
         self.memo_hits = 0
         stitcher.restore()
-        # per window: the dense next-token probabilities p (float16) and, per token, Σ p log p and Σ p
-        # of exactly those stored values, so that KL(p || q) = Σ p log p - Σ p z + logsumexp(z) Σ p
-        # needs only the candidate's logits z: no log-softmax of them is materialised (at a 49k-152k
-        # vocabulary the per-token V-wide passes cost as much as the bf16 forward)
-        self.dense_p: list[torch.Tensor] = []
-        self.dense_plogp: list[torch.Tensor] = []
-        self.dense_psum: list[torch.Tensor] = []
+        self.dense: list[DenseTarget] = []  # per window (DenseTarget: the one KL)
         with torch.no_grad():
             for ids in windows.split(self.batch):
-                for logp in self._logp(self._run(self._embed(ids), 0, self.seqlen)):
-                    p = logp.exp().half()
-                    pf = p.float()
-                    self.dense_p.append(p)
-                    self.dense_plogp.append(torch.xlogy(pf, pf).sum(-1))
-                    self.dense_psum.append(pf.sum(-1))
-                    del pf
+                for z in self.adapter.logits(self._run(self._embed(ids), 0, self.seqlen)):
+                    self.dense.append(DenseTarget(z))
         self._parent: list[int] | None = None
         self._cache: dict[int, list[torch.Tensor]] = {}
         self._recorded: tuple[tuple[int, ...], dict[int, list[torch.Tensor]]] | None = None
@@ -210,18 +184,10 @@ class KLFitness:
             h = self.adapter.attention_block(layer, h, ctx) if b % 2 == 0 else self.adapter.mlp_block(layer, h)
         return h
 
-    def _logp(self, h: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.adapter.logits(h).float(), dim=-1)
-
     def _kl(self, h: torch.Tensor, ws: list[int], length: int) -> list[float]:
         """Each window's mean KL over its first ``length`` tokens (``h``: the batch's final states)."""
-        z = self.adapter.logits(h).float()
-        lse = torch.logsumexp(z, -1)
-        values = []
-        for k, w in enumerate(ws):
-            cross = torch.linalg.vecdot(self.dense_p[w][:length].float(), z[k])  # Σ_v p z, per token
-            kl = self.dense_plogp[w][:length] - cross + lse[k] * self.dense_psum[w][:length]
-            values.append(float(kl.mean()))
+        z = self.adapter.logits(h)
+        values = [float(self.dense[w].kl(z[k], length).mean()) for k, w in enumerate(ws)]
         if not all(math.isfinite(v) for v in values):
             raise NumericalError("NaN/inf logits while scoring a searched allocation; use --dtype float32")
         return values
