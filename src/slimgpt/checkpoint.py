@@ -9,6 +9,7 @@ appears only when the model is complete, by an atomic rename):
     layer-00000.safetensors     layer 0 as cut (full tensor names) + its plan in the metadata
     ...
     inputs-00007/               the next layer's inputs: one raw file per calibration batch
+    reference-00007/            ``--compensate asymmetric|drift``: the dense model's inputs to it, likewise
 
 Each finished layer is committed in this order: its layer file (written by the layer store), the
 next layer's inputs, then ``state.json`` by an atomic replace (the commit point), then the previous
@@ -132,16 +133,18 @@ def read_tensors(folder: Path, specs: list[dict[str, Any]], mmap: bool,
 
 class ActivationFiles:
     """``--offload-activations DIR``: the inputs of the next layer live in memory-mapped files in
-    ``DIR`` instead of anonymous memory, so the kernel can page them out; one set at a time."""
+    ``DIR`` instead of anonymous memory, so the kernel can page them out; one set at a time
+    (``name``: which stream, for a second set beside the first)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, name: str = "inputs") -> None:
         self.root = Path(folder).expanduser().resolve()
         self.created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         self.current: Path | None = None
+        self.name = name
 
     def keep(self, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        folder = self.root / f"slimgpt-inputs-{os.getpid()}-{index:05d}"
+        folder = self.root / f"slimgpt-{self.name}-{os.getpid()}-{index:05d}"
         try:
             specs = write_tensors(folder, hidden, sync=False)
         except OSError as e:
@@ -232,7 +235,8 @@ class Checkpoint:
             raise ConfigError(f"the work folder {folder} would overlap the source model {source}; choose another --out")
         if folder.exists() and not (folder / "state.json").exists():
             ours = folder.is_dir() and all(
-                re.fullmatch(r"(layer-\d+\.safetensors|inputs-\d+|allocation\.json)(\.tmp)?|state\.json\.tmp", p.name)
+                re.fullmatch(r"(layer-\d+\.safetensors|(inputs|reference)-\d+|allocation\.json)(\.tmp)?|state\.json\.tmp",
+                             p.name)
                 for p in folder.iterdir())
             if not ours:
                 raise ConfigError(f"{folder} exists and is not a slimgpt work folder; move it or choose another --out")
@@ -340,8 +344,11 @@ class Checkpoint:
         except OSError as e:
             raise storage_error(e, path, self) from e
 
-    def commit(self, index: int, plan: LayerPlan, hidden: list[torch.Tensor], save_inputs: bool = True) -> None:
+    def commit(self, index: int, plan: LayerPlan, hidden: list[torch.Tensor], save_inputs: bool = True,
+               reference: list[torch.Tensor] | None = None) -> None:
         """Layer ``index`` is finished and its file written: record it (driver's ``on_layer_done``).
+        ``reference``: the dense model's inputs to the next layer (asymmetric compensation), kept
+        beside the pruned ones and committed with them.
 
         ``save_inputs=False`` (GPU runs, between costly input writes) records nothing: the state
         keeps pointing at the last saved inputs, and ``--resume`` redoes the layers after them
@@ -358,6 +365,9 @@ class Checkpoint:
             if nxt < self.num_layers:
                 specs = write_tensors(self.folder / f"inputs-{nxt:05d}", hidden)
                 state["inputs"] = {"folder": f"inputs-{nxt:05d}", "batches": specs}
+                if reference is not None:
+                    specs = write_tensors(self.folder / f"reference-{nxt:05d}", reference)
+                    state["reference"] = {"folder": f"reference-{nxt:05d}", "batches": specs}
             tmp = self.folder / "state.json.tmp"
             with open(tmp, "w") as f:
                 f.write(json.dumps(state, indent=1, default=_jsonable))
@@ -368,6 +378,7 @@ class Checkpoint:
             raise storage_error(e, self.folder, self) from e
         self.state = state
         shutil.rmtree(self.folder / f"inputs-{index:05d}", ignore_errors=True)
+        shutil.rmtree(self.folder / f"reference-{index:05d}", ignore_errors=True)
         kill_point(index)
 
     # ---- reading ------------------------------------------------------------------------------
@@ -403,7 +414,16 @@ class Checkpoint:
         ``torchrun`` only this rank's batches (the checkpoint holds all, in batch order, so any
         number of processes can resume it)."""
         assert self.state is not None and self.state["inputs"] is not None
-        spec = self.state["inputs"]
+        return self._read_stream(self.state["inputs"], mmap)
+
+    def load_reference(self, mmap: bool = False) -> list[torch.Tensor] | None:
+        """The dense model's inputs to the first unfinished layer (asymmetric compensation), this
+        rank's batches as :meth:`load_inputs`; None when the run kept no dense stream."""
+        assert self.state is not None
+        spec = self.state.get("reference")
+        return self._read_stream(spec, mmap) if spec is not None else None
+
+    def _read_stream(self, spec: dict[str, Any], mmap: bool) -> list[torch.Tensor]:
         select = distributed.batch_range(len(spec["batches"])) if distributed.is_distributed() else None
         return read_tensors(self.folder / spec["folder"], spec["batches"], mmap, select)
 

@@ -18,6 +18,8 @@ if TYPE_CHECKING:  # torch is imported by whoever runs the config, not by argume
 
 __all__ = ["CPU_NSAMPLES", "CPU_SEQLEN", "DEFAULT_MODEL", "GPU_NSAMPLES", "GPU_SEQLEN", "PruneConfig"]
 
+COMPENSATIONS = ("symmetric", "asymmetric", "drift")  # slimgpt.driver.COMPENSATIONS, without importing torch
+
 
 @dataclass
 class PruneConfig:
@@ -59,6 +61,7 @@ class PruneConfig:
     search_levels: int = 10
     search_ffn_step: int = 0  # 0: --search-levels; N: the earlier full ladders (every N channels)
     search_final: str = "rerun"
+    compensate: str = "symmetric"  # symmetric (the paper) | asymmetric | drift: toward the dense model's outputs
 
     def resolved(self, device: torch.device) -> PruneConfig:
         """Fill the device-dependent defaults (calibration size)."""
@@ -92,6 +95,7 @@ class PruneConfig:
             raise ConfigError(f"--damp must be >= 0; got {self.damp}")
         if self.propagate not in ("pruned", "original"):
             raise ConfigError("--propagate must be 'pruned' or 'original'")
+        self._validate_compensate()
         if self.blocks is not None and (self.blocks <= 0 or self.method not in ("blockpruner", "shortgpt")):
             raise ConfigError(f"--blocks must be positive and needs --method blockpruner or shortgpt; got {self.blocks} with {self.method}")
         if not 0 <= self.depth_share <= 1:
@@ -125,6 +129,19 @@ class PruneConfig:
             raise ConfigError(f"unknown --save-dtype '{self.save_dtype}'; use auto, float32, float16 or bfloat16")
         if self.search_dtype not in SEARCH_DTYPES:
             raise ConfigError(f"--search-dtype must be one of {', '.join(SEARCH_DTYPES)}; got '{self.search_dtype}'")
+
+    def _validate_compensate(self) -> None:
+        """``--compensate``: a known value, and a method whose weights are solved toward a target."""
+        if self.compensate not in COMPENSATIONS:
+            raise ConfigError(f"--compensate must be one of {', '.join(COMPENSATIONS)}; got '{self.compensate}'")
+        if self.compensate == "symmetric":
+            return
+        if self.method not in ("slimgpt", "slimgpt+blockpruner"):
+            raise ConfigError(f"--compensate {self.compensate} re-solves SlimGPT's compensated weights; --method "
+                              f"{self.method} has none: use --method slimgpt or slimgpt+blockpruner, or drop --compensate")
+        if self.schedule == "search" and self.search_final != "rerun":
+            raise ConfigError(f"--compensate {self.compensate} acts in the final layer-wise pass; --search-final "
+                              f"{self.search_final} keeps the database's dense-input solutions: use --search-final rerun")
 
     def to_dict(self) -> dict:
         return asdict(self)

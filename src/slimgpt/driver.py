@@ -11,6 +11,12 @@ leaves every layer in the model; :mod:`slimgpt.streaming` loads layer ``i`` from
 files just before it is pruned and writes/frees it right after, so models larger than memory run
 through this same loop and the same method code.
 
+With ``compensate="asymmetric"`` (or ``"drift"``) and pruned-output propagation a second stream
+runs beside the pruned one: the *dense* model's hidden states, propagated through the dense
+layers (each layer's dense outputs are taken before its weights are edited). The method then
+solves toward the dense model's outputs (:meth:`LayerRunner.attention_statistics`), one more
+copy of the activations and one more attention and MLP pass per layer.
+
 Where the calibration activations live between layers is decided once (:func:`place_activations`):
 on a GPU they stay on it whenever they fit its free memory beside a layer's work, else on the host
 (pinned, copied in while the previous batch computes), else on disk; on a CPU in memory, else on
@@ -32,11 +38,11 @@ from tqdm.auto import tqdm
 
 from slimgpt import distributed
 from slimgpt.arch.base import ModelAdapter
-from slimgpt.errors import NumericalError
+from slimgpt.errors import ConfigError, ModelError, NumericalError
 from slimgpt.methods.base import LayerRunner, Method, Timer, embed_batches
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerSpace, LayerWidth
-from slimgpt.solvers.hessian import solve_bytes
+from slimgpt.solvers.hessian import cross_bytes, solve_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,10 @@ class LayerStore:
         """Layer ``index``'s inputs as they should be held until it runs (default: as given)."""
         return hidden
 
+    def keep_reference(self, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`keep` for the dense model's inputs to layer ``index`` (asymmetric compensation)."""
+        return hidden
+
 
 @dataclass
 class DriverResult:
@@ -87,18 +97,36 @@ class DriverResult:
 
 ACTIVATION_COPIES = 3  # a layer's inputs, its attention outputs (cached by LayerRunner), its outputs
 MARGIN = 0.9  # of the free memory a plan may fill (allocator fragmentation, CUDA context growth)
+COMPENSATIONS = ("symmetric", "asymmetric", "drift")
 
 
-def layer_work_bytes(adapter: ModelAdapter, batch_size: int, seqlen: int, dtype: torch.dtype) -> int:
+def activation_copies(propagate: str, compensate: str = "symmetric") -> int:
+    """Copies of the calibration activations a run holds at its peak: :data:`ACTIVATION_COPIES`,
+    one more for the dense outputs kept while a layer is pruned (``propagate="original"``) or for
+    the dense stream of asymmetric compensation (its entries are replaced in place, one copy)."""
+    return ACTIVATION_COPIES + (propagate == "original") + dense_stream(propagate, compensate)
+
+
+def dense_stream(propagate: str, compensate: str) -> bool:
+    """Whether a run keeps the dense model's hidden states beside the pruned ones: asymmetric
+    compensation with pruned-output propagation (under ``propagate="original"`` the layers already
+    see the dense inputs, ``X = X̃``, and asymmetric compensation *is* the symmetric one)."""
+    return compensate != "symmetric" and propagate == "pruned"
+
+
+def layer_work_bytes(adapter: ModelAdapter, batch_size: int, seqlen: int, dtype: torch.dtype,
+                     compensate: bool = False) -> int:
     """Bytes a layer's work holds on the compute device besides the calibration activations: the
-    layer and the next one (prefetched), the widest Hessian's accumulation and solve, and one
-    batch's FFN intermediates (gate, up, their product and its float32 copy for the Hessian)."""
+    layer and the next one (prefetched), the widest Hessian's accumulation and solve (with
+    ``compensate``, its cross-covariance beside it), and one batch's FFN intermediates (gate, up,
+    their product and its float32 copy for the Hessian; twice with ``compensate``: both streams)."""
     item = dtype.itemsize
     layer = max(sum(p.numel() for p in lay.parameters()) for lay in adapter.layers) * item
     hidden = adapter.decoder.embed_tokens.weight.shape[1]
     widest = max(max(adapter.intermediate_size(lay), hidden) for lay in adapter.layers)
     batch = batch_size * seqlen * (widest * (3 * item + 4) + 6 * hidden * item)
-    return 2 * layer + solve_bytes(widest) + batch
+    extra = cross_bytes(hidden, widest) + batch if compensate else 0
+    return 2 * layer + solve_bytes(widest) + batch + extra
 
 
 def activation_bytes(adapter: ModelAdapter, windows: int, seqlen: int, dtype: torch.dtype) -> int:
@@ -119,7 +147,8 @@ def plan_activations(copies_bytes: int, device_need: int, device_free: int | Non
 
 
 def place_activations(adapter: ModelAdapter, windows: int, seqlen: int, batch_size: int, device: torch.device,
-                      dtype: torch.dtype, copies: int, store: LayerStore) -> tuple[torch.device, dict[str, Any]]:
+                      dtype: torch.dtype, copies: int, store: LayerStore,
+                      compensate: bool = False) -> tuple[torch.device, dict[str, Any]]:
     """Where the activations live between layers (see the module docstring), logged in one line;
     returns the device to keep them on (disk: the host, with ``store`` writing them out)."""
     from slimgpt.preflight import available_memory, device_free_memory
@@ -133,8 +162,8 @@ def place_activations(adapter: ModelAdapter, windows: int, seqlen: int, batch_si
         free = device_free_memory(device)
         if free is not None:
             free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        where = plan_activations(copies * per_copy, layer_work_bytes(adapter, batch_size, seqlen, dtype), free,
-                                 available_memory())
+        where = plan_activations(copies * per_copy, layer_work_bytes(adapter, batch_size, seqlen, dtype, compensate),
+                                 free, available_memory())
         if where == "disk":
             folder = store.spill()
             where = "disk" if folder is not None else "host"
@@ -258,10 +287,12 @@ def run_layerwise(
     offload: torch.device | None = None,
     start_layer: int = 0,
     inputs: list[torch.Tensor] | None = None,
-    on_layer_done: Callable[[int, LayerPlan, list[torch.Tensor]], None] | None = None,
+    on_layer_done: Callable[..., None] | None = None,
     progress: bool = True,
     store: LayerStore | None = None,
     prefetch: bool | None = None,
+    compensate: str = "symmetric",
+    reference: list[torch.Tensor] | None = None,
 ) -> DriverResult:
     """Prune every layer in order; returns the per-layer plans and time per bucket.
 
@@ -271,6 +302,12 @@ def run_layerwise(
     ``offload``: where activations live between layers (default: :func:`place_activations`
     decides); ``prefetch``: copy the next layer in ahead (default: on a GPU when the store allows).
 
+    ``compensate`` (:data:`COMPENSATIONS`): ``symmetric`` compensates each layer for its own removals
+    on the inputs it sees (the paper); ``asymmetric`` toward the dense model's outputs of the same
+    linear, and ``drift`` toward the dense model's block outputs (residual included) — both keep the
+    dense model's stream beside the pruned one (:func:`dense_stream`). Then ``on_layer_done`` gets
+    the next layer's dense inputs as a fourth argument, and a resumed run passes them as ``reference``.
+
     Under ``torchrun`` each rank embeds and propagates only its share of the windows
     (:func:`slimgpt.distributed.shard`; resumed ``inputs`` are that share already); the method's
     Hessians are reduced and its solves shared by the :class:`LayerRunner`, so every rank holds the
@@ -278,23 +315,36 @@ def run_layerwise(
     """
     if propagate not in ("pruned", "original"):
         raise ValueError("propagate must be 'pruned' or 'original'")
+    check_compensation(adapter, method, compensate)
+    asym = dense_stream(propagate, compensate)
+    if compensate != "symmetric" and not asym:
+        log.info("--compensate %s under --propagate original: every layer sees the dense inputs, so it equals "
+                 "symmetric compensation", compensate)
+    if asym and inputs is not None and reference is None:
+        raise ConfigError("the checkpoint holds no dense-stream inputs for --compensate; delete its work folder "
+                          "(OUT.partial) and run again")
     store = store or LayerStore()
     torch.set_flush_denormal(True)  # fp32 solves on CPU can slow 50x on denormals (measured here)
     timer = Timer(device)
     model_dtype = next(adapter.model.parameters()).dtype
     shard = distributed.shard(calib, batch_size)
-    copies = ACTIVATION_COPIES + (propagate == "original")
+    copies = activation_copies(propagate, compensate)
     if offload is None:
         offload, placed = place_activations(adapter, shard.shape[0], calib.shape[1], batch_size, device, model_dtype,
-                                            copies, store)
+                                            copies, store, asym)
     else:
         placed = {"where": "given", "device": str(offload)}
     with timer("forward"):
         hidden = inputs if inputs is not None else store.inputs(adapter, shard, batch_size, offload)
         hidden = store.keep(start_layer, hidden)
+    ref: list[torch.Tensor] | None = None  # the dense model's inputs to the current layer
+    if asym:  # layer 0: the same embeddings (shared tensors); resumed: the checkpointed dense inputs
+        ref = list(hidden) if inputs is None else store.keep_reference(start_layer, reference or [])
     if inputs is not None and offload.type == "cuda":  # resumed: the checkpointed inputs come from disk
         with timer("offload"):
             hidden = [h.to(offload) for h in hidden]
+            if ref is not None:
+                ref = [h.to(offload) for h in ref]
     ctx = adapter.context(calib.shape[1], device, model_dtype)
     plans: dict[int, LayerPlan] = {}
     ahead = LayerPrefetch(device) if (device.type == "cuda" if prefetch is None else prefetch) and store.prefetchable \
@@ -310,7 +360,9 @@ def run_layerwise(
                     layer.to(device)
             if ahead is not None and i + 1 < adapter.num_layers:
                 ahead.start(i + 1, adapter.layers[i + 1])
-            run = LayerRunner(i, layer, adapter, hidden, ctx, device, timer)
+            run = LayerRunner(i, layer, adapter, hidden, ctx, device, timer, reference=ref,
+                              drift=compensate == "drift")
+            ref = None  # the runner owns the dense stream now and advances it in place
             dense_out = None
             if propagate == "original":
                 dense = run.outputs()
@@ -336,6 +388,8 @@ def run_layerwise(
             with timer("offload"):
                 out = to_home(out, offload, device)
             hidden = dense_out if dense_out is not None else out
+            if asym and i + 1 < adapter.num_layers:
+                ref = run.reference_outputs()
             del run
             with timer("offload"):
                 layer.to(home)
@@ -344,9 +398,30 @@ def run_layerwise(
             store.release(i, plan)
             if i + 1 < adapter.num_layers:
                 hidden = store.keep(i + 1, hidden)
+                if ref is not None:
+                    ref = store.keep_reference(i + 1, ref)
             if on_layer_done is not None:
-                on_layer_done(i, plan, hidden)
+                if asym:
+                    on_layer_done(i, plan, hidden, ref)
+                else:
+                    on_layer_done(i, plan, hidden)
     finally:
         if ahead is not None:
             ahead.close()
     return DriverResult(plans, dict(timer.seconds), placed)
+
+
+def check_compensation(adapter: ModelAdapter, method: Method, compensate: str) -> None:
+    """Refuse a compensation the method or the architecture cannot honour (before any work)."""
+    if compensate not in COMPENSATIONS:
+        raise ConfigError(f"--compensate must be one of {', '.join(COMPENSATIONS)}; got '{compensate}'")
+    if compensate == "symmetric":
+        return
+    if not getattr(method, "compensates", False):
+        raise ConfigError(f"--compensate {compensate} needs a method that solves its weights toward a target "
+                          f"(slimgpt); {method.name} does not: drop --compensate")
+    if compensate == "drift" and adapter.num_layers and any(
+            hasattr(adapter.layers[0], n) for n in ("post_feedforward_layernorm", "pre_feedforward_layernorm")):
+        raise ModelError("--compensate drift pulls o_proj/down_proj toward the residual stream, which needs blocks "
+                         "that add those outputs to it directly; this model normalises them first (Gemma 3's "
+                         "post-norms): use --compensate asymmetric")

@@ -247,7 +247,7 @@ def context(run: Run, timer: Timer) -> PruneContext:
 
     def run_layers(method: Method, widths: list[LayerWidth], spaces: list[LayerSpace]) -> dict[int, LayerPlan]:
         res = run_layerwise(run.adapter, run.calib, method, widths, spaces, run.device, run.cfg.batch_size,
-                            run.cfg.propagate, progress=run.progress)
+                            run.cfg.propagate, progress=run.progress, compensate=run.cfg.compensate)
         for k, v in res.seconds.items():
             timer.seconds[k] = timer.seconds.get(k, 0.0) + v
         return res.plans
@@ -304,12 +304,13 @@ class LayerwiseExecution(Execution):
         store = open_store(run, ckpt)
         plans: dict[int, LayerPlan] = {}
         seconds: dict[str, float] = {}
-        start, inputs = 0, None
+        start, inputs, reference = 0, None, None
         if ckpt is not None and ckpt.done:
             start = ckpt.done
             plans = ckpt.restore(adapter, materialize=not run.stream)
             if start < adapter.num_layers:
                 inputs = ckpt.load_inputs(mmap=run.cfg.offload_activations is not None)
+                reference = ckpt.load_reference(mmap=run.cfg.offload_activations is not None)  # --compensate
             log.info("resuming from %s: layers 0..%d are done", ckpt.folder, start - 1)
         try:
             if start < adapter.num_layers:
@@ -317,6 +318,7 @@ class LayerwiseExecution(Execution):
                     adapter, run.calib, run.method, widths, run.spaces, run.device, run.cfg.batch_size,
                     run.cfg.propagate, progress=run.progress, start_layer=start, inputs=inputs,
                     on_layer_done=self.commit if ckpt is not None else None, store=store,
+                    compensate=run.cfg.compensate, reference=reference,
                 )
                 plans.update(result.plans)
                 seconds = result.seconds
@@ -343,16 +345,19 @@ class LayerwiseExecution(Execution):
         return Outcome(plans, seconds, pruned, widths, io, start, t1 - t0, time.perf_counter() - t1,
                        activations=self.activations)
 
-    def commit(self, index: int, plan: LayerPlan, hidden: list[torch.Tensor]) -> None:
+    def commit(self, index: int, plan: LayerPlan, hidden: list[torch.Tensor],
+               reference: list[torch.Tensor] | None = None) -> None:
         """The driver's ``on_layer_done``: rank 0 commits the layer with every rank's inputs for the
-        next one (gathered in batch order: the checkpoint is the single-process one)."""
+        next one (gathered in batch order: the checkpoint is the single-process one); ``reference``:
+        the dense stream's (``--compensate asymmetric|drift``), committed beside them."""
         assert self.ckpt is not None
         ckpt = self.ckpt
+        dense: dict[str, Any] = {} if reference is None else {"reference": reference}  # passed only when kept
         if not distributed.is_distributed():
             t = time.perf_counter()
             try:
                 if self._inputs_due(index, t):
-                    ckpt.commit(index, plan, hidden)
+                    ckpt.commit(index, plan, hidden, **dense)
                     self.inputs_saved = (time.perf_counter(), time.perf_counter() - t)
                 else:
                     ckpt.commit(index, plan, hidden, save_inputs=False)
@@ -360,7 +365,9 @@ class LayerwiseExecution(Execution):
                 self.commit_s += time.perf_counter() - t  # the next layer's inputs, written with fsync
             return
         full = distributed.gather_to_main(hidden, f"gathering the inputs of layer {index + 1}")
-        distributed.agree(lambda: ckpt.commit(index, plan, full or []), f"checkpointing layer {index}")
+        if reference is not None:
+            dense["reference"] = distributed.gather_to_main(reference, f"gathering the dense inputs of layer {index + 1}") or []
+        distributed.agree(lambda: ckpt.commit(index, plan, full or [], **dense), f"checkpointing layer {index}")
         if not distributed.is_main():
             kill_point(index)  # (rank 0 passed it inside commit)
 

@@ -269,21 +269,26 @@ class CalibrationNeed:
 
 def calibration_need(geo: Geometry, nsamples: int, seqlen: int, batch_size: int, itemsize: int,
                      offload_activations: bool = False, whole_model: bool = False,
-                     processes: tuple[int, int] = (1, 1)) -> CalibrationNeed:
+                     processes: tuple[int, int] = (1, 1), dense_stream: bool = False) -> CalibrationNeed:
     """Estimate (see the module docstring) of a calibration pass of ``nsamples`` × ``seqlen`` tokens.
     The attention scores themselves are not counted: the models run SDPA, whose CPU and GPU kernels
     take the explicit mask without materialising batch × heads × seqlen² scores (measured: 0 MiB
     for 4 × 9 heads × 4096², which would be 2.3 GiB). ``processes`` = (on this node, in all) under
     torchrun: each process holds its share of the windows and its own copy of everything else, and
-    the host figures are for the whole node."""
+    the host figures are for the whole node. ``dense_stream``: asymmetric compensation keeps the
+    dense model's hidden states beside the pruned ones (one more copy of the activations, a second
+    batch in flight, and a cross-covariance beside each Hessian)."""
     local, world = processes
     b = max(1, min(batch_size, nsamples))
-    acts = 0 if offload_activations else 3 * nsamples * seqlen * geo.hidden * itemsize * local // max(1, world)
-    batch = b * seqlen * geo.per_token(itemsize) + geo.masks * seqlen * seqlen * itemsize
+    copies = 3 + dense_stream
+    acts = 0 if offload_activations else copies * nsamples * seqlen * geo.hidden * itemsize * local // max(1, world)
+    batch = (b * seqlen * geo.per_token(itemsize)) * (1 + dense_stream) + geo.masks * seqlen * seqlen * itemsize
     if whole_model and geo.vocab:  # block searches score the calibration windows: logits of one batch
         batch += 2 * b * seqlen * geo.vocab * 4
     widest = max(geo.hidden, geo.intermediate)
     hessians = (geo.hidden**2 + geo.intermediate**2) * 8 + 3 * widest * widest * 4
+    if dense_stream:  # CrossAccumulator: float64 sum, float32 copy and the compensated target
+        hessians += geo.hidden * widest * 16
     layer = geo.layer_params * itemsize
     embedding = geo.vocab * geo.hidden * itemsize * (1 if geo.tied else 2)
     weights = geo.params * itemsize if whole_model else min(geo.params * itemsize, layer + embedding)
@@ -293,7 +298,8 @@ def calibration_need(geo: Geometry, nsamples: int, seqlen: int, batch_size: int,
 def check_calibration_memory(name: str, geo: Geometry | None, nsamples: int, seqlen: int, batch_size: int,
                              itemsize: int, device: Any = "cpu", offload_activations: bool = False,
                              whole_model: bool = False, host_free: int | None = None,
-                             device_free: int | None = None, processes: tuple[int, int] = (1, 1)) -> None:
+                             device_free: int | None = None, processes: tuple[int, int] = (1, 1),
+                             dense_stream: bool = False) -> None:
     """Refuse a calibration setting whose activations cannot fit the memory available (host, and
     the GPU's free memory when calibrating on one), naming the largest ``--nsamples`` and
     ``--seqlen`` that would fit."""
@@ -304,13 +310,15 @@ def check_calibration_memory(name: str, geo: Geometry | None, nsamples: int, seq
     device_free = device_free_memory(device) if device_free is None and gpu else device_free
 
     def fits(n: int, s: int) -> bool:
-        need = calibration_need(geo, n, s, batch_size, itemsize, offload_activations, whole_model, processes)
+        need = calibration_need(geo, n, s, batch_size, itemsize, offload_activations, whole_model, processes,
+                                dense_stream)
         return ((host_free is None or need.host(gpu) <= host_free)
                 and (not gpu or device_free is None or need.device() <= device_free))
 
     if fits(nsamples, seqlen):
         return
-    need = calibration_need(geo, nsamples, seqlen, batch_size, itemsize, offload_activations, whole_model, processes)
+    need = calibration_need(geo, nsamples, seqlen, batch_size, itemsize, offload_activations, whole_model, processes,
+                            dense_stream)
     where = []
     if host_free is not None and need.host(gpu) > host_free:
         where.append(f"{_gib(need.host(gpu))} of host memory, {_gib(host_free)} available")

@@ -18,9 +18,10 @@ a :class:`~slimgpt.driver.LayerStore` that changes where layers live:
 
 Every step computes exactly what the in-memory path computes, so the two give bitwise-identical
 weights (``tests/test_streaming.py``). Peak memory is about one layer, the calibration
-activations (three copies: inputs, attention outputs, outputs; ``--offload-activations DIR`` keeps
-the inputs in memory-mapped files), the largest Hessian and its inverse, and the embedding
-while the first inputs are made and the output is written.
+activations (three copies: inputs, attention outputs, outputs, and a fourth for the dense stream of
+``--compensate asymmetric|drift``; ``--offload-activations DIR`` keeps the inputs in memory-mapped
+files), the largest Hessian and its inverse, and the embedding while the first inputs are made and
+the output is written.
 
 Multi-GPU: the driver moves one layer at a time to ``--device``, so one GPU is enough to prune;
 more GPUs (and machines) split the calibration windows under ``torchrun`` (:mod:`slimgpt.distributed`),
@@ -206,13 +207,14 @@ class MemoryPlan:
     activations: int  # calibration activations held in memory (inputs, attention outputs, outputs)
     solve: int  # the widest Hessian's accumulation and solve (:func:`~slimgpt.solvers.hessian.solve_bytes`)
     batch: int  # one calibration batch inside a layer
+    copies: int = 3  # copies of the activations in ``activations``
 
     def in_memory(self) -> int:
         return self.runtime + self.weights + self.activations + self.solve + self.batch
 
     def streamed(self) -> int:
         return self.runtime + max(self.layer + self.activations + self.solve + self.batch,
-                                  self.embedding + self.activations // 3)
+                                  self.embedding + self.activations // self.copies)
 
     def parts(self, streamed: bool) -> str:
         held = f"one layer {_gib(self.layer)}" if streamed else f"weights {_gib(self.weights)}"
@@ -224,8 +226,9 @@ def memory_plan(cfg: Any, dtype: torch.dtype, folder: Path) -> MemoryPlan | None
     """Estimate of the host's memory from the folder's config and safetensors headers (None when
     unreadable). On a GPU the solve and the batch are on the device, not here. Under ``torchrun`` a
     process holds its share of the activations."""
+    from slimgpt.driver import dense_stream
     from slimgpt.preflight import Geometry
-    from slimgpt.solvers.hessian import solve_bytes
+    from slimgpt.solvers.hessian import cross_bytes, solve_bytes
     from slimgpt.utils import resolve_device, rss_bytes
 
     weights = weights_bytes(folder, dtype)
@@ -236,14 +239,18 @@ def memory_plan(cfg: Any, dtype: torch.dtype, folder: Path) -> MemoryPlan | None
     if weights is None or geo is None:
         return None
     item = dtype.itemsize
-    copies = 2 if cfg.offload_activations else 3  # --offload-activations maps the inputs from files
+    # --offload-activations maps the inputs from files; the dense stream of asymmetric compensation
+    # (getattr: configs from before the option) is one more copy
+    dense = dense_stream(cfg.propagate, getattr(cfg, "compensate", "symmetric"))
+    copies = (2 if cfg.offload_activations else 3) + dense
     acts = copies * cfg.nsamples * cfg.seqlen * geo.hidden * item // max(1, distributed.world())
-    batch = min(cfg.batch_size, cfg.nsamples) * cfg.seqlen * geo.per_token(item)
-    solve = solve_bytes(max(geo.hidden, geo.intermediate))
+    batch = min(cfg.batch_size, cfg.nsamples) * cfg.seqlen * geo.per_token(item) * (1 + dense)
+    widest = max(geo.hidden, geo.intermediate)
+    solve = solve_bytes(widest) + (cross_bytes(geo.hidden, widest) if dense else 0)
     if resolve_device(cfg.device).type == "cuda":  # a layer's work is on the GPU (the activations may not be)
         batch = solve = 0
     embedding = geo.vocab * geo.hidden * item
-    return MemoryPlan(rss_bytes(), weights, geo.layer_params * item, embedding, acts, solve, batch)
+    return MemoryPlan(rss_bytes(), weights, geo.layer_params * item, embedding, acts, solve, batch, copies)
 
 
 def wants_streaming(cfg: Any, dtype: torch.dtype) -> bool:
@@ -329,6 +336,7 @@ class InMemoryStore(LayerStore):
         self.adapter = adapter
         self.checkpoint = checkpoint
         self.offload = ActivationFiles(offload_dir) if offload_dir else None
+        self.offload_reference: ActivationFiles | None = None  # the dense stream's files, beside them
         self.spill_dir = spill_dir  # where activations go when the driver finds no memory for them
         self.seconds = {"load": 0.0, "write": 0.0}
 
@@ -352,7 +360,17 @@ class InMemoryStore(LayerStore):
     def keep(self, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.offload.keep(index, hidden) if self.offload is not None else hidden
 
+    def keep_reference(self, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The dense stream (asymmetric compensation) in its own files beside the inputs'."""
+        if self.offload is None:
+            return hidden
+        if self.offload_reference is None:
+            self.offload_reference = ActivationFiles(self.offload.root, "reference")
+        return self.offload_reference.keep(index, hidden)
+
     def close(self) -> None:
+        if self.offload_reference is not None:  # first: the inputs' files own the folder
+            self.offload_reference.close()
         if self.offload is not None:
             self.offload.close()
 

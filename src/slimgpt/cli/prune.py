@@ -45,6 +45,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-group", type=int, default=8, help="smallest dynamic group size")
     p.add_argument("--max-group", type=int, default=1024, help="largest dynamic group size")
     p.add_argument("--propagate", default="pruned", help="pruned (paper) | original outputs to the next layer")
+    p.add_argument("--compensate", default="symmetric", choices=("symmetric", "asymmetric", "drift"),
+                   help="slimgpt: what the kept weights are solved toward. symmetric (default, the paper): the layer's "
+                        "own output on the inputs it sees; asymmetric: the dense model's output of the same linear "
+                        "(also corrects the error earlier pruned layers left; a second, dense activation stream: one "
+                        "more copy of the activations, one more pass per layer); drift: the dense block's output, "
+                        "residual stream included")
     p.add_argument("--data-dir", help="folder with wikitext-2-raw/ and calibration/ (default $SLIMGPT_DATA)")
     p.add_argument("--ppl", action="store_true",
                    help="also evaluate perplexity (seq 128) before and after, on --ppl-data")
@@ -97,7 +103,7 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
         max_group=a.max_group, propagate=a.propagate, data_dir=a.data_dir, overwrite=a.overwrite,
         blocks=a.blocks, depth_share=a.depth_share, search_dtype=a.search_dtype, search_nsamples=a.search_nsamples,
         resume=a.resume, max_memory=a.max_memory, offload_activations=a.offload_activations,
-        **allocation_kwargs(a),
+        compensate=getattr(a, "compensate", "symmetric"), **allocation_kwargs(a),
     )
 
 
@@ -174,7 +180,8 @@ def preflight(cfg: PruneConfig) -> None:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.launched() else 1
     check_calibration_memory(cfg.model, geo, c.nsamples, c.seqlen, c.batch_size, resolve_dtype(c.dtype, device).itemsize,
                              device, offload_activations=c.offload_activations is not None, whole_model=whole,
-                             processes=(local, distributed.world() if distributed.launched() else 1))
+                             processes=(local, distributed.world() if distributed.launched() else 1),
+                             dense_stream=c.compensate != "symmetric" and c.propagate == "pruned")
 
 
 def process_peak_memory(report: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from slimgpt.arch.base import LayerContext, ModelAdapter
 from slimgpt.errors import NumericalError
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerSpace, LayerWidth
-from slimgpt.solvers.hessian import HessianAccumulator
+from slimgpt.solvers.hessian import CrossAccumulator, HessianAccumulator
 
 T = TypeVar("T")
 
@@ -107,12 +107,24 @@ class LayerRunner:
         ctx: LayerContext,
         device: torch.device,
         timer: Timer,
+        reference: list[torch.Tensor] | None = None,
+        drift: bool = False,
     ) -> None:
         self.index, self.layer, self.adapter = index, layer, adapter
         self.inputs, self.ctx, self.device, self.timer = inputs, ctx, device, timer
         self._mid: list[torch.Tensor] | None = None
         self._mid_key: tuple | None = None
         self.dense_outputs: list[torch.Tensor] | None = None  # dense_pass's outputs, for the caller's propagation
+        # Asymmetric compensation (``--compensate asymmetric|drift``): ``reference`` holds the dense
+        # model's inputs to this layer, batch for batch beside ``inputs``. The runner owns the list and
+        # replaces its entries in place as the dense stream advances (inputs → attention outputs →
+        # layer outputs), so the dense stream costs one copy of the activations, not three.
+        self.reference, self.drift = reference, drift
+        self._ref_stage = "inputs"
+        self._ref_home = reference[0].device if reference else None
+        if reference is not None:  # the dense weights the dense stream must be computed with
+            self._dense_keys = {"o": self._weight_key(adapter.attention(layer).o),
+                                "down": self._weight_key(adapter.mlp(layer).down)}
 
     # ---- activations ---------------------------------------------------------------------
     def batches(self) -> Iterator[torch.Tensor]:
@@ -123,8 +135,12 @@ class LayerRunner:
         host tensors are pinned, as the driver keeps them); the compute stream waits for each copy
         before using it.
         """
-        if self.device.type != "cuda" or all(x.device == self.device for x in self.inputs):
-            for x in self.inputs:
+        return self._stream(self.inputs)
+
+    def _stream(self, tensors: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """:meth:`batches` of any list of batches (the dense stream's too)."""
+        if self.device.type != "cuda" or all(x.device == self.device for x in tensors):
+            for x in tensors:
                 yield x.to(self.device)
             return
         side = torch.cuda.Stream(self.device)
@@ -138,11 +154,11 @@ class LayerRunner:
                 done.record(side)
             return y, done
 
-        nxt = issue(self.inputs[0]) if self.inputs else None
-        for j in range(len(self.inputs)):
+        nxt = issue(tensors[0]) if tensors else None
+        for j in range(len(tensors)):
             assert nxt is not None
             y, done = nxt
-            nxt = issue(self.inputs[j + 1]) if j + 1 < len(self.inputs) else None
+            nxt = issue(tensors[j + 1]) if j + 1 < len(tensors) else None
             current.wait_event(done)
             y.record_stream(current)
             yield y
@@ -249,6 +265,145 @@ class LayerRunner:
         self.dense_outputs = outputs
         return DensePass(self._reduced(acc_o), self._reduced(acc_d), outputs, (sq[0] / tokens, sq[1] / tokens))
 
+    # ---- asymmetric compensation: statistics against the dense model's stream ---------------
+    @torch.no_grad()
+    def attention_statistics(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``o_proj``'s ``H`` (as :meth:`attention_hessian`) and, with a dense stream, its ``G``:
+        ``2 Σ r x̃ᵀ / n`` with ``x̃`` the pruned stream's ``o_proj`` input, ``r = W (x − x̃)`` against the
+        dense stream's input ``x`` (``drift``: plus the residual streams' difference ``h − h̃``, so that
+        the block's output, not only ``o_proj``'s, is pulled toward the dense model's). ``G`` is None
+        without a dense stream, and ``H`` is then computed by exactly :meth:`attention_hessian`.
+
+        Each batch runs the unchanged attention on both streams (one more attention pass than
+        :meth:`attention_hessian`); the dense one's output replaces the dense input in place."""
+        o = self.adapter.attention(self.layer).o
+        if self.reference is None:
+            return self.attention_hessian(o), None
+        if self._ref_stage != "inputs":
+            raise RuntimeError(f"layer {self.index}: attention_statistics needs the dense inputs; call it once, "
+                               "before mlp_statistics")
+        self._check_dense("o")
+        where = f"layer {self.index}'s attention activations"
+        acc = HessianAccumulator(o.in_features, device=self.device, sum_dtype=torch.float64, where=where)
+        cross = CrossAccumulator(o.out_features, o.in_features, device=self.device, where=f"{where} (dense)")
+        W = o.weight.detach().to(torch.float32)
+        seen: list[torch.Tensor] = []
+        handle = o.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            for j, (x, ref) in enumerate(zip(self.batches(), self._stream(self.reference), strict=True)):
+                with self.timer("forward"):
+                    mid = self._check(self.adapter.attention_block(self.layer, ref, self.ctx), "dense attention outputs")
+                    self.adapter.attention_block(self.layer, x, self.ctx)
+                dense_in, pruned_in = seen
+                seen.clear()
+                with self.timer("hessian"):
+                    acc.add(pruned_in)
+                    r = (dense_in.to(torch.float32) - pruned_in.to(torch.float32)) @ W.T
+                    if self.drift:
+                        r += ref.to(torch.float32) - x.to(torch.float32)
+                    cross.add(r, pruned_in)
+                del dense_in, pruned_in, r
+                with self.timer("offload"):
+                    self.reference[j] = self._to_ref_home(mid)
+        finally:
+            handle.remove()
+        self._ref_stage = "mid"
+        return self._reduced(acc), self._reduced(cross)
+
+    @torch.no_grad()
+    def mlp_statistics(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``down_proj``'s ``H`` (as :meth:`mlp_hessian`, after the possibly pruned attention) and,
+        with a dense stream, its ``G`` (see :meth:`attention_statistics`): ``x`` is the dense model's
+        FFN activation (dense attention, dense MLP, dense input), ``x̃`` the pruned stream's. The dense
+        MLP's outputs replace the dense stream's entries in place (the next layer's dense inputs)."""
+        if self.reference is None:
+            return self.mlp_hessian(), None
+        down = self.adapter.mlp(self.layer).down
+        self._dense_mid()
+        if self._ref_stage != "mid":
+            raise RuntimeError(f"layer {self.index}: mlp_statistics was already called for the dense stream")
+        self._check_dense("down")
+        where = f"layer {self.index}'s MLP activations"
+        acc = HessianAccumulator(self.adapter.intermediate_size(self.layer), device=self.device,
+                                 sum_dtype=torch.float64, where=where)
+        cross = CrossAccumulator(down.out_features, down.in_features, device=self.device, where=f"{where} (dense)")
+        W = down.weight.detach().to(torch.float32)
+        seen: list[torch.Tensor] = []
+        handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            for j, (h, ref) in enumerate(zip(self.attention_outputs(), self._stream(self.reference), strict=True)):
+                with self.timer("forward"):
+                    out = self._check(self.adapter.mlp_block(self.layer, ref), "dense outputs")
+                    dense_in = seen.pop()
+                    z = self.adapter.mlp_hidden(self.layer, h)
+                with self.timer("hessian"):
+                    acc.add(z)
+                    r = (dense_in.to(torch.float32) - z.to(torch.float32)) @ W.T
+                    if self.drift:
+                        r += ref.to(torch.float32) - h.to(torch.float32)
+                    cross.add(r, z)
+                del dense_in, z, r
+                with self.timer("offload"):
+                    self.reference[j] = self._to_ref_home(out)
+        finally:
+            handle.remove()
+        self._ref_stage = "outputs"
+        return self._reduced(acc), self._reduced(cross)
+
+    @torch.no_grad()
+    def reference_outputs(self) -> list[torch.Tensor]:
+        """The dense layer's outputs on the dense stream (the next layer's dense inputs), where the
+        dense inputs were kept; computed here for whatever the statistics did not already compute."""
+        assert self.reference is not None, "no dense stream"
+        self._dense_mid()
+        if self._ref_stage == "mid":
+            self._check_dense("down")
+            for j, ref in enumerate(self._stream(self.reference)):
+                with self.timer("forward"):
+                    out = self._check(self.adapter.mlp_block(self.layer, ref), "dense outputs")
+                with self.timer("offload"):
+                    self.reference[j] = self._to_ref_home(out)
+            self._ref_stage = "outputs"
+        return self.reference
+
+    def _dense_mid(self) -> None:
+        """Advance the dense stream past the attention block (if it is not there yet)."""
+        assert self.reference is not None
+        if self._ref_stage != "inputs":
+            return
+        self._check_dense("o")
+        for j, ref in enumerate(self._stream(self.reference)):
+            with self.timer("forward"):
+                mid = self._check(self.adapter.attention_block(self.layer, ref, self.ctx), "dense attention outputs")
+            with self.timer("offload"):
+                self.reference[j] = self._to_ref_home(mid)
+        self._ref_stage = "mid"
+
+    def _to_ref_home(self, t: torch.Tensor) -> torch.Tensor:
+        """A dense-stream tensor to where the dense stream lives (pinned on the host for a GPU run,
+        so the next layer's copies in are asynchronous)."""
+        home = self._ref_home
+        assert home is not None
+        if t.device == home:
+            return t
+        if t.device.type == "cuda" and home.type == "cpu":
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t)
+            return h
+        return t.to(home)
+
+    @staticmethod
+    def _weight_key(module: nn.Module) -> tuple:
+        w = module.weight
+        return (w.data_ptr(), tuple(w.shape), *checksum(w))
+
+    def _check_dense(self, which: str) -> None:
+        """The dense stream must run the dense weights: refuse (a method bug) once they were edited."""
+        module = self.adapter.attention(self.layer).o if which == "o" else self.adapter.mlp(self.layer).down
+        if self._weight_key(module) != self._dense_keys[which]:
+            raise RuntimeError(f"layer {self.index}: {which}_proj was edited before the dense stream passed it; "
+                               "take the compensation statistics before solving")
+
     def _accumulating_hook(self, acc: HessianAccumulator, seconds: list[float]) -> Callable[[nn.Module, tuple], None]:
         """A forward pre-hook adding the module's input to ``acc``, its own time added to ``seconds[0]``."""
         def hook(_m: nn.Module, args: tuple) -> None:
@@ -259,7 +414,7 @@ class LayerRunner:
             seconds[0] += time.perf_counter() - t
         return hook
 
-    def _reduced(self, acc: HessianAccumulator) -> torch.Tensor:
+    def _reduced(self, acc: HessianAccumulator | CrossAccumulator) -> torch.Tensor:
         """``H`` over every rank's calibration tokens: the raw float64 sums and token counts are
         all-reduced before scaling, so ``H`` (rounded to fp32) is the single-process one."""
         if distributed.is_distributed():
@@ -297,6 +452,9 @@ class Method(ABC):
     # Splits its calibration across torchrun processes: every statistic it sums over tokens is
     # reduced (LayerRunner's Hessians) and its solve goes through LayerRunner.solve.
     distributed: bool = False
+    # Reads LayerRunner.attention_statistics / mlp_statistics and solves toward their G, so the
+    # driver may give it a dense stream (--compensate asymmetric|drift).
+    compensates: bool = False
 
     @abstractmethod
     def prune_layer(self, run: LayerRunner, width: LayerWidth, space: LayerSpace) -> LayerPlan:

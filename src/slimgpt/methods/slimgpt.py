@@ -4,6 +4,13 @@ Per layer, attention first (heads by grouped-Cholesky scores, §4.2 / Eq. 5), th
 outputs of the already pruned attention (channels with Dynamic Group Size). Every removal
 compensates the remaining columns (Eq. 4); the per-layer widths come from the Incremental
 Pruning Ratio schedule (:mod:`slimgpt.schedule`).
+
+Compensation targets the layer's own removals on the inputs it sees (``--compensate symmetric``,
+the paper's) or, when the driver keeps a dense stream beside the pruned one (``asymmetric``,
+``drift``), the dense model's outputs: the removals then start from ``W* = W + G H⁻¹``
+(:func:`~slimgpt.solvers.obs.compensation_target`) under the same ``H``, which also absorbs the
+error the earlier, already pruned layers left in the inputs (GPTQv2's asymmetric calibration,
+carried over to structured OBS). Only blocks that lose heads or channels are re-solved.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from slimgpt.schedule import LayerSpace, LayerWidth
 from slimgpt.solvers.channels import ChannelResult, prune_channels
 from slimgpt.solvers.heads import HeadResult, HeadScore, prune_heads
 from slimgpt.solvers.hessian import damped_inverse, dead_columns
+from slimgpt.solvers.obs import compensation_target
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +33,7 @@ log = logging.getLogger(__name__)
 class SlimGPT(Method):
     name = "slimgpt"
     distributed = True  # Hessians via LayerRunner (reduced), solves via LayerRunner.solve
+    compensates = True  # solves toward the dense stream's G when the driver keeps one
 
     def __init__(
         self,
@@ -58,14 +67,17 @@ class SlimGPT(Method):
         if width.remove_groups or width.remove_per_group:
             geo = adapter.geometry(layer)
             o = adapter.attention(layer).o
-            H = run.attention_hessian(o)
+            H, G = run.attention_statistics()
 
             def solve_heads() -> tuple[HeadResult, float]:
                 Hinv, lam = damped_inverse(H, self.damp, where=f"layer {i} o_proj", dtype=self.solver_dtype)
                 W = o.weight.data.to(self.solver_dtype)
+                dead = dead_columns(H)
+                if G is not None:
+                    W = compensation_target(W, G, Hinv, dead)
                 res = prune_heads(
                     W, Hinv, geo.num_heads, geo.num_kv_heads, geo.head_dim,
-                    width.remove_groups, width.remove_per_group, self.head_score, dead=dead_columns(H),
+                    width.remove_groups, width.remove_per_group, self.head_score, dead=dead,
                 )
                 o.weight.data.copy_(W)
                 return res, lam
@@ -76,14 +88,17 @@ class SlimGPT(Method):
             plan.stats["attn_damp"] = lam
         if width.channels < space.channels:
             down = adapter.mlp(layer).down
-            H = run.mlp_hessian()
+            H, G = run.mlp_statistics()
 
             def solve_channels() -> tuple[ChannelResult, float]:
                 Hinv, lam = damped_inverse(H, self.damp, where=f"layer {i} down_proj", dtype=self.solver_dtype)
                 W = down.weight.data.to(self.solver_dtype)
+                dead = dead_columns(H)
+                if G is not None:
+                    W = compensation_target(W, G, Hinv, dead)
                 res = prune_channels(
                     W, Hinv, space.channels - width.channels, self.ffn_groups, self.min_group, self.max_group,
-                    dead=dead_columns(H),
+                    dead=dead,
                 )
                 down.weight.data.copy_(W)
                 return res, lam

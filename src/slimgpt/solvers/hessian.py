@@ -121,6 +121,49 @@ class HessianAccumulator:
         return out
 
 
+class CrossAccumulator:
+    """Running ``G = 2 Σ r x̃ᵀ / n``: the cross-covariance of a target residual ``r`` (what the
+    output of a linear should gain, per token) with the linear's input ``x̃``, for asymmetric
+    compensation (:func:`~slimgpt.solvers.obs.compensation_target`).
+
+    Scaled like :class:`HessianAccumulator` (``2/n``), so ``G H⁻¹`` needs no rescaling, and summed
+    in ``sum_dtype`` (float64) per batch for the same reason: the sum does not depend on how the
+    tokens were batched or split across processes. ``sum``/``count`` are reduced under torchrun as
+    the Hessian's are. ``r`` is formed per token from activation differences (``W(x − x̃)``), not as
+    ``W C − W H̃`` from two sums: those nearly cancel and would lose every digit in float32, and
+    with ``x = x̃`` the difference, hence ``G``, is exactly zero.
+    """
+
+    def __init__(self, rows: int, ncols: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 sum_dtype: torch.dtype = torch.float64, where: str = ""):
+        self.dtype, self.where = dtype, where
+        self.sum = torch.zeros(rows, ncols, device=device, dtype=sum_dtype)
+        self.count = 0
+
+    def add(self, r: torch.Tensor, x: torch.Tensor) -> None:
+        """Add residuals ``r`` (``(..., rows)``) against inputs ``x`` (``(..., ncols)``), token by token."""
+        r = r.reshape(-1, r.shape[-1]).to(device=self.sum.device, dtype=self.dtype)
+        x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=self.dtype)
+        if r.shape[0] != x.shape[0]:
+            raise ValueError(f"{r.shape[0]} residual tokens against {x.shape[0]} input tokens")
+        if not torch.isfinite(r).all():
+            raise NumericalError(f"{self.where or 'the dense activations'} contain NaN/inf; try --dtype float32")
+        self.sum += r.T @ x
+        self.count += x.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        """``2 Σ r x̃ᵀ / n`` in ``dtype``."""
+        if self.count == 0:
+            raise NumericalError("no calibration tokens reached this layer; check the calibration data")
+        return (self.sum * (2.0 / self.count)).to(self.dtype)
+
+
+def cross_bytes(rows: int, ncols: int, dtype: torch.dtype = torch.float32) -> int:
+    """Peak bytes of one :class:`CrossAccumulator` and its use (float64 sum, the ``dtype`` copy and
+    the compensated target), for memory plans."""
+    return rows * ncols * (8 + 2 * dtype.itemsize)
+
+
 def _mirror_upper(A: torch.Tensor) -> None:
     """Copy the upper triangle of ``A`` onto its lower one, in place, block by block."""
     n = A.shape[0]

@@ -61,6 +61,31 @@ def remove_columns_sequential(W: torch.Tensor, Hinv: torch.Tensor, cols: list[in
         Hinv[:, p] = 0
 
 
+def compensation_target(W: torch.Tensor, G: torch.Tensor, Hinv: torch.Tensor,
+                        dead: torch.Tensor | None = None) -> torch.Tensor:
+    """The unconstrained optimum ``W* = W + G Hinv`` of the asymmetric objective, to which the
+    OBS removals are then applied under the same ``Hinv`` (a new tensor, in ``W``'s dtype).
+
+    With ``X`` the dense model's inputs to this linear, ``X̃`` the pruned model's, the target
+    ``T = W X (+ residual drift)`` and ``H = 2X̃X̃ᵀ/n``, ``G = 2(T − W X̃)X̃ᵀ/n``
+    (:class:`~slimgpt.solvers.hessian.CrossAccumulator`) and ``Hinv = (H + δI)⁻¹``
+    (:func:`~slimgpt.solvers.hessian.damped_inverse`), ``W*`` minimises
+    ``2‖W′X̃ − T‖²/n + δ‖W′ − W‖²`` (the damping keeps its meaning: a ridge toward the dense
+    weights). That objective equals ``tr((W′ − W*)(H + δI)(W′ − W*)ᵀ)`` plus a constant, so removing
+    columns of ``W*`` with OBS under ``Hinv`` is exactly the least-squares refit of the kept columns
+    toward ``T``. ``G = 0`` (``X = X̃``) gives ``W* = W`` bit for bit: the symmetric prune.
+
+    Written as the correction ``G Hinv`` added to ``W`` rather than ``W (C + δI) Hinv``: rounding
+    errors of the product then scale with the (small) correction, not with ``W``. ``Hinv`` is the
+    damped inverse the OBS steps use anyway, so no second factorisation is needed. ``dead``
+    columns (always-zero inputs) keep ``W``'s values (their ``G`` columns are zero anyway).
+    """
+    out = W + (G.to(Hinv.dtype) @ Hinv).to(W.dtype)
+    if dead is not None and bool(dead.any()):
+        out[:, dead] = W[:, dead]
+    return out
+
+
 def park_dead(W: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor | None:
     """Zero the columns of ``W`` whose input is always zero (``dead``) and return their weights.
 
