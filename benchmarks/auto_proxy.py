@@ -20,8 +20,9 @@ For MODEL at RATIO, every candidate of the auto family is
     # → benchmarks/results/auto_proxy/smollm2-135m-0.2.json and .md
 
 Resumable: the JSON is rewritten after the scoring pass and after every candidate, and a re-run
-with the same settings skips what is finished (SmolLM2-135M on 2 quiet cores: a few minutes of
-scoring, then ~2-3 min per candidate). A check of the script itself (SmolLM2's DGS solves cost
+with the same settings skips what is finished (SmolLM2-135M on 2 quiet cores, estimated: ~4 min of
+scoring on 24 windows, then ~3-4 min per candidate: prune, 24 windows' KL, 256 perplexity windows;
+Qwen2.5-Coder-0.5B about 4× that). A check of the script itself (SmolLM2's DGS solves cost
 ~1.5 min per candidate even on tiny calibration; ``tests/test_allocation.py`` runs it on a tiny
 random model):
 
