@@ -70,6 +70,11 @@ def test_folder_without_config(env, capsys) -> None:
     fails(env, capsys, std(env), "no config.json")
 
 
+def test_corrupt_config(env, capsys) -> None:
+    (env["src"] / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    fails(env, capsys, std(env), "config.json")
+
+
 def test_unsupported_architecture_gpt2(env, capsys) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -96,10 +101,75 @@ def test_bad_ratio(env, capsys, ratio: str, expect: str) -> None:
     fails(env, capsys, [*std(env), "--ratio", ratio], expect)
 
 
+def no_ratio(args: list[str]) -> list[str]:
+    """``args`` without its ``--ratio R`` (a schedule file or --blocks set the budget instead)."""
+    i = args.index("--ratio")
+    return args[:i] + args[i + 2:]
+
+
 def test_schedule_file_with_wrong_layer_count(env, capsys) -> None:
     sched = env["root"] / "sched.json"
     sched.write_text(json.dumps([0.1, 0.2, 0.3]))
-    fails(env, capsys, std(env, "--schedule", str(sched)), "3 ratios but the model has 4 layers")
+    fails(env, capsys, no_ratio(std(env, "--schedule", str(sched))), "3 ratios but the model has 4 layers")
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Any model load fails the test: what it guards must be refused from the options and files alone."""
+    import slimgpt.zoo
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(slimgpt.zoo, "load_model", loaded)
+
+
+@pytest.mark.parametrize("case", ["empty", "binary", "folder", "schedule", "ratio"])
+def test_model_free_checks_come_before_loading(env, capsys, no_load, case: str) -> None:
+    """Issue 35: these were refused correctly, but after 50-66 s of loading; they need config.json at
+    most (measured on the default zoo model, 2 busy cores: 17 s to the refusal before, 4 s after)."""
+    root = env["root"]
+    if case == "empty":
+        (root / "e.txt").write_text("  \n")
+        args, expect = [*std(env)[:4], str(root / "e.txt"), *RUN], "is empty"
+    elif case == "binary":
+        (root / "b.txt").write_bytes(bytes(range(256)) * 8)
+        args, expect = [*std(env)[:4], str(root / "b.txt"), *RUN], "not UTF-8"
+    elif case == "folder":
+        (root / "d").mkdir()
+        args, expect = [*std(env)[:4], str(root / "d"), *RUN], "is not a file"
+    elif case == "schedule":
+        (root / "s.json").write_text(json.dumps([0.1] * 5))
+        args, expect = no_ratio(std(env, "--schedule", str(root / "s.json"))), "5 ratios but the model has 4 layers"
+    else:
+        args, expect = std(env, "--ratio", "0.97"), "sit in attention and MLP blocks; lower --ratio"
+    assert args[3] != str(env["calib"]) or case in ("schedule", "ratio")
+    fails(env, capsys, args, expect)
+
+
+@pytest.mark.parametrize(("extra", "expect"), [
+    (["--method", "blockpruner", "--blocks", "3", "--ratio", "0.3"], "--blocks 3 and --ratio both set"),
+    (["--method", "blockpruner", "--blocks", "3", "--first-ratio", "0.1"], "--blocks 3 and --first-ratio"),
+    (["--schedule", "SCHED", "--ratio", "0.3"], "--ratio would be ignored"),
+    (["--depth-share", "0.7"], "--depth-share splits slimgpt+blockpruner's budget"),
+])
+def test_conflicting_options_are_refused(env, capsys, no_load, extra: list[str], expect: str) -> None:
+    """Options that would silently override each other (which budget wins was not said)."""
+    sched = env["root"] / "sched.json"
+    sched.write_text(json.dumps([0.1] * 4))
+    fails(env, capsys, [*no_ratio(std(env)), *[str(sched) if e == "SCHED" else e for e in extra]], expect)
+
+
+def test_budget_options_alone_still_run(env) -> None:
+    """The refusals above are of the pairs only: --blocks alone and a schedule file alone run."""
+    sched = env["root"] / "sched.json"
+    sched.write_text(json.dumps([0.0, 0.3, 0.3, 0.3]))
+    assert main(["prune", *no_ratio(std(env, "--schedule", str(sched)))]) == 0
+    out = env["root"] / "blocks"
+    assert main(["prune", str(env["src"]), "--out", str(out), "--calib", str(env["calib"]), "--nsamples", "8",
+                 "--seqlen", "32", "--method", "blockpruner", "--blocks", "2", "--search-dtype", "float32"]) == 0
+    meta = json.loads((out / "slimgpt.json").read_text())
+    assert meta["config"]["blocks"] == 2
 
 
 @pytest.mark.parametrize(("opt", "value", "expect"), [("--max-memory", "lots", "--max-memory must be"),
@@ -108,6 +178,38 @@ def test_schedule_file_with_wrong_layer_count(env, capsys) -> None:
                                                       ("--method", "magic", "unknown --method")])
 def test_bad_options(env, capsys, opt: str, value: str, expect: str) -> None:
     fails(env, capsys, std(env, opt, value), expect)
+
+
+@pytest.mark.parametrize(("opt", "value", "expect"), [("--max-memory", "0", "--max-memory must be a positive size"),
+                                                      ("--eval", "hellaswg_typo", "hellaswg_typo")])
+def test_more_bad_options(env, capsys, monkeypatch, opt: str, value: str, expect: str) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an unknown task is then refused before the model is loaded
+    fails(env, capsys, std(env, opt, value), expect)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_cuda_without_a_gpu(env, capsys) -> None:
+    fails(env, capsys, std(env, "--device", "cuda"), "cuda")
+
+
+def test_output_is_an_existing_file(env, capsys) -> None:
+    f = env["root"] / "afile"
+    f.write_text("x")
+    fails(env, capsys, [*std(env)[:2], str(f), *std(env)[3:]], "exists")
+    assert f.read_text() == "x"
+
+
+def test_output_folder_not_writable(env, capsys) -> None:
+    """/proc refuses new entries even to root (a chmod'ed folder would not stop root)."""
+    fails(env, capsys, [*std(env)[:2], "/proc/slimgpt-out", *std(env)[3:]], "cannot write output folder")
+
+
+def test_unknown_export_format(env, capsys) -> None:
+    capsys.readouterr()
+    rc = main(["export", str(env["src"]), "--to", "safetensorz", "--out", str(env["root"] / "exp")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and lines == [lines[-1]] and "invalid choice: 'safetensorz'" in lines[-1]
+    assert not (env["root"] / "exp").exists()
 
 
 def test_offload_dir_is_a_file(env, capsys) -> None:

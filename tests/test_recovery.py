@@ -360,6 +360,16 @@ def test_distillation_lowers_the_kl_and_saves_an_ordinary_pruned_folder(folders,
     info = report["finetune"]
     assert info["steps"] == 32 and info["tokens"] == 32 * 4 * 16 and info["plan"]["lora"] is False
     assert info["speed"]["forward_tok_s"] > 0 and info["speed"]["train_tok_s"] > 0
+    # the printed training loss is running means (4 steps of 32 each end), not two single steps
+    steps = [h for h in report["history"] if "loss" in h]
+
+    def mean(part: list[dict]) -> float:
+        return sum(h["loss"] * h["scored"] for h in part) / sum(h["scored"] for h in part)
+
+    means = info["loss_means"]
+    assert means["window_steps"] == 4 and means["first"] == pytest.approx(mean(steps[:4]), rel=1e-12)
+    assert means["last"] == pytest.approx(mean(steps[-4:]), rel=1e-12) and means["run"] == pytest.approx(mean(steps))
+    assert f"train loss {means['first']:.4f} (mean of the first 4 steps) → {means['last']:.4f} (last 4)" in printed
     evals = info["evals"]
     assert evals[-1]["eval_kl"] < 0.9 * evals[0]["eval_kl"]  # 0.154 → 0.131 (the student was compensated)
     src, _ = load_pruned(student)
@@ -507,6 +517,7 @@ def test_user_errors_are_one_line(folders, tmp_path: Path, capsys) -> None:
         (["--data", "teacher", "--teacher", "auto"], "give --max-tokens"),
         (["--teacher", "auto", "--merge"], "--merge folds LoRA adapters"),
         (["--save-every", "soon"], "--save-every must be"),
+        (["--lora", "--full"], "--lora and --full choose opposite ways"),
     ]
     for extra, message in cases:
         assert main([*base, *extra]) == 2, extra

@@ -206,6 +206,39 @@ def check_positions(name: str, geo: Geometry | None, seqlen: int, option: str = 
                       f"{geo.max_positions}); use {option} {geo.max_positions} or less")
 
 
+# ---------------------------------------------------------------------------------- options read with the model
+def check_calibration_source(source: str) -> None:
+    """A ``--calib`` naming a file is read now, by the reader calibration uses (so an empty, binary or
+    folder path, or a JSON file without records, is refused before any model is loaded); named
+    corpora and hub datasets are left to the calibration step."""
+    from slimgpt.data.corpora import NAMED_SOURCES, read_documents
+
+    path = Path(source).expanduser()
+    if source not in NAMED_SOURCES and (path.exists() or path.suffix.lower() in (".txt", ".jsonl", ".json")):
+        read_documents(path)
+
+
+def check_schedule_file(schedule: str, geo: Geometry | None) -> None:
+    """A ``--schedule`` file: one ratio in [0, 1] per layer of config.json."""
+    from slimgpt.schedule import SCHEDULES, load_schedule_file
+
+    if geo is not None and schedule not in SCHEDULES:
+        load_schedule_file(schedule, geo.layers)
+
+
+def check_prunable_ratio(ratio: float, geo: Geometry | None) -> None:
+    """Refuse a ``--ratio`` above the share of parameters in attention and MLP blocks (embeddings and
+    norms are never pruned), from config.json. Its count leaves out biases and takes a pruned model's
+    widest layer for every layer, so within 1 % of the limit the run's own check decides."""
+    if geo is None:
+        return
+    prunable = geo.layers * geo.layer_params
+    total = geo.params + (2 * geo.layers + 1) * geo.hidden
+    if ratio * total > 1.01 * prunable:
+        raise ConfigError(f"--ratio {ratio} asks to remove {ratio * total / 1e6:.1f}M parameters but only "
+                          f"{prunable / 1e6:.1f}M ({prunable / total:.1%}) sit in attention and MLP blocks; lower --ratio")
+
+
 # ---------------------------------------------------------------------------------- memory
 def available_memory() -> int | None:
     """Memory this process could still use: MemAvailable (psutil where installed), capped by a

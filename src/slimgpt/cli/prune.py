@@ -23,7 +23,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="slimgpt",
                    help="slimgpt (default) | blockpruner | shortgpt | slimgpt+blockpruner | magnitude | wanda-sp | "
                    "flap | llm-pruner")
-    p.add_argument("--ratio", type=ratio_arg, default=0.2, help="share of ALL parameters to remove, in (0, 1)")
+    p.add_argument("--ratio", type=ratio_arg,
+                   help="share of ALL parameters to remove, in (0, 1) (default 0.2; not with --blocks or a schedule file, "
+                        "which set the budget themselves)")
     p.add_argument("--schedule", default="auto",
                    help=f"per-layer allocation: {'|'.join(SCHEDULES)} or a file of per-layer ratios; auto (default) "
                    "scores log/uniform curves x attention shares by calibration KL, log is the paper's")
@@ -60,7 +62,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-windows", type=int,
                    help="with --ppl: evaluate the first N windows (default: all on GPU, 128 on CPU)")
     p.add_argument("--blocks", type=int, help="blockpruner/shortgpt: remove N attention/MLP blocks instead of --ratio")
-    p.add_argument("--depth-share", type=float, default=0.5, help="slimgpt+blockpruner: share of removed params taken by blocks")
+    p.add_argument("--depth-share", type=float,
+                   help="slimgpt+blockpruner: share of removed params taken by blocks (default 0.5)")
     add_search_args(p)
     from slimgpt.search.options import add_allocation_args  # --search-* of --schedule search
 
@@ -97,11 +100,12 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
     from slimgpt.search.options import allocation_kwargs
 
     return PruneConfig(
-        model=a.model, out=a.out, method=a.method, ratio=a.ratio, schedule=a.schedule, first_ratio=a.first_ratio,
+        model=a.model, out=a.out, method=a.method, ratio=0.2 if a.ratio is None else a.ratio, schedule=a.schedule,
+        first_ratio=a.first_ratio,
         calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size, damp=a.damp, seed=a.seed,
         device=a.device, dtype=a.dtype, save_dtype=a.save_dtype, head_score=a.head_score, ffn_groups=a.ffn_groups, min_group=a.min_group,
         max_group=a.max_group, propagate=a.propagate, data_dir=a.data_dir, overwrite=a.overwrite,
-        blocks=a.blocks, depth_share=a.depth_share, search_dtype=a.search_dtype, search_nsamples=a.search_nsamples,
+        blocks=a.blocks, depth_share=0.5 if a.depth_share is None else a.depth_share, search_dtype=a.search_dtype, search_nsamples=a.search_nsamples,
         resume=a.resume, max_memory=a.max_memory, offload_activations=a.offload_activations,
         compensate=getattr(a, "compensate", "symmetric"), **allocation_kwargs(a),
     )
@@ -109,6 +113,7 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
 
 def run(a: argparse.Namespace) -> int:
     """Prune a model (SlimGPT by default, or --method ...) to a share of its parameters and save it."""
+    check_conflicts(a)
     cfg = config_from_args(a)
     cfg.validate()  # options and the output folder, before anything heavy is imported
     check_prune_eval_args(a)
@@ -153,6 +158,20 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
+def check_conflicts(a: argparse.Namespace) -> None:
+    """Options that would silently override each other are refused (one line, before anything runs)."""
+    budget = [o for o, v in (("--ratio", a.ratio), ("--first-ratio", a.first_ratio)) if v is not None]
+    if a.blocks is not None and budget:
+        raise ConfigError(f"--blocks {a.blocks} and {budget[0]} both set how much is removed; give one (--blocks counts "
+                          "attention/MLP blocks, --ratio is a share of all parameters)")
+    if a.schedule not in SCHEDULES and budget:
+        raise ConfigError(f"--schedule {a.schedule} gives every layer's ratio, so {budget[0]} would be ignored; drop "
+                          f"{budget[0]} or use a named schedule")
+    if a.depth_share is not None and a.method != "slimgpt+blockpruner":
+        raise ConfigError(f"--depth-share splits slimgpt+blockpruner's budget; --method {a.method} ignores it: drop it "
+                          "or use --method slimgpt+blockpruner")
+
+
 def preflight(cfg: PruneConfig) -> None:
     """Before any model is loaded: the model can be opened (a zoo name or GGUF file is converted
     once, here), its calibration windows are no longer than it reads, and they fit the memory."""
@@ -164,14 +183,21 @@ def preflight(cfg: PruneConfig) -> None:
     from slimgpt.preflight import (
         check_architecture,
         check_calibration_memory,
+        check_calibration_source,
         check_model,
         check_positions,
+        check_prunable_ratio,
+        check_schedule_file,
         geometry,
     )
     from slimgpt.utils import resolve_device, resolve_dtype
 
+    check_calibration_source(cfg.calib)  # no model needed: before a zoo model is converted or any is loaded
     path = check_model(cfg.model, check_architecture)
     geo = geometry(path)
+    check_schedule_file(cfg.schedule, geo)
+    if cfg.blocks is None and cfg.schedule in SCHEDULES:
+        check_prunable_ratio(cfg.ratio, geo)
     device = resolve_device(cfg.device)
     c = cfg.resolved(device)
     assert c.nsamples is not None and c.seqlen is not None

@@ -305,6 +305,7 @@ def recover(cfg: RecoveryConfig, model: Any = None, tokenizer: Any = None, progr
             "processes": plan.world,
             "first_loss": next((h["loss"] for h in history if "loss" in h), None),
             "last_loss": history[-1].get("loss") if history else None,
+            "loss_means": loss_means(history),
             "eval_loss": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
             "evals": [{k: h[k] for k in ("step", "tokens", "eval_nll", "eval_ppl", "eval_kl") if k in h}
                      for h in history if "eval_nll" in h],
@@ -322,6 +323,19 @@ def recover(cfg: RecoveryConfig, model: Any = None, tokenizer: Any = None, progr
         if ckpt is not None and distributed.is_main():
             ckpt.discard()
     return RecoveryResult(result_model, tokenizer, history, report, out)
+
+
+def loss_means(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Token-weighted training loss over the first and the last tenth of the steps (at least one) and
+    over the whole run: what a reader can compare, unlike two single steps' losses."""
+    steps = [h for h in history if "loss" in h]
+    n = max(1, math.ceil(len(steps) / 10))
+
+    def mean(part: list[dict[str, Any]]) -> float | None:
+        weight = sum(h.get("scored", 1) for h in part)
+        return sum(h["loss"] * h.get("scored", 1) for h in part) / weight if weight else None
+
+    return {"window_steps": n, "first": mean(steps[:n]), "last": mean(steps[-n:]), "run": mean(steps)}
 
 
 def _loss_name(cfg: RecoveryConfig, teacher: bool) -> str:
