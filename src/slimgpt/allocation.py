@@ -64,6 +64,7 @@ from slimgpt.methods.base import DensePass, LayerRunner, Timer, embed_batches
 from slimgpt.schedule import LayerSpace, LayerWidth, removed_params, solve_widths
 from slimgpt.search.database import ffn_path
 from slimgpt.search.fitness import DenseTarget
+from slimgpt.serving import Constraint
 from slimgpt.solvers.heads import HeadScore, prune_heads
 from slimgpt.solvers.hessian import damped_inverse, dead_columns
 from slimgpt.surgery import LayerSwap, head_rows
@@ -151,15 +152,17 @@ def auto_windows(nsamples: int, seqlen: int, spaces: list[LayerSpace]) -> tuple[
 
 
 def candidates(spaces: list[LayerSpace], total_params: int, ratio: float,
-               first_ratio: float | None = None) -> dict[str, list[LayerWidth]]:
+               first_ratio: float | None = None, constraint: Constraint | None = None) -> dict[str, list[LayerWidth]]:
     """The allocation family (module docstring), each on the parameter budget; names are
     ``CURVE-aA`` plus ``log`` (the paper's schedule, ``first_ratio`` as given). Infeasible members
-    (FFN-only beyond what the FFNs hold) are left out; duplicates keep the first name."""
-    out: dict[str, list[LayerWidth]] = {"log": solve_widths(spaces, total_params, ratio, "log", first_ratio)}
+    (FFN-only beyond what the FFNs hold) are left out; duplicates keep the first name.
+    ``constraint`` (``--target``): every member is solved inside the shapes it allows."""
+    out: dict[str, list[LayerWidth]] = {
+        "log": solve_widths(spaces, total_params, ratio, "log", first_ratio, constraint=constraint)}
     for curve in CURVES:
         for a in ATTN_SCALES:
             try:
-                w = solve_widths(spaces, total_params, ratio, curve, first_ratio, attn_scale=a)
+                w = solve_widths(spaces, total_params, ratio, curve, first_ratio, attn_scale=a, constraint=constraint)
             except ConfigError:
                 continue
             if all(_shape(w) != _shape(v) for v in out.values()):

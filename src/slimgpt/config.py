@@ -18,7 +18,9 @@ if TYPE_CHECKING:  # torch is imported by whoever runs the config, not by argume
 
 __all__ = ["CPU_NSAMPLES", "CPU_SEQLEN", "DEFAULT_MODEL", "GPU_NSAMPLES", "GPU_SEQLEN", "PruneConfig"]
 
+
 COMPENSATIONS = ("symmetric", "asymmetric", "drift")  # slimgpt.driver.COMPENSATIONS, without importing torch
+UNTARGETED = ("flap",)  # methods that cannot stay inside an engine's shapes (refused with --target)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class PruneConfig:
     search_levels: int = 10
     search_ffn_step: int = 0  # 0: --search-levels; N: the earlier full ladders (every N channels)
     search_final: str = "rerun"
+    target: str = "any"  # serving engine whose shapes every allocation stays inside (slimgpt.serving)
     compensate: str = "symmetric"  # symmetric (the paper) | asymmetric | drift: toward the dense model's outputs
 
     def resolved(self, device: torch.device) -> PruneConfig:
@@ -79,6 +82,7 @@ class PruneConfig:
             raise ConfigError(f"--first-ratio must be in [0, 1); got {self.first_ratio}")
         if self.schedule not in SCHEDULES and not Path(self.schedule).is_file():
             raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)} or an existing file; got '{self.schedule}'")
+        self._validate_target()
         if self.head_score not in ("gcd", "gcd-exact", "initial"):
             raise ConfigError(f"--head-score must be gcd, gcd-exact or initial; got '{self.head_score}'")
         if self.ffn_groups != "dynamic" and not (str(self.ffn_groups).isdigit() and int(self.ffn_groups) > 0):
@@ -129,6 +133,39 @@ class PruneConfig:
             raise ConfigError(f"unknown --save-dtype '{self.save_dtype}'; use auto, float32, float16 or bfloat16")
         if self.search_dtype not in SEARCH_DTYPES:
             raise ConfigError(f"--search-dtype must be one of {', '.join(SEARCH_DTYPES)}; got '{self.search_dtype}'")
+
+    def _validate_target(self) -> None:
+        from slimgpt.serving import TARGETS
+
+        if self.target not in TARGETS:
+            raise ConfigError(f"--target must be one of {', '.join(TARGETS)}; got '{self.target}'")
+        if self.target != "any" and self.method in UNTARGETED:
+            raise ConfigError(f"--method {self.method} chooses its widths by its own global threshold, outside any "
+                              f"engine's shapes; use --method slimgpt (or wanda-sp, magnitude) with --target {self.target}, "
+                              "or drop --target")
+
+    def check_model(self, ffn_widths: list[int], family: str | None = None, sliding: bool = False) -> None:
+        """The ``--target`` checks that need the model (its FFN widths, its family and whether it has
+        sliding-window layers), before any long work: a route that can express it, and under SGLang
+        dense FFN widths in multiples of 256 where the allocation may keep one (whole-block methods,
+        the searched ladders; the schedules prune every FFN to a multiple themselves)."""
+        if self.target == "any":
+            return
+        from slimgpt.schedule import target_constraint
+        from slimgpt.serving import SGLANG_FFN_UNIT
+
+        whole_blocks = self.method in ("blockpruner", "shortgpt", "slimgpt+blockpruner")
+        target_constraint(self.target, family, sliding, prefer="deci" if whole_blocks else None)
+        if self.method == "shortgpt" and target_constraint(self.target, family, sliding, prefer="deci").keep_attention:
+            raise ConfigError(f"--method shortgpt removes whole layers, attention included, which --target {self.target} "
+                              "serves only through its DeciLM route, and this model has none; use --method blockpruner")
+        schedules = self.method in ("slimgpt", "magnitude", "wanda-sp") and self.schedule != "search"
+        odd = sorted({w for w in ffn_widths if w % SGLANG_FFN_UNIT})
+        if self.target == "sglang" and odd and not schedules:
+            how = "--schedule search" if self.method == "slimgpt" else f"--method {self.method}"
+            raise ConfigError(f"--target sglang serves FFN widths in multiples of {SGLANG_FFN_UNIT}, and {how} keeps some "
+                              f"FFNs at the model's {odd[0]}; use --method slimgpt with --schedule auto or log, which "
+                              "prune every FFN to a multiple")
 
     def _validate_compensate(self) -> None:
         """``--compensate``: a known value, and a method whose weights are solved toward a target."""

@@ -43,7 +43,16 @@ from slimgpt.io import save_dtype, source_dtype
 from slimgpt.methods import make_method
 from slimgpt.methods.base import GlobalMethod, Method, PruneContext, Timer
 from slimgpt.plan import LayerPlan
-from slimgpt.schedule import LayerSpace, LayerWidth, removed_params, solve_widths
+from slimgpt.schedule import (
+    LayerSpace,
+    LayerWidth,
+    model_kind,
+    removed_params,
+    solve_widths,
+    target_constraint,
+    widths_violation,
+)
+from slimgpt.serving import route_for
 from slimgpt.surgery import layer_shapes, parameter_count, shrink_model
 from slimgpt.utils import PeakMemory, resolve_device, resolve_dtype, seed_everything
 
@@ -162,6 +171,7 @@ def calibrate(run: Run) -> None:
     run.calib, run.calib_info = sample_calibration(c.calib, run.tokenizer, c.nsamples, c.seqlen, c.seed, c.data_dir)
     run.dense_params = parameter_count(run.model)
     run.spaces = layer_spaces(run.adapter)
+    c.check_model([s.channels for s in run.spaces], *model_kind(run.model.config))  # --target: before the long work
     run.mem = PeakMemory(run.device)
 
 
@@ -177,11 +187,15 @@ def plan_widths(run: Run, ckpt: Checkpoint | None = None) -> list[LayerWidth]:
         fixed = read_widths_file(c.schedule, run.spaces)
     if fixed is not None:
         widths = fixed
+        if why := widths_violation(c.target, run.spaces, fixed, *model_kind(run.model.config)):  # given, not chosen
+            raise ConfigError(f"the widths in {c.schedule} are outside what --target {c.target} serves ({why}); "
+                              "change them or drop --target")
     elif c.schedule == "auto" and c.method == "slimgpt":
         widths = auto_widths(run, ckpt)
     else:  # other layer-wise methods keep the paper's schedule under the default
         schedule = "log" if c.schedule == "auto" else c.schedule
-        widths = solve_widths(run.spaces, run.dense_params, c.ratio, schedule, c.first_ratio)
+        widths = solve_widths(run.spaces, run.dense_params, c.ratio, schedule, c.first_ratio,
+                              constraint=target_constraint(c.target, *model_kind(run.model.config)))
     planned = removed_params(run.spaces, widths)
     log.info("target: remove %.1f%% of %s parameters; planned %s (%.2f%%)", 100 * c.ratio,
              f"{run.dense_params:,}", f"{planned:,}", 100 * planned / run.dense_params)
@@ -210,7 +224,8 @@ def auto_widths(run: Run, ckpt: Checkpoint | None = None) -> list[LayerWidth]:
         if saved is not None:
             log.info("--schedule auto: %s, chosen before the interruption, read from %s", saved["chosen"], ckpt.folder)
             return allocation.AutoResult.from_dict(saved)
-        family = allocation.candidates(run.spaces, run.dense_params, c.ratio, c.first_ratio)
+        family = allocation.candidates(run.spaces, run.dense_params, c.ratio, c.first_ratio,
+                                       target_constraint(c.target, *model_kind(run.model.config)))
         with distributed.solo():  # rank 0 scores on its own (its Hessians are not reduced); the others wait
             res = allocation.choose_allocation(run.adapter, run.calib, run.spaces, family, run.device, settings,
                                                progress=run.progress, weights=weights)
@@ -459,6 +474,7 @@ def build_report(run: Run, outcome: Outcome) -> dict[str, Any]:
     shaped = outcome.model if outcome.model is not None else run.model  # streamed: meta tensors in final shapes
     pruned_params = parameter_count(shaped)
     shapes = layer_shapes(shaped)
+    route = served_route(cfg.target, shapes, *model_kind(shaped.config))
     layers = []
     for i, s in enumerate(spaces):
         st = outcome.plans[i].stats if i in outcome.plans else {}
@@ -506,7 +522,22 @@ def build_report(run: Run, outcome: Outcome) -> dict[str, Any]:
         "resumed_from_layer": outcome.resumed_from_layer,
         "memory": run.mem.as_dict(),
         "layers": layers,
+        **({"serving": {"target": cfg.target, "route": route}} if route else {}),
     }
+
+
+def served_route(target: str, shapes: list[dict[str, int]], family: str | None = None,
+                 sliding: bool = False) -> str | None:
+    """The route of ``--target`` that serves the pruned ``shapes`` of a ``family`` model (``None``
+    for ``any``). Every allocation is chosen inside the target's shapes, so a refusal here is a bug,
+    not a user error."""
+    if target == "any":
+        return None
+    try:
+        return route_for(target, [(s["heads"], s["kv_heads"], s["channels"]) for s in shapes], family, sliding).route
+    except ConfigError as e:
+        raise AssertionError(f"bug: the pruned model is outside what --target {target} serves, although its "
+                             f"allocation was chosen inside it ({e})") from None
 
 
 def format_layer_table(report: dict[str, Any]) -> str:

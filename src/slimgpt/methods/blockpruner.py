@@ -34,6 +34,12 @@ and the per-batch NLLs of every candidate are gathered and summed in batch order
 picks the same block and the search equals the single-process one bitwise, in ``1/N`` of the
 time; only rank 0 writes the journal.
 
+**Serving targets.** Under ``--target vllm|sglang`` the search removes only blocks the engine's
+route serves (:func:`removable`): any block on the deci route (vLLM's DeciLM, SGLang) as long as
+one attention stays and the first block kept is one; MLP blocks only where the model has no deci
+mapping (vLLM's Transformers backend keeps every attention). A block it may not remove is still
+run, never scored.
+
 Parameter accounting uses each block's removable parameters (attention: q/k/v/o; MLP:
 gate/up/down) as surgery removes them; norms and biases left in place are not counted as removed.
 """
@@ -58,7 +64,8 @@ from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import ConfigError, NumericalError
 from slimgpt.methods.base import GlobalMethod, PruneContext, Timer
 from slimgpt.plan import LayerPlan
-from slimgpt.schedule import LayerSpace
+from slimgpt.schedule import LayerSpace, model_kind, target_constraint
+from slimgpt.serving import Constraint
 from slimgpt.twin import resolve_search_dtype, search_adapter
 
 log = logging.getLogger(__name__)
@@ -124,16 +131,32 @@ class BlockChain:
         return self.nll(h, ids)
 
 
+def removable(b: int, present: list[int], constraint: Constraint | None) -> bool:
+    """Whether block ``b`` may be removed from the model made of ``present`` under ``constraint``
+    (``--target``): an attention block never on a route that keeps every attention, nor the last
+    one on a route with one head count for the model (it needs a layer that has heads), nor the
+    first block where the first kept block must be an attention and an MLP would come first."""
+    if constraint is None or b % 2:
+        return True
+    if constraint.keep_attention:
+        return False
+    if constraint.uniform_heads and sum(1 for x in present if x % 2 == 0) == 1:
+        return False
+    return not (constraint.leading_attention and b == present[0] and len(present) > 1 and present[1] % 2)
+
+
 @torch.no_grad()
-def sweep_rows(chain: BlockChain, batches: list[torch.Tensor], present: list[int]) -> list[list[float]]:
-    """One search round, per batch: the NLL with each block of ``present`` removed, then the NLL
-    of the current model (all of ``present`` kept), by the forward sweep of the module docstring."""
+def sweep_rows(chain: BlockChain, batches: list[torch.Tensor], present: list[int],
+               fixed: frozenset[int] = frozenset()) -> list[list[float]]:
+    """One search round, per batch: the NLL with each block of ``present`` removed (``inf``, not
+    computed, for the ``fixed`` blocks, which may not go), then the NLL of the current model (all
+    of ``present`` kept), by the forward sweep of the module docstring."""
     rows = []
     for ids in batches:
         row = []
         h = chain.embed(ids)
         for j, b in enumerate(present):
-            row.append(chain.tail_nll(h, present[j + 1 :], ids))
+            row.append(math.inf if b in fixed else chain.tail_nll(h, present[j + 1 :], ids))
             h = chain.apply(b, h)
         row.append(chain.nll(h, ids))
         rows.append(row)
@@ -234,6 +257,7 @@ def block_search(
     progress: bool = True,
     allow_none: bool = False,
     journal: SearchJournal | None = None,
+    constraint: Constraint | None = None,
 ) -> SearchResult:
     """Iteratively remove the block whose removal gives the lowest calibration perplexity.
 
@@ -243,6 +267,7 @@ def block_search(
     ``allow_none``). Ties in perplexity go to the earlier block, so the result is deterministic.
     A ``journal`` records every round and, when it holds rounds already, the search continues from them.
     Under ``torchrun`` every rank sweeps its share of the batches (see the module docstring).
+    ``constraint`` (``--target``): only blocks :func:`removable` allows are candidates.
     """
     total = 2 * adapter.num_layers
     sizes = [block_params(spaces, b) for b in range(total)]
@@ -255,6 +280,11 @@ def block_search(
             f"the target removes {target_params / 1e6:.2f}M parameters but all attention and MLP blocks hold "
             f"{sum(sizes) / 1e6:.2f}M; lower --ratio"
         )
+    if constraint is not None and constraint.keep_attention:  # MLP blocks only
+        mlps = sum(sizes[1::2])
+        if (n_blocks or 0) > total // 2 or (target_params or 0) >= mlps:
+            raise ConfigError(f"--target keeps every attention here, and the MLP blocks hold {mlps / 1e6:.2f}M "
+                              f"parameters ({total // 2} blocks); lower --ratio or --blocks")
     timer = timer or Timer(device)
     dense_params = dense_params or sum(sizes)
     chain = BlockChain(adapter, calib.shape[1], device)
@@ -282,9 +312,12 @@ def block_search(
         if target_params is not None and removed_params >= target_params:
             break
         present = [b for b in range(total) if b not in removed]
+        fixed = frozenset(b for b in present if not removable(b, present, constraint))
+        if len(fixed) == len(present):
+            break
         with timer("forward"):
             passes = (chain.block_passes, chain.head_passes)
-            rows = sweep_rows(chain, mine, present)
+            rows = sweep_rows(chain, mine, present, fixed)
         if distributed.is_distributed():
             with timer("communication"):
                 done = (chain.block_passes - passes[0], chain.head_passes - passes[1])
@@ -294,11 +327,11 @@ def block_search(
             chain.head_passes = passes[1] + sum(d[1] for _, d in every)
         sums = sum_rows(rows, len(present) + 1)
         cand, current = sums[:-1], sums[-1]
-        evaluations += len(present)
+        evaluations += len(present) - len(fixed)
         scratch += len(present) * (len(present) - 1)
         if not removed:
             dense_ppl = math.exp(current / tokens)
-        order = sorted(range(len(present)), key=lambda j: (cand[j], present[j]))
+        order = sorted((j for j in range(len(present)) if present[j] not in fixed), key=lambda j: (cand[j], present[j]))
         best = present[order[0]]
         removed.append(best)
         removed_params += sizes[best]
@@ -310,7 +343,8 @@ def block_search(
             "removed_ratio": removed_params / dense_params,
             "runner_up": None if runner_up is None else block_name(runner_up),
             "runner_up_ppl": None if runner_up is None else math.exp(cand[order[1]] / tokens),
-            "candidates": {block_name(b): round(math.exp(min(c / tokens, 700)), 4) for b, c in zip(present, cand)},
+            "candidates": {block_name(b): round(math.exp(min(c / tokens, 700)), 4) for b, c in zip(present, cand)
+                           if b not in fixed},
         })
         log.info("removed block %s: calibration ppl %.3f, %.2f%% of parameters removed",
                  block_name(best), ppl, 100 * removed_params / dense_params)
@@ -413,5 +447,11 @@ class BlockPruner(DepthMethod):
 
     def plan(self, ctx: PruneContext) -> dict[int, LayerPlan]:
         n_blocks, target = target_from_config(ctx)
-        self.result = run_search(ctx, n_blocks=n_blocks, target_params=target)
+        self.result = run_search(ctx, n_blocks=n_blocks, target_params=target, constraint=block_constraint(ctx))
         return removal_plans(ctx.adapter, self.result.removed)
+
+
+def block_constraint(ctx: PruneContext) -> Constraint | None:
+    """The route a whole-block search prunes for under ``--target``: deci (any block, one head
+    count) where the model has a deci mapping, else vLLM's Transformers backend (MLP blocks only)."""
+    return target_constraint(getattr(ctx.cfg, "target", "any"), *model_kind(ctx.model.config), prefer="deci")

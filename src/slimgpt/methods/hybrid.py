@@ -10,6 +10,15 @@ never touches it), a removed MLP as zero channels, and a layer with both blocks 
 Incremental Pruning Ratio curve altogether (the log curve runs over the remaining layers). The
 layer-wise driver then runs on the depth-pruned model: the removed blocks' output weights are
 already zero, so every Hessian is collected on the activations the final model will see.
+
+**Serving targets.** Block removal and head pruning together are what no engine serves: vLLM's
+Transformers backend keeps every attention, its DeciLM route (and SGLang's) one head count. Under
+``--target vllm|sglang`` the hybrid prunes for the deci route: the block search stays free (whole
+attention and MLP blocks) and the width part prunes no heads, FFN channels only (in multiples of
+256 for SGLang). The other choice (MLP blocks only, heads pruned) gives up the cheapest removals:
+attention blocks are what BlockPruner removes first, and at 20 % FFN-only widths won
+``--schedule auto`` on SmolLM2 and Qwen2.5 (docs/auto_schedule.md), so the width part loses little.
+A model with no deci mapping (Gemma 3, sliding windows) takes that other choice under vLLM.
 """
 
 from __future__ import annotations
@@ -20,7 +29,13 @@ from typing import Any
 
 from slimgpt.errors import ConfigError
 from slimgpt.methods.base import GlobalMethod, Method, PruneContext
-from slimgpt.methods.blockpruner import SearchResult, block_params, removal_plans, run_search
+from slimgpt.methods.blockpruner import (
+    SearchResult,
+    block_constraint,
+    block_params,
+    removal_plans,
+    run_search,
+)
 from slimgpt.plan import LayerPlan
 from slimgpt.schedule import LayerSpace, LayerWidth, solve_widths
 
@@ -68,9 +83,10 @@ class SlimGPTBlockPruner(GlobalMethod):
         cfg, adapter = ctx.cfg, ctx.adapter
         budget = cfg.ratio * ctx.dense_params
         depth_target = self.depth_share * budget
+        constraint = block_constraint(ctx)  # --target: one route for both parts (module docstring)
         removed: list[int] = []
         if depth_target > 0:
-            self.result = run_search(ctx, target_params=depth_target, allow_none=True)
+            self.result = run_search(ctx, target_params=depth_target, allow_none=True, constraint=constraint)
             removed = self.result.removed
         plans = removal_plans(adapter, removed)
         depth_removed = sum(block_params(ctx.spaces, b) for b in removed)
@@ -84,7 +100,7 @@ class SlimGPTBlockPruner(GlobalMethod):
             # the width part keeps the paper's schedule: auto/search score whole models, not a remainder
             schedule = "log" if cfg.schedule in ("auto", "search") else cfg.schedule
             solved = solve_widths([spaces[i] for i in alive], ctx.dense_params, rest / ctx.dense_params,
-                                  schedule, cfg.first_ratio)
+                                  schedule, cfg.first_ratio, constraint=constraint)
             for i, w in zip(alive, solved):
                 widths[i] = w
             log.info("width: removing %s more parameters with %s over %d layers", f"{round(rest):,}",

@@ -40,7 +40,7 @@ from slimgpt.errors import ConfigError, NumericalError
 from slimgpt.methods.base import GlobalMethod, PruneContext
 from slimgpt.methods.scoring import prune_with_scores
 from slimgpt.plan import LayerPlan
-from slimgpt.schedule import LayerWidth, solve_widths
+from slimgpt.schedule import LayerWidth, model_kind, solve_widths, target_constraint
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ class LLMPruner(GlobalMethod):
         if not rng or ctx.cfg.ratio * ctx.dense_params > held:
             raise ConfigError(f"llm-pruner prunes only layers {rng.start}..{rng.stop - 1}, which hold "
                               f"{held / ctx.dense_params:.1%} of the parameters; lower --ratio below that")
-        sub = solve_widths([ctx.spaces[i] for i in rng], ctx.dense_params, ctx.cfg.ratio, "uniform")
+        sub = solve_widths([ctx.spaces[i] for i in rng], ctx.dense_params, ctx.cfg.ratio, "uniform",
+                           constraint=target_constraint(getattr(ctx.cfg, "target", "any"), *model_kind(ctx.model.config)))
         widths: dict[int, LayerWidth] = dict(zip(rng, sub))
         with ctx.timer("forward"):
             scores = taylor_scores(ctx.model, ad, ctx.calib, list(rng), ctx.device)

@@ -37,7 +37,7 @@ from slimgpt.errors import ConfigError
 from slimgpt.methods.base import GlobalMethod, PruneContext
 from slimgpt.methods.slimgpt import SlimGPT
 from slimgpt.plan import LayerPlan
-from slimgpt.schedule import LayerWidth, removed_params, solve_widths
+from slimgpt.schedule import LayerWidth, model_kind, removed_params, solve_widths, target_constraint
 from slimgpt.search.database import LevelDatabase, build_database, dense_mlp_hessian, ffn_variant_at
 from slimgpt.search.evolution import EvoSettings, evolve
 from slimgpt.search.fitness import KLFitness, Stitcher
@@ -61,7 +61,9 @@ def error_start(p: Problem, db: LevelDatabase) -> list[int]:
         rel.append([e / (2 * norm) for e in db.errors[kind][i]])
     levels = [0] * p.units
     while p.total(levels) < p.budget - p.tol:
-        cand = [u for u in range(p.units) if levels[u] < p.top(u)]
+        cand = [u for u in range(p.units) if levels[u] < p.top(u) and p.valid_up(levels, u)]
+        if not cand:  # --target: nothing servable left to raise
+            break
         u = min(cand, key=lambda u: ((rel[u][levels[u] + 1] - rel[u][levels[u]]) / p.step(u, levels[u]), u))
         levels[u] += 1
     fixed = repair(p, levels, random.Random(0))
@@ -155,6 +157,8 @@ class SearchedSlimGPT(GlobalMethod):
               journal: _Journal | None, state: dict[str, Any] | None, deadline: float, t0: float,
               earlier: float) -> dict[int, LayerPlan]:
         cfg, adapter, spaces = ctx.cfg, ctx.adapter, ctx.spaces
+        # --target: the ladders hold only servable shapes
+        constraint = target_constraint(getattr(cfg, "target", "any"), *model_kind(adapter.model.config))
         ffn_step = int(cfg.search_ffn_step) or None
         levels = None if ffn_step else int(cfg.search_levels)
         times: dict[str, float] = {}
@@ -168,12 +172,15 @@ class SearchedSlimGPT(GlobalMethod):
                                 {**key, "ffn_step": ffn_step, "levels": levels, "dtype": str(model_dtype),
                                  "forward_dtype": str(search_dtype)},
                                 levels=levels, ffn_step=ffn_step, damp=cfg.damp, head_score=self.width.head_score,
-                                batch_size=cfg.batch_size, timer=ctx.timer, progress=ctx.progress, forward=fast)
+                                batch_size=cfg.batch_size, timer=ctx.timer, progress=ctx.progress, forward=fast,
+                                constraint=constraint)
             times["database"] = time.perf_counter() - t
-            problem = make_problem(spaces, target, attn_removed=db.attn_removed, ffn_kept=db.ffn_levels)
+            problem = make_problem(spaces, target, attn_removed=db.attn_removed, ffn_kept=db.ffn_levels,
+                                   constraint=constraint)
             res, fitness, starts, stats = self._search(ctx, fast, db, problem, settings, target, journal, state,
                                                        deadline, times)
-            alloc = widths_for(problem, spaces, res.levels, db.attn_shapes, db.ffn_levels)
+            alloc = widths_for(problem, spaces, res.levels, db.attn_shapes, db.ffn_levels,
+                               constraint.ffn_unit if constraint is not None else 1)
             H_fix = None
             if cfg.search_final == "stitch" and alloc.fixup_layer is not None:  # from the pass the database saw
                 H_fix = dense_mlp_hessian(fast, ctx.calib, ctx.device, alloc.fixup_layer, cfg.batch_size)
@@ -244,7 +251,9 @@ class SearchedSlimGPT(GlobalMethod):
             if state is not None and "evo" in state:
                 start, starts = state["evo"]["parent"], state.get("starts", {})
             else:
-                log_w = solve_widths(spaces, ctx.dense_params, cfg.ratio, "log", cfg.first_ratio)
+                log_w = solve_widths(spaces, ctx.dense_params, cfg.ratio, "log", cfg.first_ratio,
+                                     constraint=target_constraint(getattr(cfg, "target", "any"),
+                                                                  *model_kind(ctx.model.config)))
                 per_unit = []
                 for s, w in zip(spaces, log_w):
                     attn_kept = LayerWidth(w.remove_groups, w.remove_per_group, 0, 0).params(s)
@@ -261,8 +270,10 @@ class SearchedSlimGPT(GlobalMethod):
                     ffn_only = repair(problem, nearest_levels(problem, want), random.Random(cfg.seed))
                 candidates = {"log": log_start, "errors": error_start(problem, db), "ffn-uniform": ffn_only}
                 for name, lv in candidates.items():
-                    if lv is not None:
+                    if lv is not None and problem.valid(lv):  # --target: a repaired start may not be servable
                         starts[name] = {"levels": lv, "kl": fitness(lv, last)}
+                if not starts:
+                    raise ConfigError("the searched allocation found no start the --target serves; lower --ratio")
                 best = min(starts, key=lambda n: starts[n]["kl"])
                 start = starts[best]["levels"]
                 starts["chosen"] = best
@@ -300,7 +311,7 @@ def stitch(adapter: Any, db: LevelDatabase, levels: list[int], fixup_layer: int 
         geo = adapter.geometry(layer)
         top_a, top_f = len(db.attn_removed[i]) - 1, len(db.ffn_levels[i]) - 1
         la, lf = levels[2 * i], levels[2 * i + 1]
-        if la == top_a:
+        if la == top_a and db.variant("attn", i, la) is None:  # the block removed (not a --target vllm top level)
             plan.kept_heads = []
             o.weight.zero_()
             if o.bias is not None:

@@ -43,6 +43,7 @@ from slimgpt.arch.base import ModelAdapter
 from slimgpt.methods.base import LayerRunner, Timer, embed_batches
 from slimgpt.schedule import LayerSpace
 from slimgpt.search.levels import ffn_channels, ladders
+from slimgpt.serving import Constraint
 from slimgpt.solvers.heads import HeadScore, prune_heads
 from slimgpt.solvers.hessian import damped_inverse
 from slimgpt.solvers.obs import column_errors, remove_columns
@@ -215,6 +216,7 @@ def build_database(
     timer: Timer | None = None,
     progress: bool = True,
     forward: ModelAdapter | None = None,
+    constraint: Constraint | None = None,
 ) -> LevelDatabase:
     """Build (or reuse, when ``folder`` holds a finished one with the same ``key``) the database:
     ``levels`` points per sub-layer, or every GQA shape and every ``ffn_step`` channels.
@@ -222,7 +224,8 @@ def build_database(
     ``forward`` (default: ``adapter``) is the model whose dense forward gives the inputs, e.g. a
     bfloat16 twin on a CPU with native bf16 (``--search-dtype``): Hessians are still summed in
     float32/float64 and the solvers read ``adapter``'s own weights, so only the activations carry
-    the twin's rounding, as they do in a bf16 model on a GPU."""
+    the twin's rounding, as they do in a bf16 model on a GPU. ``constraint`` (``--target``) keeps
+    only the levels the engine serves (:func:`~slimgpt.search.levels.ladders`)."""
     db = LevelDatabase.open(folder, key)
     if db is not None:
         log.info("reusing the level database in %s", folder)
@@ -240,7 +243,7 @@ def build_database(
     for i, run in _dense_layers(forward or adapter, calib, device, batch_size, timer, progress,
                                 "search: level database"):
         layer, s = adapter.layers[i], spaces[i]  # weights from the model itself (forward may be a bf16 twin)
-        attn_levels, counts, group = ladders(s, levels, ffn_step)
+        attn_levels, counts, group = ladders(s, levels, ffn_step, constraint)
         geo = adapter.geometry(layer)
         dense = run.dense_pass()  # one forward: both Hessians, the outputs, the input norms
         norms, Ho, Hd = list(dense.input_norms), dense.attn_hessian, dense.mlp_hessian

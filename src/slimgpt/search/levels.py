@@ -27,6 +27,12 @@ channels away). A mutation (:func:`mutate`) is an EvoPress level switch generali
 steps: one unit goes up a level, then other units go down a level until the total is back under
 ``budget + F/2``, then FFN units go up (steps ``<= F``) until it is above ``budget - F/2``; with
 equal FFN steps on both sides it is exactly EvoPress's switch (one up, one down, total unchanged).
+
+**Serving targets.** Under ``--target`` (a :class:`~slimgpt.serving.Constraint`) the ladders hold
+only shapes the engine serves, so every lattice point, mutation and repair stays servable: vLLM's
+attention ladder stops at the narrowest kept attention instead of the removed block (its top
+level is then a stored variant); SGLang's has the dense and the removed attention only; FFN
+levels are multiples of the route's unit (256 for SGLang) and the fix-up moves whole units.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from math import lcm
 
-from slimgpt.schedule import LayerSpace, LayerWidth
+from slimgpt.schedule import LayerSpace, LayerWidth, attention_allowed
+from slimgpt.serving import Constraint
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +51,14 @@ DEFAULT_LEVELS = 10  # points 100 %, 90 %, ..., 0 % kept: 9 stored variants per 
 GRID_GROUPS = (64, 32, 16, 8, 4, 2, 1)
 
 
-def attention_shapes(s: LayerSpace) -> list[tuple[int, list[tuple[int, int]]]]:
-    """``(params removed, [(remove_groups, remove_per_group), ...])`` for every distinct removal,
-    ascending; the last entry removes the whole attention block."""
+def attention_shapes(s: LayerSpace, constraint: Constraint | None = None) -> list[tuple[int, list[tuple[int, int]]]]:
+    """``(params removed, [(remove_groups, remove_per_group), ...])`` for every distinct removal
+    ``constraint`` allows, ascending; without one the last entry removes the whole attention block."""
     by_removed: dict[int, list[tuple[int, int]]] = {}
     for g in range(s.num_kv_heads + 1):
         for r in range(s.n_rep + 1):
+            if not attention_allowed(s, g, r, constraint, whole_blocks=True):
+                continue
             w = LayerWidth(g, r, s.channels, 0.0)
             if w.heads(s) == 0:
                 g, r = s.num_kv_heads, 0  # every empty attention is one shape
@@ -81,32 +91,40 @@ def ffn_group(channels: int, levels: int) -> int:
     return next(g for g in GRID_GROUPS if g <= max(1.0, channels / (2 * levels)))
 
 
-def ffn_ladder(s: LayerSpace, levels: int, group: int) -> list[int]:
-    """Kept channels of the FFN levels (descending, ``C`` … 0): grid widths nearest ``C·k/levels``."""
-    grid = ffn_channels(s, group)[::-1]  # ascending kept channels
+def ffn_ladder(s: LayerSpace, levels: int, group: int, unit: int = 1) -> list[int]:
+    """Kept channels of the FFN levels (descending, ``C`` … 0): grid widths (multiples of ``unit``)
+    nearest ``C·k/levels``."""
+    grid = [c for c in ffn_channels(s, group)[::-1] if c % unit == 0]  # ascending kept channels
     return [grid[j] for j in _spaced(grid, s.channels, levels)][::-1]
 
 
-def attention_levels(s: LayerSpace, levels: int | None) -> list[tuple[int, list[tuple[int, int]]]]:
+def attention_levels(s: LayerSpace, levels: int | None, constraint: Constraint | None = None,
+                     ) -> list[tuple[int, list[tuple[int, int]]]]:
     """The :func:`attention_shapes` entries kept as levels: all of them (``None``), else the ones
     whose kept parameters are nearest ``k/levels`` of the attention's (dense and removed always)."""
-    shapes = attention_shapes(s)
+    shapes = attention_shapes(s, constraint)
     if levels is None:
         return shapes
     total = shapes[-1][0]
     return [shapes[j] for j in _spaced([r for r, _ in shapes], total, levels)]
 
 
-def ladders(s: LayerSpace, levels: int | None, ffn_step: int | None = None,
+def ladders(s: LayerSpace, levels: int | None, ffn_step: int | None = None, constraint: Constraint | None = None,
             ) -> tuple[list[tuple[int, list[tuple[int, int]]]], list[int], int]:
     """A layer's attention levels, FFN kept channels and FFN path group: ``levels`` points evenly
-    spaced in kept parameters, or (an explicit ``ffn_step``) every GQA shape and every step."""
+    spaced in kept parameters, or (an explicit ``ffn_step``) every GQA shape and every step;
+    only what ``constraint`` serves (FFN levels on the path's grid, in its unit)."""
+    unit = constraint.ffn_unit if constraint is not None else 1
+    if s.channels % unit:
+        raise ValueError(f"an FFN of {s.channels} channels has no ladder in multiples of {unit}")
     if ffn_step:
-        return attention_shapes(s), ffn_channels(s, ffn_step), ffn_step
+        return attention_shapes(s, constraint), ffn_channels(s, lcm(ffn_step, unit)), ffn_step
     if levels is None or levels < 2:
         raise ValueError("give --search-levels >= 2 or an explicit --search-ffn-step")
     group = ffn_group(s.channels, levels)
-    return attention_levels(s, levels), ffn_ladder(s, levels, group), group
+    if unit > 1 and unit % group:  # the grid must pass through every multiple of the unit
+        group = next(g for g in GRID_GROUPS if unit % g == 0 and g <= group)
+    return attention_levels(s, levels, constraint), ffn_ladder(s, levels, group, unit), group
 
 
 @dataclass
@@ -117,6 +135,8 @@ class Problem:
     is_ffn: list[bool]
     budget: float  # parameters to remove
     tol: float  # lattice tolerance: half the largest FFN step, in parameters
+    keep_attention: bool = False  # some attention below its top (removed) level: one head count needs a layer with heads
+    leading_attention: bool = False  # the first unit below its top level is an attention (vLLM's DeciLM)
 
     @property
     def units(self) -> int:
@@ -131,31 +151,51 @@ class Problem:
     def feasible(self, levels: list[int]) -> bool:
         return abs(self.total(levels) - self.budget) <= self.tol
 
+    def valid(self, levels: list[int]) -> bool:
+        """Servable: with ``keep_attention``, not every attention block removed; with
+        ``leading_attention``, the first block kept is an attention (units run in block order)."""
+        if not (self.keep_attention or self.leading_attention):
+            return True
+        kept = [u for u, lv in enumerate(levels) if lv < self.top(u)]
+        if self.keep_attention and all(self.is_ffn[u] for u in kept):
+            return False
+        return not (self.leading_attention and kept and self.is_ffn[kept[0]])
+
+    def valid_up(self, levels: list[int], u: int) -> bool:
+        """:meth:`valid` for ``levels`` with unit ``u`` one level up (free without a target)."""
+        if not (self.keep_attention or self.leading_attention):
+            return True
+        return self.valid([lv + (v == u) for v, lv in enumerate(levels)])
+
     def step(self, u: int, level: int) -> int:
         """Parameters unit ``u`` removes going from ``level`` to ``level + 1``."""
         return self.removed[u][level + 1] - self.removed[u][level]
 
 
 def make_problem(spaces: list[LayerSpace], budget: float, ffn_step: int | None = None,
-                 attn_removed: list[list[int]] | None = None, ffn_kept: list[list[int]] | None = None) -> Problem:
+                 attn_removed: list[list[int]] | None = None, ffn_kept: list[list[int]] | None = None,
+                 constraint: Constraint | None = None) -> Problem:
     """The problem for ``spaces``: the ladders of a database (``attn_removed``, ``ffn_kept``, as
     :class:`~slimgpt.search.database.LevelDatabase` names them), or every GQA shape and every
-    ``ffn_step`` channels."""
+    ``ffn_step`` channels (only those ``constraint`` serves; on the deci route some attention must
+    stay, and the first block kept must be one: :meth:`Problem.valid`)."""
     removed: list[list[int]] = []
     is_ffn: list[bool] = []
     big_step = 0
     if ffn_kept is None and ffn_step is None:
         raise ValueError("give the FFN ladders or a step")
     for i, s in enumerate(spaces):
-        removed.append(attn_removed[i] if attn_removed else [r for r, _ in attention_shapes(s)])
-        ch = ffn_kept[i] if ffn_kept is not None else ffn_channels(s, int(ffn_step or 0))
+        removed.append(attn_removed[i] if attn_removed else [r for r, _ in attention_shapes(s, constraint)])
+        ch = ffn_kept[i] if ffn_kept is not None else ladders(s, None, int(ffn_step or 0), constraint)[1]
         removed.append([(s.channels - c) * s.per_channel for c in ch])
         is_ffn += [False, True]
         big_step = max(big_step, max(b - a for a, b in zip(removed[-1], removed[-1][1:])))
     total = sum(r[-1] for r in removed)
     if not 0 < budget < total:
         raise ValueError(f"budget {budget:.0f} outside (0, {total})")
-    return Problem(removed, is_ffn, budget, big_step / 2)
+    removes_attention = constraint is not None and not constraint.keep_attention
+    return Problem(removed, is_ffn, budget, big_step / 2, removes_attention and constraint.uniform_heads,
+                   removes_attention and constraint.leading_attention)
 
 
 def repair(p: Problem, levels: list[int], rng: random.Random, frozen_up: set[int] | frozenset = frozenset(),
@@ -196,7 +236,7 @@ def mutate(p: Problem, levels: list[int], rng: random.Random, tries: int = 50) -
         new = list(levels)
         new[a] += 1
         new = repair(p, new, rng, frozen_up={a})
-        if new is not None and new != levels:
+        if new is not None and new != levels and p.valid(new):
             return new
     return None
 
@@ -216,12 +256,14 @@ class Allocation:
 
 
 def widths_for(p: Problem, spaces: list[LayerSpace], levels: list[int],
-               attn_shapes: list[list[tuple[int, int]]], ffn_levels: list[list[int]]) -> Allocation:
+               attn_shapes: list[list[tuple[int, int]]], ffn_levels: list[list[int]], unit: int = 1) -> Allocation:
     """The widths of lattice point ``levels``, fixed up onto the budget (module docstring).
 
     ``attn_shapes[i][level]`` is layer ``i``'s chosen ``(remove_groups, remove_per_group)`` and
     ``ffn_levels[i][level]`` its kept channels. The fix-up goes to the FFN that keeps the most
-    channels and can absorb it (ties: the deepest), never reviving or emptying a block."""
+    channels and can absorb it (ties: the deepest), never reviving or emptying a block; it moves
+    whole multiples of ``unit`` channels (the target's FFN unit), so the total lands within half
+    a unit of the budget."""
     widths = []
     for i, s in enumerate(spaces):
         g, r = attn_shapes[i][levels[2 * i]]
@@ -232,12 +274,12 @@ def widths_for(p: Problem, spaces: list[LayerSpace], levels: list[int],
     best: tuple[int, int] | None = None
     k_best = 0
     for i, s in enumerate(spaces):
-        k = round(residual / s.per_channel) if s.per_channel else 0
+        k = round(residual / (s.per_channel * unit)) * unit if s.per_channel else 0
         c = widths[i].channels
         if k != 0 and c > 0 and 0 < c - k <= s.channels and (best is None or (c, i) > best):
             best, k_best = (c, i), k
     if best is None:
-        worst = min(s.per_channel for s in spaces if s.per_channel) / 2 if spaces else 0
+        worst = unit * min(s.per_channel for s in spaces if s.per_channel) / 2 if spaces else 0
         if abs(residual) > worst:
             log.warning("the channel fix-up found no FFN to absorb %+.0f parameters: the allocation is off the "
                         "budget by that much (every FFN is empty or too narrow); lower --ratio or raise "

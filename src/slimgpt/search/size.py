@@ -23,6 +23,7 @@ import torch
 
 from slimgpt.schedule import LayerSpace, LayerWidth
 from slimgpt.search.levels import DEFAULT_LEVELS, ladders
+from slimgpt.serving import Constraint
 
 FILE_OVERHEAD = 2_160  # torch.save's zip headers (they repeat the 12-character file stem) and 64-byte alignment, per file (measured 2,138-2,182 bytes)
 
@@ -84,20 +85,23 @@ def _file(rows: int, kept: int, width: int, itemsize: int) -> int:
 
 
 def estimate_database_bytes(model: Any, levels: int | None = DEFAULT_LEVELS, dtype: torch.dtype = torch.bfloat16,
-                            ffn_step: int | None = None, hessians: bool = False) -> int:
+                            ffn_step: int | None = None, hessians: bool = False,
+                            constraint: Constraint | None = None) -> int:
     """Bytes of the variant files of :func:`~slimgpt.search.database.build_database` for ``model``
     (a transformers config, a dict of its fields, or a list of :class:`LayerShape`) at ``levels``
     (or the full ladders of an explicit ``ffn_step``), variants in ``dtype``; ``hessians`` adds the
-    float32 ``F x F`` Hessian per layer the earlier layout kept."""
+    float32 ``F x F`` Hessian per layer the earlier layout kept; ``constraint``: the ladders of a
+    ``--target`` run (vLLM's narrowest attention is a stored level, not a removed block)."""
     shapes = model if isinstance(model, list) else layer_shapes(model)
     size = torch.empty(0, dtype=dtype).element_size()
     total = 0
     for sh in shapes:
         s = sh.space
-        attn, ffn, _ = ladders(s, levels, ffn_step)
-        for _, options in attn[1:-1]:  # dense and removed store nothing
+        attn, ffn, _ = ladders(s, levels, ffn_step, constraint)
+        for _, options in attn[1:]:  # dense and removed store nothing
             heads = max(LayerWidth(g, r, 0, 0.0).heads(s) for g, r in options)
-            total += _file(sh.hidden, heads, sh.head_dim, size)
+            if heads:
+                total += _file(sh.hidden, heads, sh.head_dim, size)
         total += sum(_file(sh.hidden, c, 1, size) for c in ffn[1:-1])
         if hessians:
             total += 4 * s.channels ** 2
