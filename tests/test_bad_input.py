@@ -124,7 +124,7 @@ def no_load(monkeypatch):
     monkeypatch.setattr(slimgpt.zoo, "load_model", loaded)
 
 
-@pytest.mark.parametrize("case", ["empty", "binary", "folder", "schedule", "ratio"])
+@pytest.mark.parametrize("case", ["empty", "binary", "folder", "schedule", "widths", "ratio"])
 def test_model_free_checks_come_before_loading(env, capsys, no_load, case: str) -> None:
     """Issue 35: these were refused correctly, but after 50-66 s of loading; they need config.json at
     most (measured on the default zoo model, 2 busy cores: 17 s to the refusal before, 4 s after)."""
@@ -141,6 +141,10 @@ def test_model_free_checks_come_before_loading(env, capsys, no_load, case: str) 
     elif case == "schedule":
         (root / "s.json").write_text(json.dumps([0.1] * 5))
         args, expect = no_ratio(std(env, "--schedule", str(root / "s.json"))), "5 ratios but the model has 4 layers"
+    elif case == "widths":
+        (root / "w.json").write_text(json.dumps({"widths": [{"remove_groups": 0, "remove_per_group": 1,
+                                                             "channels": 8}] * 3}))
+        args, expect = no_ratio(std(env, "--schedule", str(root / "w.json"))), "widths file"
     else:
         args, expect = std(env, "--ratio", "0.97"), "sit in attention and MLP blocks; lower --ratio"
     assert args[3] != str(env["calib"]) or case in ("schedule", "ratio")
@@ -170,6 +174,10 @@ def test_budget_options_alone_still_run(env) -> None:
                  "--seqlen", "32", "--method", "blockpruner", "--blocks", "2", "--search-dtype", "float32"]) == 0
     meta = json.loads((out / "slimgpt.json").read_text())
     assert meta["config"]["blocks"] == 2
+    widths = env["root"] / "widths.json"  # a per-layer widths file passes the early check too
+    widths.write_text(json.dumps([{"remove_groups": 0, "remove_per_group": 1, "channels": 16}] * 4))
+    assert main(["prune", *no_ratio(std(env, "--schedule", str(widths)))[:2], str(env["root"] / "w"),
+                 *no_ratio(std(env, "--schedule", str(widths)))[3:]]) == 0
 
 
 @pytest.mark.parametrize(("opt", "value", "expect"), [("--max-memory", "lots", "--max-memory must be"),

@@ -219,10 +219,21 @@ def check_calibration_source(source: str) -> None:
 
 
 def check_schedule_file(schedule: str, geo: Geometry | None) -> None:
-    """A ``--schedule`` file: one ratio in [0, 1] per layer of config.json."""
+    """A ``--schedule`` file: one entry per layer of config.json, ratios in [0, 1] or per-layer widths
+    (:func:`slimgpt.allocation.read_widths_file` checks a widths entry against the loaded model)."""
     from slimgpt.schedule import SCHEDULES, load_schedule_file
 
-    if geo is not None and schedule not in SCHEDULES:
+    if geo is None or schedule in SCHEDULES:
+        return
+    try:
+        doc = json.loads(Path(schedule).read_text())
+    except (OSError, ValueError):
+        doc = None  # a ratio per line, or unreadable: load_schedule_file says which
+    items = doc.get("widths") if isinstance(doc, dict) else doc
+    if isinstance(items, list) and items and all(isinstance(x, dict) for x in items):
+        if len(items) != geo.layers:
+            raise ConfigError(f"widths file {schedule} has {len(items)} layers but the model has {geo.layers}")
+    elif not isinstance(doc, dict):
         load_schedule_file(schedule, geo.layers)
 
 
