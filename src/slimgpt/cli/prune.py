@@ -10,6 +10,7 @@ from slimgpt.cli.common import add_search_args, add_task_args, check_task_args, 
 from slimgpt.defaults import CPU_NSAMPLES, CPU_SEQLEN, DEFAULT_MODEL, GPU_NSAMPLES, GPU_SEQLEN
 from slimgpt.errors import ConfigError
 from slimgpt.schedule import SCHEDULES
+from slimgpt.serving import TARGETS
 
 if TYPE_CHECKING:  # argument parsing imports nothing heavy: a typo is answered in about a second
     from slimgpt.config import PruneConfig
@@ -30,6 +31,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"per-layer allocation: {'|'.join(SCHEDULES)} or a file of per-layer ratios; auto (default) "
                    "scores log/uniform curves x attention shares by calibration KL, log is the paper's")
     p.add_argument("--first-ratio", type=ratio_arg, help="layer 0's ratio (default: mean layer ratio / 3.2)")
+    p.add_argument("--target", default="any", choices=TARGETS,
+                   help="serving engine whose shapes every allocation is chosen inside (the budget stays exact): "
+                        "any (default, no limit) | vllm (vLLM's Transformers backend: per-layer heads and FFN widths, "
+                        "every layer keeps some attention; blockpruner/shortgpt/slimgpt+blockpruner use its DeciLM "
+                        "route: whole blocks removed, one head count) | sglang (SGLang/TensorRT-LLM: heads unpruned or "
+                        "the attention removed whole, FFN widths in multiples of 256); not with --method flap")
     p.add_argument("--calib", default="c4", help="c4 | wikitext2 | wiki | FILE(.txt/.jsonl/.json) | hub dataset")
     p.add_argument("--nsamples", type=int,
                    help=f"calibration windows (default {GPU_NSAMPLES} on GPU, {CPU_NSAMPLES} on CPU)")
@@ -107,7 +114,7 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
         max_group=a.max_group, propagate=a.propagate, data_dir=a.data_dir, overwrite=a.overwrite,
         blocks=a.blocks, depth_share=0.5 if a.depth_share is None else a.depth_share, search_dtype=a.search_dtype, search_nsamples=a.search_nsamples,
         resume=a.resume, max_memory=a.max_memory, offload_activations=a.offload_activations,
-        compensate=getattr(a, "compensate", "symmetric"), **allocation_kwargs(a),
+        target=getattr(a, "target", "any"), compensate=getattr(a, "compensate", "symmetric"), **allocation_kwargs(a),
     )
 
 
@@ -202,12 +209,31 @@ def preflight(cfg: PruneConfig) -> None:
     c = cfg.resolved(device)
     assert c.nsamples is not None and c.seqlen is not None
     check_positions(cfg.model, geo, c.seqlen)
+    check_target(cfg, path)
     whole = isinstance(make_method(c), GlobalMethod)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.launched() else 1
     check_calibration_memory(cfg.model, geo, c.nsamples, c.seqlen, c.batch_size, resolve_dtype(c.dtype, device).itemsize,
                              device, offload_activations=c.offload_activations is not None, whole_model=whole,
                              processes=(local, distributed.world() if distributed.launched() else 1),
                              dense_stream=c.compensate != "symmetric" and c.propagate == "pruned")
+
+
+def check_target(cfg: PruneConfig, path: str) -> None:
+    """``--target``: refuse, from config.json alone, a model the engine cannot serve as this run
+    would prune it (the pipeline checks again on the loaded model)."""
+    if cfg.target == "any":
+        return
+    import json
+
+    from slimgpt.serving import config_shapes
+
+    try:
+        found = config_shapes(json.loads((Path(path) / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        found = None
+    if found is not None:
+        shapes, family, sliding = found
+        cfg.check_model([f for _, _, f in shapes], family, sliding)
 
 
 def process_peak_memory(report: dict[str, Any]) -> str:
