@@ -231,8 +231,16 @@ def zeroshot(a: argparse.Namespace, doc: dict[str, Any], ratio: float, methods: 
 
 
 def gap_closed(pruned: float, recovered: float, dense: float) -> float:
-    """Share of the perplexity gap to dense that recovery closed, in log space (perplexity is a
-    ratio scale: halving 800 → 400 and 100 → 50 are the same step)."""
+    """Share of the linear perplexity gap to dense that recovery closed: (pruned − recovered) /
+    (pruned − dense). The goals are judged on this one, the metric they were set in."""
+    return (pruned - recovered) / (pruned - dense)
+
+
+def gap_closed_log(pruned: float, recovered: float, dense: float) -> float:
+    """The same share on log perplexity (mean NLL): perplexity is a ratio scale, on which halving
+    800 → 400 and 100 → 50 are the same step, so a large pruned gap looks more closed on the linear
+    scale than on this one (SmolLM2 50 %: 51 % linear, 30 % log). Published beside the linear share,
+    never instead of it."""
     return (math.log(pruned) - math.log(recovered)) / (math.log(pruned) - math.log(dense))
 
 
@@ -241,20 +249,20 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
     schedules = sorted({str(p.get("schedule") or "unrecorded") for p in doc.get("pruned", {}).values()})
     lines = [f"Recovery of {doc['meta']['model']} pruned by SlimGPT ({'/'.join(schedules)} schedule); {doc['meta']['ppl']}; "
              f"recovery on {doc['meta']['data']} ({doc['meta']['device']}, {doc['meta']['threads']} threads).", "",
-             "| ratio | method | tokens | steps | lr | WikiText-2 PPL | × dense | gap closed (PPL / log PPL) | "
+             "| ratio | method | tokens | steps | lr | WikiText-2 PPL | × dense | gap closed (linear PPL / log PPL) | "
              "train tok/s | forward tok/s | train s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, p in sorted(doc.get("pruned", {}).items()):
         lines.append(f"| {float(key):.0%} | pruned (no recovery) | 0 | 0 | – | {p['ppl']:.2f} | {p['ppl'] / dense:.2f} | – | – | – | – |")
         rows = sorted((r for r in doc["rows"] if f"{r['ratio']:g}" == key), key=lambda r: (r["method"], r["budget"]))
         for r in rows:
-            lin = (p["ppl"] - r["ppl"]) / (p["ppl"] - dense)
+            lin = gap_closed(p["ppl"], r["ppl"], dense)
             lines.append(f"| {float(key):.0%} | {LABELS.get(r['method'], r['method'])} | {r['tokens']:,} | {r['steps']} | "
                          f"{r['lr']:g} | {r['ppl']:.2f} | {r['ppl'] / dense:.2f} | {lin:.0%} / "
-                         f"{gap_closed(p['ppl'], r['ppl'], dense):.0%} | {r['speed'].get('train_tok_s') or 0:.0f} | "
+                         f"{gap_closed_log(p['ppl'], r['ppl'], dense):.0%} | {r['speed'].get('train_tok_s') or 0:.0f} | "
                          f"{r['speed'].get('forward_tok_s') or 0:.0f} | {r['train_s']:.0f} |")
-    lines += ["", f"Dense: {dense:.2f}. Gap closed = (pruned − recovered) / (pruned − dense), on perplexity and on its "
-              "logarithm. Train tok/s counts every token of the run (teacher forward + student forward + backward + "
+    lines += ["", f"Dense: {dense:.2f}. Gap closed = (pruned − recovered) / (pruned − dense), on perplexity (linear) and "
+              "on its logarithm (log); the goals are judged on the linear share. Train tok/s counts every token of the run (teacher forward + student forward + backward + "
               "optimiser); forward tok/s is the student's forward pass alone, timed in the same run.", ""]
     verdicts = goal_lines(doc)
     if verdicts:
@@ -277,10 +285,11 @@ def goal_lines(doc: dict[str, Any]) -> list[str]:
         if not rows:
             continue
         best = min(rows, key=lambda r: r["ppl"])
-        share = (p["ppl"] - best["ppl"]) / (p["ppl"] - dense)
+        share = gap_closed(p["ppl"], best["ppl"], dense)
         out.append(f"- {float(key):.0%}: best within 200k tokens {best['ppl']:.2f} ({LABELS.get(best['method'])}, "
-                   f"{best['budget'] // 1000}k) closes {share:.0%} of the gap to dense (goal ≥ 50 %): "
-                   f"{'met' if share >= 0.5 else 'not met'}.")
+                   f"{best['budget'] // 1000}k) closes {share:.0%} of the linear perplexity gap to dense (goal ≥ 50 % "
+                   f"of that gap): {'met' if share >= 0.5 else 'not met'}; on the log-perplexity gap "
+                   f"{gap_closed_log(p['ppl'], best['ppl'], dense):.0%}.")
         for budget in sorted({r["budget"] for r in rows}):
             at = {r["method"]: r["ppl"] for r in rows if r["budget"] == budget}
             if "lm-lora" in at and any(m.startswith("kl") for m in at):

@@ -97,13 +97,26 @@ def stitched_ppl(run: dict[str, Any], folder: Path, windows: int, db_folder: str
         plans = stitch(ad, db, search["levels"], alloc.fixup_layer, alloc.widths, cfg.damp, lambda i: H_fix)
         slim = shrink_model(model, plans)
     build_s = time.perf_counter() - t
-    kl_windows = calib[: math.ceil(search["kl"]["windows"] / calib.shape[1])]
+    kl_windows = calib[: math.ceil(search_kl(search)["tokens"] / calib.shape[1])]
     rerun, _ = load_pruned(folder)
     out = {"build_s": build_s, "search_dtype": str(search_dtype).removeprefix("torch."),
            "kl_windows": int(kl_windows.shape[0]), "kl_stitched_fp32": model_kl(dense_model, slim.eval(), kl_windows),
            "kl_rerun_fp32": model_kl(dense_model, rerun.eval(), kl_windows), "params": parameter_count(slim)}
     ppl = perplexity(slim, tok, "wikitext2", seqlen=128, max_windows=windows)
     return {"ppl": ppl["ppl"], "windows": ppl["windows"], **out}
+
+
+def search_kl(search: dict[str, Any]) -> dict[str, Any]:
+    """The search's ``kl`` record under today's names. Runs before issue 35 wrote ``final`` for the best
+    stitched candidate's KL (not the saved rerun model's), and ``windows`` for the last stage's token
+    count once the stages were counted in tokens (before that, 16 was a count of windows)."""
+    kl = dict(search["kl"])
+    if "final" in kl:
+        kl["best"] = kl.pop("final")
+    if "windows" in kl and kl["windows"] == (search.get("stage_tokens") or [None])[-1]:
+        kl["tokens"] = kl.pop("windows")
+    kl.setdefault("of", "stitched candidates")
+    return kl
 
 
 def _eval_ppl(folder: Path) -> dict[str, float | None]:
@@ -120,9 +133,10 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         rows = [("log (paper, Eq. 6)", None, LOG_REFERENCE.get(ratio), None, "")]
         for label, ref in sorted((result.get("references") or {}).get(ratio, {}).items()):
             rows.append((label, ref["removed_ratio"], ref["pruned_ppl"], ref["prune_total_s"], ""))
-        kl = run["kl"]
+        kl = search_kl(run)
         rows.append(("searched (`--schedule search`)", run["removed_ratio"], run["pruned_ppl"], run["prune_total_s"],
-                     f"start {run['starts']['chosen']}, KL {kl['start']:.4f} → {kl['final']:.4f} in "
+                     f"start {run['starts']['chosen']}, KL of the stitched candidates {kl['start']:.4f} → "
+                     f"{kl['best']:.4f} in "
                      f"{run['generations']} generations; database "
                      + (f"{run['time_s']['database']:.0f} s, " if run["time_s"]["database"] >= 1 else
                         "reused (built by an earlier run with the same calibration), ")
@@ -142,7 +156,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
                   "rerun (sequential SlimGPT): KL / PPL |", "|---|---:|---:|---:|"]
         for ratio, run in both.items():
             st = run["stitched"]
-            lines.append(f"| {float(ratio):.2f} | {run['kl']['final']:.4f} ({st['search_dtype']}) | "
+            lines.append(f"| {float(ratio):.2f} | {search_kl(run)['best']:.4f} ({st['search_dtype']}) | "
                          f"{st['kl_stitched_fp32']:.4f} / {st['ppl']:.2f} | "
                          f"{st['kl_rerun_fp32']:.4f} / {run['pruned_ppl']:.2f} |")
     path.write_text("\n".join(lines) + "\n")
@@ -181,7 +195,7 @@ def main() -> None:
             "dense_ppl": ppl.get("dense"), "pruned_ppl": ppl.get("pruned"), "final": s["final"],
             "log_schedule_ppl": LOG_REFERENCE.get(str(ratio)),
             "removed_ratio": run["params"]["removed_ratio"], "params_off_by": s["params"]["off_by"],
-            "kl": s["kl"], "starts": s["starts"], "generations": s["generations"], "stopped_by": s["stopped_by"],
+            "kl": search_kl(s), "starts": s["starts"], "generations": s["generations"], "stopped_by": s["stopped_by"],
             "improvements": s["improvements"], "evaluations": s["evaluations"], "time_s": s["time_s"],
             "prune_total_s": run["time_s"]["prune_total"], "torch_threads": run["torch_threads"],
             "history": s.get("history"),

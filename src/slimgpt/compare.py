@@ -494,7 +494,7 @@ def format_table(result: dict[str, Any]) -> str:
         if a:
             t = a.get("time_s") or {}
             lines.append(f"{r['method']} at {r['ratio']:.2f}: start {a['starts'].get('chosen')}, KL "
-                         f"{a['kl']['start']:.4f} → {a['kl']['final']:.4f} in {a['generations']} generations "
+                         f"{a['kl']['start']:.4f} → {a['kl']['best']:.4f} (stitched candidates) in {a['generations']} generations "
                          f"({a['stopped_by']}); database {t.get('database', 0):.0f} s, search {t.get('search', 0):.0f} s.")
     for r in rows:
         if r.get("auto"):

@@ -207,7 +207,10 @@ class SearchedSlimGPT(GlobalMethod):
             "budget_s": parse_seconds(cfg.search_budget), "generations": res.generations,
             "stopped_by": res.stopped_by, "improvements": res.improvements,
             "starts": {k: (v if k == "chosen" else {"kl": v["kl"]}) for k, v in starts.items()},
-            "kl": {"start": res.start_fitness, "final": res.fitness, "windows": settings.stages[-1]},
+            # the KL of the stitched candidates as the search scored them (search dtype, last-stage tokens); the
+            # saved model is the best one realised by --search-final, whose own KL is not this
+            "kl": {"start": res.start_fitness, "best": res.fitness, "tokens": settings.stages[-1],
+                   "of": "stitched candidates"},
             "params": {"target_removed": target, "removed": removed, "off_by": removed - target,
                        "fixup_layer": alloc.fixup_layer, "fixup_channels": alloc.fixup_channels},
             **stats,
