@@ -19,7 +19,7 @@ LAYERS: list[list[str]] = [
     ["slimgpt.methods", "slimgpt.methods.*", "slimgpt.search", "slimgpt.search.*", "slimgpt.allocation"],
     ["slimgpt.evaluation", "slimgpt.evaluation.*", "slimgpt.export", "slimgpt.export.*", "slimgpt.io",
      "slimgpt.surgery", "slimgpt.twin", "slimgpt.zoo", "slimgpt.data", "slimgpt.data.*", "slimgpt.preflight"],
-    ["slimgpt.solvers", "slimgpt.solvers.*", "slimgpt.arch", "slimgpt.arch.*", "slimgpt.schedule", "slimgpt.plan",
+    ["slimgpt.solvers", "slimgpt.solvers.*", "slimgpt.arch", "slimgpt.arch.*", "slimgpt.schedule", "slimgpt.serving", "slimgpt.plan",
      "slimgpt.modeling", "slimgpt.modeling.*", "slimgpt"],
     ["slimgpt.utils", "slimgpt.errors", "slimgpt.distributed", "slimgpt.defaults", "slimgpt.lazy"],
 ]

@@ -2,8 +2,8 @@
 
 A saved folder is an ordinary transformers checkpoint plus two things:
 
-    config.json                 model_type slimgpt_llama / _qwen2 / _gemma3, per-layer size lists, and
-                                auto_map → the two copied files below
+    config.json                 model_type slimgpt_llama / _qwen2 / _gemma3, per-layer size lists (and their
+                                transformers per_layer_config mirror), auto_map → the two copied files below
     configuration_slimgpt.py    copies of slimgpt/modeling/*, so any process loads the folder with
     modeling_slimgpt.py         AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
     model.safetensors           weights (no pickle); removed blocks are zero-sized tensors
@@ -187,6 +187,7 @@ def write_pruned_folder(out_dir: str | Path, config: Any, model_class: str, writ
     try:
         config.auto_map = {
             "AutoConfig": f"configuration_slimgpt.{type(config).__name__}",
+            "AutoModel": f"modeling_slimgpt.{slim_modeling.DECODER_CLASSES[model_class]}",  # vLLM's Transformers backend
             "AutoModelForCausalLM": f"modeling_slimgpt.{model_class}",
         }
         write_weights(tmp)

@@ -62,7 +62,9 @@ def stock_config(model: PreTrainedModel) -> Any:
                          "use --to gguf or the slim folder")
     config_cls, model_cls = STOCK[model_type]
     fields = model.config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", *LAYER_FIELDS):
+    # per_layer_config mirrors the slim sizes (configuration_slimgpt): the padded layers are all full-size
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", *LAYER_FIELDS,
+                "per_layer_config", "allow_global_per_layer_attribute_access"):
         fields.pop(key, None)
     if (fields.get("quantization_config") or {}).get("quant_method") == "gguf":
         # zoo models were dequantised from GGUF: the weights are plain floats, and a stale

@@ -13,8 +13,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from slimgpt.modeling.configuration_slimgpt import SlimGemma3Config, SlimLlamaConfig, SlimQwen2Config
 from slimgpt.modeling.modeling_slimgpt import (
     SlimGemma3ForCausalLM,
+    SlimGemma3TextModel,
     SlimLlamaForCausalLM,
+    SlimLlamaModel,
     SlimQwen2ForCausalLM,
+    SlimQwen2Model,
 )
 
 #: stock model_type → (slim config class, slim model class)
@@ -26,6 +29,12 @@ SLIM_CLASSES = {
     "gemma3_text": (SlimGemma3Config, SlimGemma3ForCausalLM),
     "slimgpt_gemma3": (SlimGemma3Config, SlimGemma3ForCausalLM),
 }
+
+#: causal-LM class name → its decoder class name: a saved folder's ``auto_map["AutoModel"]``, which
+#: vLLM's Transformers backend builds (it adds its own head)
+DECODER_CLASSES = {cls.__name__: base.__name__ for cls, base in ((SlimLlamaForCausalLM, SlimLlamaModel),
+                                                                  (SlimQwen2ForCausalLM, SlimQwen2Model),
+                                                                  (SlimGemma3ForCausalLM, SlimGemma3TextModel))}
 
 #: model_type of every slim config (what a shrunk model's config says)
 SLIM_MODEL_TYPES = frozenset(config_cls.model_type for config_cls, _ in SLIM_CLASSES.values())
@@ -40,5 +49,5 @@ def register() -> None:
 
 register()
 
-__all__ = ["SLIM_CLASSES", "SLIM_MODEL_TYPES", "SlimGemma3Config", "SlimGemma3ForCausalLM", "SlimLlamaConfig",
+__all__ = ["DECODER_CLASSES", "SLIM_CLASSES", "SLIM_MODEL_TYPES", "SlimGemma3Config", "SlimGemma3ForCausalLM", "SlimLlamaConfig",
            "SlimLlamaForCausalLM", "SlimQwen2Config", "SlimQwen2ForCausalLM", "register"]

@@ -103,10 +103,11 @@ def _init_mlp(mlp: nn.Module, config, layer_idx: int, bias: bool, act: str | Non
     mlp.act_fn = ACT2FN[act or config.hidden_act]
 
 
-def _init_layer(layer: nn.Module, config, layer_idx: int, attn_cls, mlp_cls, norm_cls) -> None:
+def _init_layer(layer: nn.Module, config, layer_idx: int, attn_cls, headless_cls, mlp_cls, norm_cls) -> None:
     GradientCheckpointingLayer.__init__(layer)
     layer.hidden_size = config.hidden_size
-    layer.self_attn = attn_cls(config, layer_idx)
+    heads = config.layer_num_attention_heads[layer_idx]
+    layer.self_attn = (attn_cls if heads else headless_cls)(config, layer_idx)
     layer.mlp = mlp_cls(config, layer_idx)
     layer.input_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
     layer.post_attention_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
@@ -124,13 +125,12 @@ def _init_decoder(model: nn.Module, config, layer_cls, norm_cls, rotary_cls, emb
 
 
 class _HeadlessAttention:
-    """Mixin: stock forward, except for a layer whose attention block was removed."""
+    """Mixin for a layer whose attention block was removed (0 heads). Only such layers get it:
+    layers with heads keep the stock ``forward`` itself, whose source vLLM's Transformers backend
+    reads to find the attention-interface call it replaces (a wrapper would hide it)."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
-        if self.num_heads:
-            return super().forward(hidden_states=hidden_states, position_embeddings=position_embeddings,
-                                   attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
         *lead, _ = hidden_states.shape
         if past_key_values is not None:
             placeholder = hidden_states.new_zeros(lead[0], 1, lead[1], 1)
@@ -141,9 +141,13 @@ class _HeadlessAttention:
 # ---- Llama ----------------------------------------------------------------------------------------
 
 
-class SlimLlamaAttention(_HeadlessAttention, LlamaAttention):
+class SlimLlamaAttention(LlamaAttention):
     def __init__(self, config: SlimLlamaConfig, layer_idx: int):
         _init_attention(self, config, layer_idx, config.attention_bias, config.attention_bias)
+
+
+class SlimLlamaHeadlessAttention(_HeadlessAttention, SlimLlamaAttention):
+    pass
 
 
 class SlimLlamaMLP(LlamaMLP):
@@ -153,7 +157,7 @@ class SlimLlamaMLP(LlamaMLP):
 
 class SlimLlamaDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: SlimLlamaConfig, layer_idx: int):
-        _init_layer(self, config, layer_idx, SlimLlamaAttention, SlimLlamaMLP, LlamaRMSNorm)
+        _init_layer(self, config, layer_idx, SlimLlamaAttention, SlimLlamaHeadlessAttention, SlimLlamaMLP, LlamaRMSNorm)
 
 
 class SlimLlamaModel(LlamaModel):
@@ -183,11 +187,15 @@ class SlimLlamaForCausalLM(LlamaForCausalLM):
 # ---- Qwen2 ----------------------------------------------------------------------------------------
 
 
-class SlimQwen2Attention(_HeadlessAttention, Qwen2Attention):
+class SlimQwen2Attention(Qwen2Attention):
     def __init__(self, config: SlimQwen2Config, layer_idx: int):
         _init_attention(self, config, layer_idx, qkv_bias=True, o_bias=False)
         self.layer_type = config.layer_types[layer_idx]
         self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
+
+
+class SlimQwen2HeadlessAttention(_HeadlessAttention, SlimQwen2Attention):
+    pass
 
 
 class SlimQwen2MLP(Qwen2MLP):
@@ -197,7 +205,7 @@ class SlimQwen2MLP(Qwen2MLP):
 
 class SlimQwen2DecoderLayer(Qwen2DecoderLayer):
     def __init__(self, config: SlimQwen2Config, layer_idx: int):
-        _init_layer(self, config, layer_idx, SlimQwen2Attention, SlimQwen2MLP, Qwen2RMSNorm)
+        _init_layer(self, config, layer_idx, SlimQwen2Attention, SlimQwen2HeadlessAttention, SlimQwen2MLP, Qwen2RMSNorm)
 
 
 class SlimQwen2Model(Qwen2Model):
@@ -231,7 +239,7 @@ class SlimQwen2ForCausalLM(Qwen2ForCausalLM):
 # including the hybrid KV cache, where a 0-head layer's placeholder counts tokens like any other.
 
 
-class SlimGemma3Attention(_HeadlessAttention, Gemma3Attention):
+class SlimGemma3Attention(Gemma3Attention):
     def __init__(self, config: SlimGemma3Config, layer_idx: int):
         _init_attention(self, config, layer_idx, config.attention_bias, config.attention_bias)
         self.scaling = config.query_pre_attn_scalar**-0.5
@@ -244,6 +252,10 @@ class SlimGemma3Attention(_HeadlessAttention, Gemma3Attention):
         self.k_norm = Gemma3RMSNorm(dim=config.head_dim, eps=config.rms_norm_eps)
 
 
+class SlimGemma3HeadlessAttention(_HeadlessAttention, SlimGemma3Attention):
+    pass
+
+
 class SlimGemma3MLP(Gemma3MLP):
     def __init__(self, config: SlimGemma3Config, layer_idx: int):
         _init_mlp(self, config, layer_idx, bias=False, act=config.hidden_activation)
@@ -251,7 +263,7 @@ class SlimGemma3MLP(Gemma3MLP):
 
 class SlimGemma3DecoderLayer(Gemma3DecoderLayer):
     def __init__(self, config: SlimGemma3Config, layer_idx: int):
-        _init_layer(self, config, layer_idx, SlimGemma3Attention, SlimGemma3MLP, Gemma3RMSNorm)
+        _init_layer(self, config, layer_idx, SlimGemma3Attention, SlimGemma3HeadlessAttention, SlimGemma3MLP, Gemma3RMSNorm)
         self.config = config
         self.layer_idx = layer_idx
         self.pre_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
