@@ -85,7 +85,9 @@ def runs(tmp_path_factory) -> tuple[Path, list[str], list[subprocess.CompletedPr
     src, calib = save_tiny(tmp / "src"), calib_text(tmp / "calib.txt")
     common = [str(src), "--calib", str(calib), *ARGS]
     slim = ["prune", *common, "--out"]
-    block = ["prune", *common, "--method", "blockpruner", "--blocks", "3", "--search-dtype", "float32", "--out"]
+    budget = common.index("--ratio")  # --blocks sets the budget itself (--ratio beside it is refused)
+    block = ["prune", *common[:budget], *common[budget + 2:], "--method", "blockpruner", "--blocks", "3",
+             "--search-dtype", "float32", "--out"]
     ev = ["eval", "--ppl", str(calib), "--seqlen", "32", "--max-windows", "16", "--batch-size", "2", "--no-baseline",
           "--json"]
     assert main([*slim, str(tmp / "slim1")]) == 0
