@@ -11,7 +11,8 @@ One command from slimgpt's environment; the vLLM side runs in the vLLM environme
 1. each pruned folder is exported with ``--to vllm`` (the route its shapes allow) and the dense
    model (``--dense``) as a stock folder (the padded export of an unpruned model is the model
    itself, so vLLM runs its own native Llama/Qwen2 code on it);
-2. check, float32: greedy tokens of ``--check-prompts`` WikiText-2 prompts x ``--check-tokens``
+2. check, float32: greedy tokens of ``--check-prompts`` WikiText-2 prompts (``--data-dir``; else the
+   calibration wheel's wiki text) x ``--check-tokens``
    new tokens in vLLM against slimgpt's model in transformers, all equal, and the top-5
    first-token log-probabilities within ``--logprob-tol``;
 3. throughput, same engines still loaded: ``--speed-prompts`` prompts x ``--speed-tokens`` new
@@ -36,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from slimgpt.data.corpora import wikitext2_test_text
+from slimgpt.data.corpora import wiki_documents, wikitext2_test_text
+from slimgpt.errors import DataError
 from slimgpt.export import export
 from slimgpt.export.vllm import read_note
 from slimgpt.surgery import parameter_count
@@ -46,12 +48,20 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "src" / "slimgpt" / "export" / "vllm_run.py"
 
 
-def prompts_from_wikitext(tok, n: int, length: int, offset: int = 0) -> list[list[int]]:
-    """``n`` consecutive ``length``-token windows of WikiText-2 test text (starting after ``offset`` windows)."""
-    text, _ = wikitext2_test_text()
-    ids = tok(text[: 400 * length * (n + offset)])["input_ids"]
+def prompt_text(data_dir: str | None) -> tuple[str, str]:
+    """WikiText-2 test text (``--data-dir`` / ``$SLIMGPT_DATA``), else the calibration wheel's wiki text."""
+    try:
+        return wikitext2_test_text(data_dir)[0], "wikitext-2 test"
+    except DataError:
+        docs, _ = wiki_documents(data_dir)
+        return "\n\n".join(docs), "wiki (calibration wheel)"
+
+
+def prompts_from_text(text: str, tok, n: int, length: int, offset: int = 0) -> list[list[int]]:
+    """``n`` consecutive ``length``-token windows of ``text`` (starting after ``offset`` windows)."""
+    ids = tok(text[: 20 * length * (n + offset)])["input_ids"]
     if len(ids) < (n + offset) * length:
-        raise SystemExit(f"not enough WikiText-2 text for {n} prompts of {length} tokens")
+        raise SystemExit(f"not enough text for {n} prompts of {length} tokens")
     return [ids[(offset + i) * length:(offset + i + 1) * length] for i in range(n)]
 
 
@@ -114,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per model, alternating between models")
     ap.add_argument("--kv-cache-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile: faster start, slower decode)")
+    ap.add_argument("--data-dir", default=None, help="folder with wikitext-2-raw/ (default $SLIMGPT_DATA)")
     ap.add_argument("--out", default="benchmarks/results/vllm/smollm2")
     a = ap.parse_args(argv)
     if not a.pruned:
@@ -143,8 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {note['route']} route, {info[name]['params']:,} parameters -> {folders[name]}", flush=True)
 
     # 2. prompts and slimgpt's own answers
-    check_prompts = prompts_from_wikitext(tok, a.check_prompts, a.prompt_tokens)
-    speed_prompts = prompts_from_wikitext(tok, a.speed_prompts, a.prompt_tokens, offset=a.check_prompts)
+    text, source = prompt_text(a.data_dir)
+    check_prompts = prompts_from_text(text, tok, a.check_prompts, a.prompt_tokens)
+    speed_prompts = prompts_from_text(text, tok, a.speed_prompts, a.prompt_tokens, offset=a.check_prompts)
     refs = {name: reference(m, check_prompts, a.check_tokens) for name, m in models.items()}
 
     # 3. vLLM: load all, check, then time alternating
@@ -183,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {k: getattr(a, k) for k in ("check_prompts", "check_tokens", "logprob_tol", "prompt_tokens",
                                                 "speed_prompts", "speed_tokens", "repeats", "kv_cache_gib",
                                                 "eager")},
-        "dtype": "float32", "models": info, "load_s": {n: got["models"][n]["load_s"] for n in names},
+        "prompts_from": source, "dtype": "float32", "models": info, "load_s": {n: got["models"][n]["load_s"] for n in names},
         "check": checks, "speed_runs": runs,
         "tokens_per_s": mean, "speedup_vs_dense": {n: mean[n] / mean["dense"] for n in names},
         "wall_s": time.perf_counter() - t0,
@@ -206,7 +218,7 @@ def markdown(r: dict, names: list[str]) -> str:
              f"`{r['command']}`  ", f"commit {r['slimgpt_commit']}; {r['cpu']} ({r['cpu_count']} CPUs); "
              f"VLLM_CPU_OMP_THREADS_BIND={r['vllm_env'].get('VLLM_CPU_OMP_THREADS_BIND')}, "
              f"KV cache {s['kv_cache_gib']} GiB", "",
-             f"Check: {s['check_prompts']} WikiText-2 prompts x {s['check_tokens']} greedy tokens, vLLM against "
+             f"Check: {s['check_prompts']} prompts ({r['prompts_from']}) x {s['check_tokens']} greedy tokens, vLLM against "
              f"slimgpt's model in transformers; speed: {s['speed_prompts']} prompts of {s['prompt_tokens']} tokens "
              f"x {s['speed_tokens']} new tokens, {s['repeats']} runs per model alternating.", "",
              "| model | route | parameters | prompts equal | max first-token log-prob diff | tokens/s (runs) | "

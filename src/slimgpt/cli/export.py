@@ -67,6 +67,8 @@ def run(a: argparse.Namespace) -> int:
         print(f"route: {note['route']}; serve it with:\n  {note['serve']}\n  {note['python']}")
         if a.to == "sglang":
             print("(SGLang reads this DeciLM format; read in its code, not run here. vLLM serves it too.)")
+        elif note["route"] == "transformers" and all(c for *_, c in note["layer_shapes"]) and _serves_as_saved(a.model):
+            print(f"(the pruned folder itself is served the same way: vllm serve {a.model} --trust-remote-code)")
     return 0
 
 
@@ -83,3 +85,14 @@ def _servable(target: str, route: str | None):
             route_for(target, shapes, family=family, sliding=sliding, route=route)
 
     return check
+
+
+def _serves_as_saved(model: str) -> bool:
+    """Whether a folder written by this slimgpt (per_layer_config mirror, auto_map's AutoModel) is there."""
+    import json
+
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    cfg = json.loads(config.read_text())
+    return "AutoModel" in (cfg.get("auto_map") or {}) and str(cfg.get("model_type", "")).startswith("slimgpt_")
