@@ -276,7 +276,7 @@ def test_auto_scoring_windows_are_disjoint_from_the_hessian_windows(calib_file, 
 def test_auto_pass_runs_one_dense_pass_per_layer(monkeypatch):
     """Hessians and dense outputs come from LayerRunner.dense_pass, once per layer; none of the
     separate passes (attention Hessian, MLP Hessian, outputs) runs."""
-    from slimgpt.methods.base import LayerRunner
+    from slimgpt.runner import LayerRunner
 
     calls = []
     real = LayerRunner.dense_pass

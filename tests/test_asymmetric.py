@@ -26,8 +26,8 @@ from slimgpt.cli import main
 from slimgpt.config import PruneConfig
 from slimgpt.driver import activation_copies, layer_spaces, run_layerwise
 from slimgpt.errors import ConfigError, ModelError
-from slimgpt.methods.base import LayerRunner, Timer
 from slimgpt.methods.slimgpt import SlimGPT
+from slimgpt.runner import LayerRunner, Timer
 from slimgpt.schedule import LayerWidth, solve_widths
 from slimgpt.solvers.channels import prune_channels
 from slimgpt.solvers.heads import prune_heads

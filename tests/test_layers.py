@@ -18,7 +18,7 @@ LAYERS: list[list[str]] = [
     ["slimgpt.streaming", "slimgpt.checkpoint", "slimgpt.driver", "slimgpt.config"],
     ["slimgpt.methods", "slimgpt.methods.*", "slimgpt.search", "slimgpt.search.*", "slimgpt.allocation"],
     ["slimgpt.evaluation", "slimgpt.evaluation.*", "slimgpt.export", "slimgpt.export.*", "slimgpt.io",
-     "slimgpt.surgery", "slimgpt.twin", "slimgpt.zoo", "slimgpt.data", "slimgpt.data.*", "slimgpt.preflight"],
+     "slimgpt.surgery", "slimgpt.runner", "slimgpt.twin", "slimgpt.zoo", "slimgpt.data", "slimgpt.data.*", "slimgpt.preflight"],
     ["slimgpt.solvers", "slimgpt.solvers.*", "slimgpt.arch", "slimgpt.arch.*", "slimgpt.schedule", "slimgpt.serving", "slimgpt.plan",
      "slimgpt.modeling", "slimgpt.modeling.*", "slimgpt"],
     ["slimgpt.utils", "slimgpt.errors", "slimgpt.distributed", "slimgpt.defaults", "slimgpt.lazy"],

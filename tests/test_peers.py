@@ -15,7 +15,7 @@ from slimgpt.api import prune
 from slimgpt.arch import get_adapter
 from slimgpt.config import PruneConfig
 from slimgpt.driver import embed_batches, layer_spaces, run_layerwise
-from slimgpt.methods.base import LayerRunner, PruneContext, Timer
+from slimgpt.methods.base import PruneContext
 from slimgpt.methods.flap import FLAP, HeadShapes, allocate, fluctuation, group_scores
 from slimgpt.methods.flap import channel_scores as flap_channel_scores
 from slimgpt.methods.flap import head_scores as flap_head_scores
@@ -23,6 +23,7 @@ from slimgpt.methods.llm_pruner import LLMPruner, taylor_scores
 from slimgpt.methods.magnitude import Magnitude, magnitude_scores
 from slimgpt.methods.scoring import select_heads
 from slimgpt.methods.wanda_sp import WandaSP
+from slimgpt.runner import LayerRunner, Timer
 from slimgpt.schedule import LayerSpace, solve_widths
 from slimgpt.surgery import layer_shapes, parameter_count, shrink_model
 

@@ -189,7 +189,7 @@ def test_ffn_hessian_is_taken_after_the_pruned_attention(tiny_llama, propagate):
 
 def test_runner_cache_notices_writes_through_data(tiny_llama):
     """``.data`` writes bump no version counter; the cached attention outputs must still go."""
-    from slimgpt.methods.base import LayerRunner, Timer
+    from slimgpt.runner import LayerRunner, Timer
 
     ad = get_adapter(tiny_llama)
     layer = ad.layers[0]
@@ -227,7 +227,7 @@ def test_slimgpt_removes_dead_channels_first_at_no_cost(tiny_llama):
 def test_timer_waits_for_the_gpu_on_cuda_only(monkeypatch):
     """CUDA kernels run asynchronously: a bucket must synchronise when it opens and closes, or it
     times only the launches. On CPU it must not touch CUDA at all."""
-    from slimgpt.methods.base import Timer
+    from slimgpt.runner import Timer
 
     calls: list[torch.device] = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))

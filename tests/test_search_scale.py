@@ -191,7 +191,7 @@ def test_recomputed_hessian_reproduces_the_stored_variant(gqa_db):
 def test_dense_pass_equals_the_block_by_block_statistics():
     """One hooked pass gives the same Hessians, outputs and input norms as the separate calls
     (attention Hessian, attention outputs, MLP Hessian, outputs) that a pruning layer makes."""
-    from slimgpt.methods.base import LayerRunner, Timer, embed_batches
+    from slimgpt.runner import LayerRunner, Timer, embed_batches
 
     model = build_tiny(LlamaConfig, LlamaForCausalLM, num_key_value_heads=2)
     ad = get_adapter(model)

@@ -12,7 +12,7 @@ best (docs/auto_schedule.md has the numbers that chose the family):
   solved onto the same whole-model parameter budget (:func:`slimgpt.schedule.solve_widths`), so
   they differ only in where the parameters go;
 * **one dense pass** over the first windows of the calibration (:func:`auto_windows`), layer by
-  layer (:meth:`~slimgpt.methods.base.LayerRunner.dense_pass`: one attention and one MLP forward
+  layer (:meth:`~slimgpt.runner.LayerRunner.dense_pass`: one attention and one MLP forward
   give the Hessians of ``o_proj``'s and ``down_proj``'s inputs and the dense outputs); every
   candidate's variant of the layer pruned from those Hessians with SlimGPT's OBS solvers
   (grouped-Cholesky heads; FFN channels along one nested greedy path per layer, groups of at most
@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import ConfigError, NumericalError
-from slimgpt.methods.base import DensePass, LayerRunner, Timer, embed_batches
+from slimgpt.runner import DensePass, LayerRunner, Timer, embed_batches
 from slimgpt.schedule import LayerSpace, LayerWidth, removed_params, solve_widths
 from slimgpt.search.database import ffn_path
 from slimgpt.search.fitness import DenseTarget

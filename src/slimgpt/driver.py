@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 from slimgpt import distributed
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import ConfigError, ModelError, NumericalError
-from slimgpt.methods.base import LayerRunner, Method, Timer, embed_batches
+from slimgpt.methods.base import Method
 from slimgpt.plan import LayerPlan
+from slimgpt.runner import LayerRunner, Timer, embed_batches
 from slimgpt.schedule import LayerSpace, LayerWidth
 from slimgpt.solvers.hessian import cross_bytes, solve_bytes
 

@@ -41,8 +41,9 @@ from slimgpt.driver import LayerStore, layer_spaces, run_layerwise
 from slimgpt.errors import ConfigError, DistributedError, ModelError, SlimGPTError
 from slimgpt.io import save_dtype, source_dtype
 from slimgpt.methods import make_method
-from slimgpt.methods.base import GlobalMethod, Method, PruneContext, Timer
+from slimgpt.methods.base import GlobalMethod, Method, PruneContext
 from slimgpt.plan import LayerPlan
+from slimgpt.runner import Timer
 from slimgpt.schedule import (
     LayerSpace,
     LayerWidth,

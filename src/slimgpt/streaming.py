@@ -57,9 +57,9 @@ from slimgpt.io import (
     safetensors_header,
     write_pruned_folder,
 )
-from slimgpt.methods.base import embed_batches
 from slimgpt.plan import LayerPlan
 from slimgpt.preflight import available_memory  # one definition: the pre-flight checks use it too
+from slimgpt.runner import embed_batches
 from slimgpt.utils import parse_size
 
 log = logging.getLogger(__name__)

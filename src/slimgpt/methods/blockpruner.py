@@ -62,8 +62,9 @@ from tqdm.auto import tqdm
 from slimgpt import distributed
 from slimgpt.arch.base import ModelAdapter
 from slimgpt.errors import ConfigError, NumericalError
-from slimgpt.methods.base import GlobalMethod, PruneContext, Timer
+from slimgpt.methods.base import GlobalMethod, PruneContext
 from slimgpt.plan import LayerPlan
+from slimgpt.runner import Timer
 from slimgpt.schedule import LayerSpace, model_kind, target_constraint
 from slimgpt.serving import Constraint
 from slimgpt.twin import resolve_search_dtype, search_adapter

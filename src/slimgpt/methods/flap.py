@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from slimgpt.errors import ConfigError
-from slimgpt.methods.base import GlobalMethod, LayerRunner, PruneContext
+from slimgpt.methods.base import GlobalMethod, PruneContext
 from slimgpt.methods.scoring import (
     ColumnStats,
     attention_input_stats,
@@ -74,6 +74,7 @@ from slimgpt.methods.scoring import (
     zero_removed,
 )
 from slimgpt.plan import LayerPlan
+from slimgpt.runner import LayerRunner
 from slimgpt.schedule import LayerSpace, LayerWidth
 
 

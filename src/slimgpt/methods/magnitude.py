@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from slimgpt.arch.base import ModelAdapter
-from slimgpt.methods.base import LayerRunner, Method
+from slimgpt.methods.base import Method
 from slimgpt.methods.scoring import prune_with_scores
 from slimgpt.plan import LayerPlan
+from slimgpt.runner import LayerRunner
 from slimgpt.schedule import LayerSpace, LayerWidth
 
 

@@ -15,8 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimgpt.arch.base import ModelAdapter
-from slimgpt.methods.base import LayerRunner, PruneContext, embed_batches
+from slimgpt.methods.base import PruneContext
 from slimgpt.plan import LayerPlan
+from slimgpt.runner import LayerRunner, embed_batches
 from slimgpt.schedule import LayerSpace, LayerWidth, round_layer
 
 

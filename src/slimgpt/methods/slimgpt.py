@@ -19,8 +19,9 @@ import logging
 
 import torch
 
-from slimgpt.methods.base import LayerRunner, Method
+from slimgpt.methods.base import Method
 from slimgpt.plan import LayerPlan
+from slimgpt.runner import LayerRunner
 from slimgpt.schedule import LayerSpace, LayerWidth
 from slimgpt.solvers.channels import ChannelResult, prune_channels
 from slimgpt.solvers.heads import HeadResult, HeadScore, prune_heads

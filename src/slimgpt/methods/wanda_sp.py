@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from slimgpt.methods.base import LayerRunner, Method
+from slimgpt.methods.base import Method
 from slimgpt.methods.scoring import attention_input_stats, mlp_input_stats, prune_with_scores
 from slimgpt.plan import LayerPlan
+from slimgpt.runner import LayerRunner
 from slimgpt.schedule import LayerSpace, LayerWidth
 
 

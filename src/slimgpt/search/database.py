@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slimgpt.arch.base import ModelAdapter
-from slimgpt.methods.base import LayerRunner, Timer, embed_batches
+from slimgpt.runner import LayerRunner, Timer, embed_batches
 from slimgpt.schedule import LayerSpace
 from slimgpt.search.levels import ffn_channels, ladders
 from slimgpt.serving import Constraint
