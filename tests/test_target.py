@@ -53,12 +53,7 @@ QWEN = LayerSpace(14, 2, 4864, 2 * 64 * 896 + 64, 2 * 64 * 896 + 128, 3 * 896)
 MODELS = {"smol": ([SMOL] * 30, 134_515_008), "qwen": ([QWEN] * 24, 494_032_768)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_search import one_thread  # noqa: E402,F401  (an autouse fixture: tiny matrices run on one thread)
 
 
 def _shapes(spaces: list[LayerSpace], widths: list[LayerWidth]) -> list[tuple[int, int, int]]:
