@@ -13,6 +13,11 @@ script with the two width lists, after writing what was measured.
     python benchmarks/asymmetric.py                                    # SmolLM2-135M, 20 % and 50 %
     python benchmarks/asymmetric.py --model qwen2.5-0.5b --ratios 0.2
     python benchmarks/asymmetric.py --variants symmetric,asymmetric,drift -- --device cuda
+    python benchmarks/asymmetric.py --variants asymmetric@1 --resume   # the full refit (--shrink 1)
+
+A variant is ``symmetric``, ``asymmetric`` or ``drift`` (``--shrink heldout``, the default), or
+``asymmetric@S`` / ``drift@S`` (``--shrink S``). Rows measured before ``--shrink`` existed ran
+the full refit and are labelled ``asymmetric@1``.
 
 Writes ``<out>/<model>.json`` and ``.md`` (default ``benchmarks/results/asymmetric/``) after every
 run, and skips runs already there with ``--resume``. Options after ``--`` go to every ``slimgpt
@@ -70,9 +75,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a.ratio_list = [float(r) for r in a.ratios.split(",") if r.strip()]
     a.variant_list = [v.strip() for v in a.variants.split(",") if v.strip()]
     a.seqlens = [int(s) for s in a.ppl_seqlen.split(",") if s.strip()]
-    bad = [v for v in a.variant_list if v not in VARIANTS]
+    bad = [v for v in a.variant_list if v.split("@")[0] not in VARIANTS or (v.startswith("symmetric@"))]
     if bad or not a.variant_list:
-        ap.error(f"--variants: unknown {bad}; use {', '.join(VARIANTS)}")
+        ap.error(f"--variants: unknown {bad}; use {', '.join(VARIANTS)}, or asymmetric@S / drift@S for --shrink S")
     return a
 
 
@@ -116,8 +121,9 @@ def evaluate(model: Any, tok: Any, a: argparse.Namespace, heldout: str | None) -
 
 def prune_run(a: argparse.Namespace, ratio: float, variant: str, folder: Path) -> dict[str, Any]:
     """``slimgpt prune`` in a fresh process; the measurements from its report."""
+    compensate, _, shrink = variant.partition("@")
     cmd = [sys.executable, "-m", "slimgpt", "prune", a.model, "--out", str(folder), "--overwrite",
-           "--ratio", str(ratio), "--compensate", variant, *a.extra]
+           "--ratio", str(ratio), "--compensate", compensate, *(["--shrink", shrink] if shrink else []), *a.extra]
     log.info("%s", " ".join(cmd))
     t = time.perf_counter()
     proc = subprocess.run(cmd, text=True, capture_output=True)
@@ -136,9 +142,25 @@ def prune_run(a: argparse.Namespace, ratio: float, variant: str, folder: Path) -
                    "forward": ts["calibration_forward"], "hessian": ts["hessian"], "solver": ts["solver"]},
         "memory_mib": {"prune_peak_rss": mem["peak_rss_mib"], "process_max_rss": mem.get("process_max_rss_mib"),
                        **({"prune_peak_cuda": mem["peak_cuda_mib"]} if "peak_cuda_mib" in mem else {})},
+        "shrink": shrink_summary(rep["layers"]),
         "activations": rep.get("activations"), "device": rep["device"], "dtype": rep["dtype"],
         "calibration": {k: rep["calibration"].get(k) for k in ("source", "nsamples", "seqlen") if k in rep["calibration"]},
     }
+
+
+def shrink_summary(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The share of the correction each solved linear kept (``--shrink``): per layer and its mean."""
+    per = {k: [r[k] for r in layers if k in r] for k in ("attn_shrink", "mlp_shrink")}
+    if not any(per.values()):
+        return None
+    return {**{k: [round(x, 4) for x in v] for k, v in per.items()},
+            **{f"mean_{k}": sum(v) / len(v) for k, v in per.items() if v}}
+
+
+def order(variant: str) -> tuple[int, float]:
+    """symmetric, then asymmetric (held-out, then fixed shares), then drift."""
+    name, _, shrink = variant.partition("@")
+    return VARIANTS.index(name), float(shrink) if shrink else -1.0
 
 
 def check_matched(rows: list[dict[str, Any]]) -> str | None:
@@ -226,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             if not a.keep:
                 shutil.rmtree(folder, ignore_errors=True)
             doc["rows"].append(row)
-            doc["rows"].sort(key=lambda r: (r["ratio"], VARIANTS.index(r["compensate"])))
+            doc["rows"].sort(key=lambda r: (r["ratio"], order(r["compensate"])))
             write(doc, out, name)
             log.info("ratio %g %s: %s", ratio, variant,
                      ", ".join(f"{k} {v['ppl']:.2f}" for k, v in row["eval"].items()))

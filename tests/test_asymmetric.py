@@ -32,7 +32,7 @@ from slimgpt.schedule import LayerWidth, solve_widths
 from slimgpt.solvers.channels import prune_channels
 from slimgpt.solvers.heads import prune_heads
 from slimgpt.solvers.hessian import CrossAccumulator, HessianAccumulator, damped_inverse
-from slimgpt.solvers.obs import compensation_target, remove_columns
+from slimgpt.solvers.obs import compensation_target, heldout_shrinkage, remove_columns
 from slimgpt.surgery import parameter_count, shrink_model
 
 DEV = torch.device("cpu")
@@ -143,6 +143,27 @@ def test_equal_inputs_give_the_symmetric_solution_bitwise() -> None:
     assert ra.kept == rb.kept and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_heldout_shrinkage_minimises_the_heldout_objective(seed: int) -> None:
+    """α from the closed form equals a brute-force grid minimum of ``‖(W + αC)X̃_h − T_h‖²`` on the
+    held-out rows (computed from the data, not from H and G), so it is never worse there than
+    symmetric (α = 0) or the full refit (α = 1)."""
+    p = problem(seed, n=400, drift=0.3 + 0.2 * seed)
+    p["Xt"], p["X"] = p["X"], p["Xt"]  # X̃ = X + noise: part of the correction generalises, part is noise
+    p["T"] = p["X"] @ p["W"].T
+    fit, held = slice(0, 60), slice(60, None)  # few fit tokens: the refit overfits and 0 < α < 1
+    part = lambda sl: {"W": p["W"], "Xt": p["Xt"][sl], "T": p["T"][sl]}  # noqa: E731
+    _, G_fit, Hinv_fit, _ = statistics(part(fit), 0.01, torch.float64)
+    H_held, G_held, _, _ = statistics(part(held), 0.01, torch.float64)
+    alpha = heldout_shrinkage(G_fit, Hinv_fit, G_held, H_held)
+    C = G_fit @ Hinv_fit
+    err = lambda a: (p["Xt"][held] @ (p["W"] + a * C).T - p["T"][held]).pow(2).sum().item()  # noqa: E731
+    grid = torch.linspace(0, 1, 2001).tolist()
+    best = min(grid, key=err)
+    assert 0.2 < alpha < 0.9 and abs(alpha - best) <= 1e-3 and err(alpha) <= min(err(0.0), err(1.0)) * (1 + 1e-12)
+    assert heldout_shrinkage(torch.zeros_like(G_fit), Hinv_fit, G_held, H_held) == 1.0  # nothing to shrink
+
+
 def test_dead_columns_keep_their_weights() -> None:
     p = problem(5, dtype=torch.float32)
     p["Xt"][:, 3] = 0  # an input that is always zero on the pruned stream
@@ -196,18 +217,24 @@ def test_runner_statistics_and_dense_stream_equal_whole_token_sums(tiny_qwen2, d
         outs = [ad.mlp_block(frozen, m) for m in mids]
     Z = collect(down, lambda: [ad.mlp_block(frozen, m) for m in mids])
     Zt = collect(down, lambda: [ad.mlp_block(frozen, m) for m in mids_t])
-    n = X.shape[0]
     cat = lambda ts: torch.cat([t.reshape(-1, t.shape[-1]) for t in ts]).double()  # noqa: E731
     T_o = X @ o.weight.double().T + (cat(dense) - cat(pruned) if drift else 0)
     T_d = Z @ down.weight.double().T + (cat(mids) - cat(mids_t) if drift else 0)
 
-    run = LayerRunner(1, layer, ad, pruned, ctx, DEV, Timer(), reference=list(dense), drift=drift)
-    H, G = run.attention_statistics()
-    torch.testing.assert_close(H.double(), 2 * Xt.T @ Xt / n, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(G.double(), 2 * (T_o - Xt @ o.weight.double().T).T @ Xt / n, rtol=1e-4, atol=1e-6)
-    H, G = run.mlp_statistics()
-    torch.testing.assert_close(H.double(), 2 * Zt.T @ Zt / n, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(G.double(), 2 * (T_d - Zt @ down.weight.double().T).T @ Zt / n, rtol=1e-4, atol=1e-6)
+    # the runner sees this rank's windows 5..20 of a larger run: windows 7, 11, 15, 19 are held out
+    run = LayerRunner(1, layer, ad, pruned, ctx, DEV, Timer(), reference=list(dense), drift=drift, first_window=5)
+    held = torch.tensor([(5 + w) % 4 == 3 for w in range(len(torch.cat(pruned)))])
+    rows = held.repeat_interleave(pruned[0].shape[1])  # window → its tokens
+    H_ = lambda X: 2 * X.T @ X / X.shape[0]  # noqa: E731
+    G_ = lambda X, T, W: 2 * (T - X @ W.T).T @ X / X.shape[0]  # noqa: E731
+    for st, Xt_, W_, T_ in ((run.attention_statistics(holdout=4), Xt, o.weight.double(), T_o),
+                            (run.mlp_statistics(holdout=4), Zt, down.weight.double(), T_d)):
+        torch.testing.assert_close(st.H.double(), H_(Xt_), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st.G.double(), G_(Xt_, T_, W_), rtol=1e-4, atol=1e-6)
+        assert st.held is not None
+        for got, want in zip(st.held, (H_(Xt_[~rows]), G_(Xt_[~rows], T_[~rows], W_), H_(Xt_[rows]),
+                                             G_(Xt_[rows], T_[rows], W_))):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
     got = run.reference_outputs()
     assert all(torch.equal(a, b) for a, b in zip(got, outs))  # the dense layer's outputs, bitwise
 
@@ -237,7 +264,7 @@ def test_pruned_layer_equals_the_refit_on_its_activations(tiny_llama_gqa, part: 
     W = lin.weight.detach().double()
     p = {"W": W, "Xt": Xt, "T": X @ W.T + (resid if drift else 0)}
     run = LayerRunner(1, layer, ad, pruned, ctx, DEV, Timer(), reference=list(dense), drift=drift)
-    plan = SlimGPT(ffn_groups=4).prune_layer(run, width, space)
+    plan = SlimGPT(ffn_groups=4, shrink=1.0).prune_layer(run, width, space)  # the whole correction
     if part == "heads":
         kept = [h * 8 + d for h in plan.kept_heads for d in range(8)]
         got, lam = ad.attention(layer).o.weight, plan.stats["attn_damp"]
@@ -270,12 +297,13 @@ def test_equal_streams_give_the_symmetric_layer_bitwise(tiny_llama_gqa) -> None:
 
 
 # ---------------------------------------------------------------------------------- whole runs
-def run_driver(model, ratio: float | None, **kw):
+def run_driver(model, ratio: float | None, method: SlimGPT | None = None, **kw):
     ad = get_adapter(model)
     spaces = layer_spaces(ad)
     widths = ([LayerWidth(0, 0, s.channels, 0.0) for s in spaces] if ratio is None
               else solve_widths(spaces, parameter_count(model), ratio, "uniform"))
-    return ad, run_layerwise(ad, calib_ids(), SlimGPT(), widths, spaces, DEV, batch_size=4, progress=False, **kw)
+    return ad, run_layerwise(ad, calib_ids(), method or SlimGPT(), widths, spaces, DEV, batch_size=4, progress=False,
+                             **kw)
 
 
 def logits(model) -> torch.Tensor:
@@ -311,12 +339,34 @@ def test_symmetric_is_the_default_and_original_propagation_makes_them_equal(tiny
     assert activation_copies("pruned", "drift") == 4 and activation_copies("original", "asymmetric") == 4
 
 
+def test_shrinkage_zero_is_symmetric_and_heldout_is_recorded(tiny_qwen2) -> None:
+    """``--shrink 0`` keeps none of the correction: the symmetric model bit for bit, although the
+    dense stream ran beside it; the held-out choice is a share in [0, 1] per solved linear."""
+    runs = {}
+    for name, method, kw in (("sym", SlimGPT(), {}), ("zero", SlimGPT(shrink=0.0), {"compensate": "asymmetric"}),
+                             ("heldout", SlimGPT(), {"compensate": "asymmetric"})):
+        m = copy.deepcopy(tiny_qwen2)
+        _, res = run_driver(m, 0.3, method, **kw)
+        runs[name] = (shrink_model(m, res.plans).state_dict(), res.plans)
+    sym, zero = runs["sym"][0], runs["zero"][0]
+    assert all(torch.equal(sym[k], zero[k]) for k in sym)
+    shares = [v for plan in runs["heldout"][1].values() for k, v in plan.stats.items() if k.endswith("_shrink")]
+    assert shares and all(0.0 <= a <= 1.0 for a in shares)
+    assert "attn_shrink" not in runs["sym"][1][1].stats
+
+
 def test_methods_and_models_that_cannot_compensate_are_refused(tiny_tokenizer) -> None:
     for kw in ({"method": "wanda-sp"}, {"schedule": "search", "search_final": "stitch"}):
         with pytest.raises(ConfigError, match="--compensate"):
             PruneConfig(compensate="asymmetric", **kw).validate()
     with pytest.raises(ConfigError, match="--compensate must be one of"):
         PruneConfig(compensate="dense").validate()
+    for bad in ("1.5", "most", "-0.1"):
+        with pytest.raises(ConfigError, match="--shrink must be"):
+            PruneConfig(compensate="asymmetric", shrink=bad).validate()
+    with pytest.raises(ConfigError, match="add --compensate asymmetric"):
+        PruneConfig(shrink="0.5").validate()
+    PruneConfig(compensate="asymmetric", shrink="0.5").validate()
     from test_gemma3 import tiny_gemma3
 
     with pytest.raises(ModelError, match="post-norms"):

@@ -124,6 +124,10 @@ def test_resume_with_other_settings_is_refused(setup, tmp_path: Path, monkeypatc
     err = last_line(capsys)
     assert "add --resume" in err
     assert tree_digest(work) == saved  # refusals leave the checkpoint as it was
+    state = json.loads((work / "state.json").read_text())  # a checkpoint from before two options existed:
+    for k in ("compensate", "shrink"):  # it ran with their defaults, and resumes
+        del state["settings"][k]
+    (work / "state.json").write_text(json.dumps(state))
     resume(src, calib, out)
     assert_same_weights(ref, out)
 

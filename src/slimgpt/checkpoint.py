@@ -269,7 +269,14 @@ class Checkpoint:
 
     def _compare(self, settings: dict[str, Any]) -> None:
         assert self.state is not None
-        old = self.state["settings"]
+        old = dict(self.state["settings"])
+        from dataclasses import fields
+
+        from slimgpt.config import PruneConfig
+
+        for f in fields(PruneConfig):  # an option added since the checkpoint was made: it ran with its default
+            if f.name not in old and f.name in settings:
+                old[f.name] = f.default
         diff = [f"{k}: {_short(old.get(k))} → {_short(v)}" for k, v in sorted(settings.items()) if old.get(k) != v]
         if diff:
             more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""

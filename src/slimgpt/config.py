@@ -5,6 +5,7 @@ The resolved config is written as JSON beside the saved model, so a run is repro
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,6 +66,7 @@ class PruneConfig:
     search_final: str = "rerun"
     target: str = "any"  # serving engine whose shapes every allocation stays inside (slimgpt.serving)
     compensate: str = "symmetric"  # symmetric (the paper) | asymmetric | drift: toward the dense model's outputs
+    shrink: str = "heldout"  # asymmetric|drift: share of the correction (heldout: chosen per linear; or a number)
 
     def resolved(self, device: torch.device) -> PruneConfig:
         """Fill the device-dependent defaults (calibration size)."""
@@ -171,6 +173,17 @@ class PruneConfig:
         """``--compensate``: a known value, and a method whose weights are solved toward a target."""
         if self.compensate not in COMPENSATIONS:
             raise ConfigError(f"--compensate must be one of {', '.join(COMPENSATIONS)}; got '{self.compensate}'")
+        if self.shrink != "heldout":
+            try:
+                share = float(self.shrink)
+            except ValueError:
+                share = math.nan
+            if not 0 <= share <= 1:
+                raise ConfigError(f"--shrink must be 'heldout' or a number in [0, 1] (the share of the correction "
+                                  f"toward the dense model kept); got '{self.shrink}'")
+            if self.compensate == "symmetric":
+                raise ConfigError("--shrink scales --compensate asymmetric|drift's correction; add --compensate "
+                                  "asymmetric or drop --shrink")
         if self.compensate == "symmetric":
             return
         if self.method not in ("slimgpt", "slimgpt+blockpruner"):

@@ -160,6 +160,13 @@ def batch_range(n_batches: int, r: int | None = None, n: int | None = None) -> r
     return range(n_batches * r // n, n_batches * (r + 1) // n)
 
 
+def shard_start(windows: int, batch_size: int) -> int:
+    """The index of this rank's first window in :func:`shard` (0 in a single process)."""
+    if not is_distributed():
+        return 0
+    return batch_range(-(-windows // batch_size)).start * batch_size
+
+
 def shard(windows: torch.Tensor, batch_size: int) -> torch.Tensor:
     """This rank's windows: whole batches of ``batch_size``, so every batch is the one a single
     process would run (same shapes, same numbers)."""

@@ -43,7 +43,7 @@ from slimgpt.methods.base import Method
 from slimgpt.plan import LayerPlan
 from slimgpt.runner import LayerRunner, Timer, embed_batches
 from slimgpt.schedule import LayerSpace, LayerWidth
-from slimgpt.solvers.hessian import cross_bytes, solve_bytes
+from slimgpt.solvers.hessian import cross_bytes, heldout_bytes, solve_bytes
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +119,14 @@ def layer_work_bytes(adapter: ModelAdapter, batch_size: int, seqlen: int, dtype:
                      compensate: bool = False) -> int:
     """Bytes a layer's work holds on the compute device besides the calibration activations: the
     layer and the next one (prefetched), the widest Hessian's accumulation and solve (with
-    ``compensate``, its cross-covariance beside it), and one batch's FFN intermediates (gate, up,
+    ``compensate``, its cross-covariance and the held-out split beside it), and one batch's FFN intermediates (gate, up,
     their product and its float32 copy for the Hessian; twice with ``compensate``: both streams)."""
     item = dtype.itemsize
     layer = max(sum(p.numel() for p in lay.parameters()) for lay in adapter.layers) * item
     hidden = adapter.decoder.embed_tokens.weight.shape[1]
     widest = max(max(adapter.intermediate_size(lay), hidden) for lay in adapter.layers)
     batch = batch_size * seqlen * (widest * (3 * item + 4) + 6 * hidden * item)
-    extra = cross_bytes(hidden, widest) + batch if compensate else 0
+    extra = cross_bytes(hidden, widest) + heldout_bytes(hidden, widest) + batch if compensate else 0
     return 2 * layer + solve_bytes(widest) + batch + extra
 
 
@@ -329,6 +329,7 @@ def run_layerwise(
     timer = Timer(device)
     model_dtype = next(adapter.model.parameters()).dtype
     shard = distributed.shard(calib, batch_size)
+    first_window = distributed.shard_start(len(calib), batch_size)
     copies = activation_copies(propagate, compensate)
     if offload is None:
         offload, placed = place_activations(adapter, shard.shape[0], calib.shape[1], batch_size, device, model_dtype,
@@ -362,7 +363,7 @@ def run_layerwise(
             if ahead is not None and i + 1 < adapter.num_layers:
                 ahead.start(i + 1, adapter.layers[i + 1])
             run = LayerRunner(i, layer, adapter, hidden, ctx, device, timer, reference=ref,
-                              drift=compensate == "drift")
+                              drift=compensate == "drift", first_window=first_window)
             ref = None  # the runner owns the dense stream now and advances it in place
             dense_out = None
             if propagate == "original":

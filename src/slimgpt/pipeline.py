@@ -486,7 +486,7 @@ def build_report(run: Run, outcome: Outcome) -> dict[str, Any]:
             "heads": f"{shapes[i]['heads']}/{s.num_heads}", "kv_heads": f"{shapes[i]['kv_heads']}/{s.num_kv_heads}",
             "channels": f"{shapes[i]['channels']}/{s.channels}",
             "params_kept": round(kept / s.params, 4),
-            **{k: v for k, v in st.items() if k.endswith(("error", "damp", "groups"))},
+            **{k: v for k, v in st.items() if k.endswith(("error", "damp", "groups", "shrink"))},
         })
     secs, io = outcome.seconds, outcome.io_seconds
     auto_s = float(run.allocation["time_s"]["total"]) if run.allocation else 0.0

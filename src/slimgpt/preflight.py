@@ -331,8 +331,8 @@ def calibration_need(geo: Geometry, nsamples: int, seqlen: int, batch_size: int,
         batch += 2 * b * seqlen * geo.vocab * 4
     widest = max(geo.hidden, geo.intermediate)
     hessians = (geo.hidden**2 + geo.intermediate**2) * 8 + 3 * widest * widest * 4
-    if dense_stream:  # CrossAccumulator: float64 sum, float32 copy and the compensated target
-        hessians += geo.hidden * widest * 16
+    if dense_stream:  # solvers.hessian.cross_bytes + heldout_bytes (float32), written out: no torch import here
+        hessians += geo.hidden * widest * 16 + widest * widest * 20 + geo.hidden * widest * 16
     layer = geo.layer_params * itemsize
     embedding = geo.vocab * geo.hidden * itemsize * (1 if geo.tied else 2)
     weights = geo.params * itemsize if whole_model else min(geo.params * itemsize, layer + embedding)

@@ -74,6 +74,16 @@ def checksum(t: torch.Tensor, chunk: int = 1 << 22) -> tuple[float, float]:
 
 
 @dataclass
+class Statistics:
+    """A linear's compensation statistics: ``H`` over every calibration token, the dense stream's
+    ``G`` (None without one), and with a held-out split ``(H_fit, G_fit, H_held, G_held)``."""
+
+    H: torch.Tensor
+    G: torch.Tensor | None = None
+    held: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
 class DensePass:
     """What :meth:`LayerRunner.dense_pass` collects from one unchanged pass over a layer."""
 
@@ -105,6 +115,7 @@ class LayerRunner:
         timer: Timer,
         reference: list[torch.Tensor] | None = None,
         drift: bool = False,
+        first_window: int = 0,
     ) -> None:
         self.index, self.layer, self.adapter = index, layer, adapter
         self.inputs, self.ctx, self.device, self.timer = inputs, ctx, device, timer
@@ -116,6 +127,7 @@ class LayerRunner:
         # replaces its entries in place as the dense stream advances (inputs → attention outputs →
         # layer outputs), so the dense stream costs one copy of the activations, not three.
         self.reference, self.drift = reference, drift
+        self.first_window = first_window  # this rank's first calibration window (held-out splits)
         self._ref_stage = "inputs"
         self._ref_home = reference[0].device if reference else None
         if reference is not None:  # the dense weights the dense stream must be computed with
@@ -263,88 +275,123 @@ class LayerRunner:
 
     # ---- asymmetric compensation: statistics against the dense model's stream ---------------
     @torch.no_grad()
-    def attention_statistics(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def attention_statistics(self, holdout: int = 0) -> Statistics:
         """``o_proj``'s ``H`` (as :meth:`attention_hessian`) and, with a dense stream, its ``G``:
         ``2 Σ r x̃ᵀ / n`` with ``x̃`` the pruned stream's ``o_proj`` input, ``r = W (x − x̃)`` against the
         dense stream's input ``x`` (``drift``: plus the residual streams' difference ``h − h̃``, so that
         the block's output, not only ``o_proj``'s, is pulled toward the dense model's). ``G`` is None
         without a dense stream, and ``H`` is then computed by exactly :meth:`attention_hessian`.
+        ``holdout``: see :meth:`_cross_statistics`.
 
         Each batch runs the unchanged attention on both streams (one more attention pass than
         :meth:`attention_hessian`); the dense one's output replaces the dense input in place."""
         o = self.adapter.attention(self.layer).o
         if self.reference is None:
-            return self.attention_hessian(o), None
+            return Statistics(self.attention_hessian(o))
         if self._ref_stage != "inputs":
             raise RuntimeError(f"layer {self.index}: attention_statistics needs the dense inputs; call it once, "
                                "before mlp_statistics")
         self._check_dense("o")
-        where = f"layer {self.index}'s attention activations"
-        acc = HessianAccumulator(o.in_features, device=self.device, sum_dtype=torch.float64, where=where)
-        cross = CrossAccumulator(o.out_features, o.in_features, device=self.device, where=f"{where} (dense)")
-        W = o.weight.detach().to(torch.float32)
         seen: list[torch.Tensor] = []
-        handle = o.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-        try:
+
+        def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
             for j, (x, ref) in enumerate(zip(self.batches(), self._stream(self.reference), strict=True)):
                 with self.timer("forward"):
                     mid = self._check(self.adapter.attention_block(self.layer, ref, self.ctx), "dense attention outputs")
                     self.adapter.attention_block(self.layer, x, self.ctx)
                 dense_in, pruned_in = seen
                 seen.clear()
-                with self.timer("hessian"):
-                    acc.add(pruned_in)
-                    r = (dense_in.to(torch.float32) - pruned_in.to(torch.float32)) @ W.T
-                    if self.drift:
-                        r += ref.to(torch.float32) - x.to(torch.float32)
-                    cross.add(r, pruned_in)
-                del dense_in, pruned_in, r
+                yield dense_in, pruned_in, (ref.to(torch.float32) - x.to(torch.float32)) if self.drift else None
                 with self.timer("offload"):
                     self.reference[j] = self._to_ref_home(mid)
+
+        handle = o.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            stats = self._cross_statistics(o, pairs(), f"layer {self.index}'s attention activations", holdout)
         finally:
             handle.remove()
         self._ref_stage = "mid"
-        return self._reduced(acc), self._reduced(cross)
+        return stats
 
     @torch.no_grad()
-    def mlp_statistics(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def mlp_statistics(self, holdout: int = 0) -> Statistics:
         """``down_proj``'s ``H`` (as :meth:`mlp_hessian`, after the possibly pruned attention) and,
         with a dense stream, its ``G`` (see :meth:`attention_statistics`): ``x`` is the dense model's
         FFN activation (dense attention, dense MLP, dense input), ``x̃`` the pruned stream's. The dense
         MLP's outputs replace the dense stream's entries in place (the next layer's dense inputs)."""
         if self.reference is None:
-            return self.mlp_hessian(), None
+            return Statistics(self.mlp_hessian())
         down = self.adapter.mlp(self.layer).down
         self._dense_mid()
         if self._ref_stage != "mid":
             raise RuntimeError(f"layer {self.index}: mlp_statistics was already called for the dense stream")
         self._check_dense("down")
-        where = f"layer {self.index}'s MLP activations"
-        acc = HessianAccumulator(self.adapter.intermediate_size(self.layer), device=self.device,
-                                 sum_dtype=torch.float64, where=where)
-        cross = CrossAccumulator(down.out_features, down.in_features, device=self.device, where=f"{where} (dense)")
-        W = down.weight.detach().to(torch.float32)
         seen: list[torch.Tensor] = []
-        handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-        try:
+
+        def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
             for j, (h, ref) in enumerate(zip(self.attention_outputs(), self._stream(self.reference), strict=True)):
                 with self.timer("forward"):
                     out = self._check(self.adapter.mlp_block(self.layer, ref), "dense outputs")
                     dense_in = seen.pop()
                     z = self.adapter.mlp_hidden(self.layer, h)
-                with self.timer("hessian"):
-                    acc.add(z)
-                    r = (dense_in.to(torch.float32) - z.to(torch.float32)) @ W.T
-                    if self.drift:
-                        r += ref.to(torch.float32) - h.to(torch.float32)
-                    cross.add(r, z)
-                del dense_in, z, r
+                yield dense_in, z, (ref.to(torch.float32) - h.to(torch.float32)) if self.drift else None
                 with self.timer("offload"):
                     self.reference[j] = self._to_ref_home(out)
+
+        handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            stats = self._cross_statistics(down, pairs(), f"layer {self.index}'s MLP activations", holdout)
         finally:
             handle.remove()
         self._ref_stage = "outputs"
-        return self._reduced(acc), self._reduced(cross)
+        return stats
+
+    def _cross_statistics(self, linear: nn.Linear,
+                          pairs: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                          where: str, holdout: int) -> Statistics:
+        """``H`` and ``G`` of ``linear`` from ``(dense input, pruned input, residual drift)`` per batch.
+
+        ``holdout = k > 0`` also accumulates every k-th calibration window (counted over all ranks'
+        windows, so the split does not depend on the process count) apart, and returns the ``H``
+        and ``G`` of the other windows and of those (:attr:`Statistics.held`): what
+        :func:`~slimgpt.solvers.obs.heldout_shrinkage` needs. ``H`` and ``G`` are over every window
+        either way, summed exactly as without the split."""
+        acc = HessianAccumulator(linear.in_features, device=self.device, sum_dtype=torch.float64, where=where)
+        cross = CrossAccumulator(linear.out_features, linear.in_features, device=self.device, where=f"{where} (dense)")
+        held = (HessianAccumulator(linear.in_features, device=self.device, sum_dtype=torch.float64, where=where),
+                CrossAccumulator(linear.out_features, linear.in_features, device=self.device, where=where)) \
+            if holdout else None
+        W = linear.weight.detach().to(torch.float32)
+        window = self.first_window
+        for dense_in, pruned_in, drift in pairs:
+            with self.timer("hessian"):
+                acc.add(pruned_in)
+                r = (dense_in.to(torch.float32) - pruned_in.to(torch.float32)) @ W.T
+                if drift is not None:
+                    r += drift
+                cross.add(r, pruned_in)
+                if held is not None:
+                    rows = (torch.arange(window, window + pruned_in.shape[0]) % holdout) == holdout - 1
+                    window += pruned_in.shape[0]
+                    if bool(rows.any()):
+                        rows = rows.to(pruned_in.device)
+                        held[0].add(pruned_in[rows])
+                        held[1].add(r[rows], pruned_in[rows])
+            del dense_in, pruned_in, r, drift
+        H, G = self._reduced(acc), self._reduced(cross)
+        split = None
+        if held is not None:
+            for part in held:
+                if distributed.is_distributed():
+                    with self.timer("communication"):
+                        distributed.all_reduce_sum(part.sum, f"the held-out statistics of layer {self.index}")
+                        part.count = distributed.all_reduce_int(part.count, f"the held-out statistics of layer {self.index}")
+            if 0 < held[0].count < acc.count:  # both parts have tokens
+                H_held, G_held = held[0].finalize(), held[1].finalize()
+                held[0].complement_(acc)
+                held[1].complement_(cross)
+                split = (held[0].finalize(), held[1].finalize(), H_held, G_held)
+        return Statistics(H, G, split)
 
     @torch.no_grad()
     def reference_outputs(self) -> list[torch.Tensor]:

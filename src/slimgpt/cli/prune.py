@@ -60,6 +60,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "(also corrects the error earlier pruned layers left; a second, dense activation stream: one "
                         "more copy of the activations, one more pass per layer); drift: the dense block's output, "
                         "residual stream included")
+    p.add_argument("--shrink", default="heldout",
+                   help="with --compensate asymmetric|drift: the share of the correction toward the dense model "
+                        "applied per linear. heldout (default): chosen on every 4th calibration window, held out of "
+                        "its fit (the full refit overfits the calibration tokens); a number in [0, 1]: that share "
+                        "(1 = the exact least-squares refit)")
     p.add_argument("--data-dir", help="folder with wikitext-2-raw/ and calibration/ (default $SLIMGPT_DATA)")
     p.add_argument("--ppl", action="store_true",
                    help="also evaluate perplexity (seq 128) before and after, on --ppl-data")
@@ -114,7 +119,8 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
         max_group=a.max_group, propagate=a.propagate, data_dir=a.data_dir, overwrite=a.overwrite,
         blocks=a.blocks, depth_share=0.5 if a.depth_share is None else a.depth_share, search_dtype=a.search_dtype, search_nsamples=a.search_nsamples,
         resume=a.resume, max_memory=a.max_memory, offload_activations=a.offload_activations,
-        target=getattr(a, "target", "any"), compensate=getattr(a, "compensate", "symmetric"), **allocation_kwargs(a),
+        target=getattr(a, "target", "any"), compensate=getattr(a, "compensate", "symmetric"),
+        shrink=getattr(a, "shrink", "heldout"), **allocation_kwargs(a),
     )
 
 

@@ -22,7 +22,9 @@ def _slimgpt(cfg: Any) -> Method | GlobalMethod:
     if cfg.schedule == "search":  # the searched allocation: a whole-model method around SlimGPT
         return import_module("slimgpt.methods.searched").SearchedSlimGPT.from_config(cfg)
     groups: int | str = cfg.ffn_groups if cfg.ffn_groups == "dynamic" else int(cfg.ffn_groups)
-    return SlimGPT(cfg.head_score, groups, cfg.min_group, cfg.max_group, cfg.damp)
+    shrink = getattr(cfg, "shrink", "heldout")
+    return SlimGPT(cfg.head_score, groups, cfg.min_group, cfg.max_group, cfg.damp,
+                   shrink=None if shrink == "heldout" else float(shrink))
 
 
 METHODS: dict[str, Callable[[Any], Method | GlobalMethod]] = {

@@ -120,6 +120,13 @@ class HessianAccumulator:
             out[i:i + BLOCK] = (self.sum[i:i + BLOCK] * (2.0 / self.count)).to(self.dtype)
         return out
 
+    def complement_(self, whole: HessianAccumulator) -> None:
+        """Become ``whole`` minus this accumulator's tokens, in place (the rest of a split: held-out
+        windows accumulated apart, the fit windows' ``H`` is then the whole sum less theirs). Call
+        after both were finalized (mirrored), so that both sums are whole matrices."""
+        self.sum.neg_().add_(whole.sum)
+        self.count = whole.count - self.count
+
 
 class CrossAccumulator:
     """Running ``G = 2 Σ r x̃ᵀ / n``: the cross-covariance of a target residual ``r`` (what the
@@ -157,11 +164,23 @@ class CrossAccumulator:
             raise NumericalError("no calibration tokens reached this layer; check the calibration data")
         return (self.sum * (2.0 / self.count)).to(self.dtype)
 
+    def complement_(self, whole: CrossAccumulator) -> None:
+        """As :meth:`HessianAccumulator.complement_`."""
+        self.sum.neg_().add_(whole.sum)
+        self.count = whole.count - self.count
+
 
 def cross_bytes(rows: int, ncols: int, dtype: torch.dtype = torch.float32) -> int:
     """Peak bytes of one :class:`CrossAccumulator` and its use (float64 sum, the ``dtype`` copy and
     the compensated target), for memory plans."""
     return rows * ncols * (8 + 2 * dtype.itemsize)
+
+
+def heldout_bytes(rows: int, ncols: int, dtype: torch.dtype = torch.float32) -> int:
+    """Extra peak bytes of a held-out split beside :func:`cross_bytes` (``--shrink heldout``): the
+    held-out windows' float64 ``H`` and ``G`` sums, the fit and held-out ``H`` and ``G`` in ``dtype``
+    and the fit ``H``'s inverse."""
+    return ncols * ncols * (8 + 3 * dtype.itemsize) + rows * ncols * (8 + 2 * dtype.itemsize)
 
 
 def _mirror_upper(A: torch.Tensor) -> None:
