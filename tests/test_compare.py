@@ -71,7 +71,7 @@ def test_all_takes_whatever_the_registry_holds(monkeypatch):
         parse_ratios("0.2,1.5")
 
 
-def test_cli_compare(tiny_llama, tiny_tokenizer, text_file, tmp_path, monkeypatch):
+def test_cli_compare(tiny_llama, tiny_tokenizer, text_file, tmp_path, monkeypatch, capsys):
     import slimgpt.preflight as preflight
     import slimgpt.zoo as zoo
     from slimgpt.cli import main
@@ -88,6 +88,13 @@ def test_cli_compare(tiny_llama, tiny_tokenizer, text_file, tmp_path, monkeypatc
     assert len(sg["search"]["removed_layers"]) == 1  # 25 % of the tiny model is one of its 4 layers
     assert [r["method"] for r in rows] == ["dense", "shortgpt", "slimgpt"]
     assert main(["compare", "tiny", "--methods", "nope", "--out", str(out)]) == 2
+    assert json.loads((out / "compare.json").read_text())["settings"]["target"] == "any"
+    # --target: a method the engine cannot serve is refused in one line, before any row runs
+    assert main(["compare", "tiny", "--methods", "slimgpt,flap", "--target", "vllm", "--out", str(tmp_path / "t"),
+                 "--calib", text_file, "--nsamples", "4", "--seqlen", "32"]) == 2
+    assert not (tmp_path / "t" / "compare.json").exists()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("slimgpt: error:") and "flap" in err and "--target" in err
 
 
 def test_zero_shot_columns(tiny_llama, tiny_tokenizer, text_file, tmp_path, monkeypatch):

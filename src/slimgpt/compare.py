@@ -199,6 +199,8 @@ def run_compare(
     base = PruneConfig(**{f.name: getattr(base, f.name) for f in fields(PruneConfig)})
     base.model, base.out, base.blocks = model, None, None
     base.validate()
+    for name in names:  # e.g. a method --target refuses: one line before any model is loaded
+        method_config(base, name, base.ratio).validate()
     from slimgpt.evaluation.perplexity import resolve_eval_dataset
 
     ppl_dataset = resolve_eval_dataset(ppl_dataset, base.data_dir, base.calib)  # the set in use, in the JSON

@@ -16,6 +16,7 @@ from slimgpt.defaults import (
     PROTOCOLS,
 )
 from slimgpt.errors import ConfigError
+from slimgpt.serving import TARGETS
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "e.g. another --ppl-seqlen or --tasks, models kept by --keep-models are evaluated again)")
     p.add_argument("--keep-models", metavar="DIR",
                    help="save every pruned model under DIR/<ratio>-<method>/ (loadable like any pruned folder)")
+    p.add_argument("--target", default="any", choices=TARGETS,
+                   help="serving engine every method's shapes must fit (as slimgpt prune --target): any | vllm | sglang")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -77,7 +80,8 @@ def run(a: argparse.Namespace) -> int:
         limit = int(limit)  # lm-eval reads an int as a document count, a float below 1 as a fraction
     base = PruneConfig(model=a.model, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size,
                        seed=a.seed, device=a.device, dtype=a.dtype, data_dir=a.data_dir, depth_share=a.depth_share,
-                       search_dtype=a.search_dtype, search_nsamples=a.search_nsamples, **allocation_kwargs(a))
+                       search_dtype=a.search_dtype, search_nsamples=a.search_nsamples, target=a.target,
+                       **allocation_kwargs(a))
     result = run_compare(a.model, a.ratio, a.methods, a.out, base=base, ppl_dataset=a.ppl, ppl_seqlen=a.ppl_seqlen,
                          max_windows=a.max_windows, ppl_protocol=a.protocol, tasks=a.tasks, task_limit=limit,
                          eval_batch_size=a.eval_batch_size, resume=a.resume, keep_models=a.keep_models)
