@@ -447,6 +447,10 @@ def test_auto_proxy_benchmark_on_a_tiny_model(tmp_path, monkeypatch):
     proxies = {"heldout", "insample", "heldout6", "fresh"}
     assert set(doc["spearman"]) == proxies | {f"built_{p}" for p in proxies}
     assert all(v is None or -1 <= v <= 1 for v in doc["spearman"].values())
+    assert set(doc["spearman_vs_built_kl"]) == proxies
+    best = min(r["ppl"]["32"] for r in doc["rows"].values())
+    for p, v in doc["regret"].items():  # the chosen candidate's perplexity over the lowest
+        assert v == pytest.approx(doc["rows"][doc["proxies"][p]["chosen"]]["ppl"]["32"] / best - 1) and v >= 0
     assert "| candidate |" in (tmp_path / "res" / "tiny.md").read_text()
     monkeypatch.setattr(bench, "prune", lambda *a, **k: pytest.fail("a finished candidate was built again"))
     assert bench.main(args) == 0
