@@ -94,20 +94,27 @@ def our_loss(student, teacher, batch, temperature: float, lm_weight: float, topk
                              temperature=temperature, lm_weight=lm_weight, scale=1 / len(labels), chunk=chunk).loss
 
 
+def assert_same_loss_and_grads(student, ref: torch.Tensor, ours_fn) -> torch.Tensor:
+    """``ref`` (an independent loss of ``student``) and ``ours_fn()`` (the module's): the same value
+    and the same gradient on every parameter ``ref`` reaches. Returns ``ours``."""
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    ours = ours_fn()
+    ours.backward()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    got = dict(student.named_parameters())
+    for name, g in ref_grads.items():  # the written-out gradient is the reference's gradient
+        assert torch.allclose(got[name].grad, g.float(), rtol=1e-4, atol=1e-6), name
+    return ours
+
+
 @pytest.mark.parametrize("temperature,lm_weight", [(1.0, 0.0), (2.0, 0.0), (0.5, 0.3)])
 def test_loss_equals_an_independent_kl(pair, temperature: float, lm_weight: float) -> None:
     student, teacher = pair
     batch = batch_with_masks()
     ref = independent_loss(student, teacher, batch, temperature, lm_weight)
-    ref.backward()
-    ref_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-    student.zero_grad(set_to_none=True)
-    ours = our_loss(student, teacher, batch, temperature, lm_weight)
-    ours.backward()
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
-    for name, g in ref_grads.items():  # the written-out gradient is the KL's gradient
-        got = dict(student.named_parameters())[name].grad
-        assert torch.allclose(got, g.float(), rtol=1e-4, atol=1e-6), name
+    ours = assert_same_loss_and_grads(student, ref, lambda: our_loss(student, teacher, batch, temperature, lm_weight))
     # masked tokens neither count nor weigh: unmasking changes the value (mutant: labels not
     # consulted, every position scored -> the masked loss equals the unmasked one and this fails)
     unmasked = {**batch, "labels": batch["input_ids"].clone()}
@@ -139,15 +146,7 @@ def test_right_padding_equals_each_example_alone(pair) -> None:
         n = int((alone["labels"][:, 1:] != IGNORE).sum())
         total = total + independent_loss(student, teacher, alone, 1.5, 0.3) * n
         count += n
-    ref = total / count
-    ref.backward()
-    ref_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-    student.zero_grad(set_to_none=True)
-    ours = our_loss(student, teacher, batch, 1.5, 0.3)
-    ours.backward()
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
-    for name, grad in ref_grads.items():
-        assert torch.allclose(dict(student.named_parameters())[name].grad, grad.float(), rtol=1e-4, atol=1e-6), name
+    assert_same_loss_and_grads(student, total / count, lambda: our_loss(student, teacher, batch, 1.5, 0.3))
 
 
 def test_direction_is_teacher_to_student() -> None:
@@ -462,16 +461,8 @@ def test_tied_head_and_softcap_equal_an_independent_kl(family: str) -> None:
     assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
     batch = batch_with_masks()
     ref = independent_loss(student, teacher, batch, 1.5, 0.3)
-    ref.backward()
-    ref_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-    student.zero_grad(set_to_none=True)
-    ours = our_loss(student, teacher, batch, 1.5, 0.3)
-    ours.backward()
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
-    got = dict(student.named_parameters())
-    assert "model.embed_tokens.weight" in ref_grads
-    for name, g in ref_grads.items():
-        assert torch.allclose(got[name].grad, g.float(), rtol=1e-4, atol=1e-6), name
+    assert_same_loss_and_grads(student, ref, lambda: our_loss(student, teacher, batch, 1.5, 0.3))
+    assert student.get_input_embeddings().weight.grad is not None  # the tied head's gradient reaches it
 
 
 PROGRAM = ("import json, sys\nfrom slimgpt.recovery import RecoveryConfig, recover\n"
