@@ -41,6 +41,7 @@ from typing import Any
 
 OUT = Path(__file__).resolve().parent / "results" / "asymmetric"
 VARIANTS = ("symmetric", "asymmetric", "drift")
+SESSION = f"{os.getpid()}-{int(time.time())}"  # rows of one invocation share it: only their times compare
 
 log = logging.getLogger("benchmarks.asymmetric")
 
@@ -134,6 +135,7 @@ def prune_run(a: argparse.Namespace, ratio: float, variant: str, folder: Path) -
     ts, mem = rep["time_s"], rep["memory"]
     return {
         "ratio": ratio, "compensate": variant, "command": cmd[1:],
+        "measured_at": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "session": SESSION,
         "params": rep["params"]["pruned"], "dense_params": rep["params"]["dense"],
         "removed_ratio": rep["params"]["removed_ratio"],
         "widths": [[r["heads"], r["kv_heads"], r["channels"]] for r in rep["layers"]],
@@ -193,9 +195,12 @@ def table(doc: dict[str, Any]) -> str:
         cells += [f"{ev[f'ppl_{x}']['ppl']:.2f}" if f"ppl_{x}" in ev else "-" for x in s]
         if held:
             cells.append(f"{ev['heldout']['ppl']:.2f}" if "heldout" in ev else "-")
-        cells += [f"{t:.1f}", f"{t / sym['time_s']['layerwise']:.2f}" if sym else "-",
+        apart = sym is not None and sym is not r and sym.get("session") != r.get("session")
+        cells += [f"{t:.1f}", (f"{t / sym['time_s']['layerwise']:.2f}" + ("†" if apart else "")) if sym else "-",
                   f"{m:,.0f}", f"{m / sym['memory_mib']['prune_peak_rss']:.2f}" if sym else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "† measured in another invocation than its symmetric row (other load): the time ratio is not a "
+              "comparison; rerun both together for one."]
     if doc.get("mismatch"):
         lines += ["", f"**Not comparable:** {doc['mismatch']}"]
     return "\n".join(lines) + "\n"
