@@ -20,7 +20,7 @@ from torch import nn
 from slimgpt import distributed
 from slimgpt.arch.base import LayerContext, ModelAdapter
 from slimgpt.errors import NumericalError
-from slimgpt.solvers.hessian import CrossAccumulator, HessianAccumulator
+from slimgpt.solvers.hessian import CrossAccumulator, HessianAccumulator, complement_
 
 T = TypeVar("T")
 
@@ -382,14 +382,11 @@ class LayerRunner:
         split = None
         if held is not None:
             for part in held:
-                if distributed.is_distributed():
-                    with self.timer("communication"):
-                        distributed.all_reduce_sum(part.sum, f"the held-out statistics of layer {self.index}")
-                        part.count = distributed.all_reduce_int(part.count, f"the held-out statistics of layer {self.index}")
+                self._reduce(part)
             if 0 < held[0].count < acc.count:  # both parts have tokens
                 H_held, G_held = held[0].finalize(), held[1].finalize()
-                held[0].complement_(acc)
-                held[1].complement_(cross)
+                complement_(held[0], acc)
+                complement_(held[1], cross)
                 split = (held[0].finalize(), held[1].finalize(), H_held, G_held)
         return Statistics(H, G, split)
 
@@ -460,11 +457,15 @@ class LayerRunner:
     def _reduced(self, acc: HessianAccumulator | CrossAccumulator) -> torch.Tensor:
         """``H`` over every rank's calibration tokens: the raw float64 sums and token counts are
         all-reduced before scaling, so ``H`` (rounded to fp32) is the single-process one."""
+        self._reduce(acc)
+        return acc.finalize()
+
+    def _reduce(self, acc: HessianAccumulator | CrossAccumulator) -> None:
+        """All-reduce ``acc``'s raw sum and token count in place (nothing outside torchrun)."""
         if distributed.is_distributed():
             with self.timer("communication"):
                 distributed.all_reduce_sum(acc.sum, f"the Hessian reduction of layer {self.index}")
                 acc.count = distributed.all_reduce_int(acc.count, f"the Hessian reduction of layer {self.index}")
-        return acc.finalize()
 
     # ---- solving once ----------------------------------------------------------------------
     def solve(self, fn: Callable[[], T], *changed: torch.Tensor) -> T:

@@ -120,13 +120,6 @@ class HessianAccumulator:
             out[i:i + BLOCK] = (self.sum[i:i + BLOCK] * (2.0 / self.count)).to(self.dtype)
         return out
 
-    def complement_(self, whole: HessianAccumulator) -> None:
-        """Become ``whole`` minus this accumulator's tokens, in place (the rest of a split: held-out
-        windows accumulated apart, the fit windows' ``H`` is then the whole sum less theirs). Call
-        after both were finalized (mirrored), so that both sums are whole matrices."""
-        self.sum.neg_().add_(whole.sum)
-        self.count = whole.count - self.count
-
 
 class CrossAccumulator:
     """Running ``G = 2 Σ r x̃ᵀ / n``: the cross-covariance of a target residual ``r`` (what the
@@ -164,10 +157,13 @@ class CrossAccumulator:
             raise NumericalError("no calibration tokens reached this layer; check the calibration data")
         return (self.sum * (2.0 / self.count)).to(self.dtype)
 
-    def complement_(self, whole: CrossAccumulator) -> None:
-        """As :meth:`HessianAccumulator.complement_`."""
-        self.sum.neg_().add_(whole.sum)
-        self.count = whole.count - self.count
+
+def complement_(part: HessianAccumulator | CrossAccumulator, whole: HessianAccumulator | CrossAccumulator) -> None:
+    """Turn ``part`` into ``whole`` minus ``part``'s tokens, in place (the rest of a split: held-out
+    windows accumulated apart, the fit windows' sums are then the whole sums less theirs). For a
+    Hessian, call after both were finalized (mirrored), so that both sums are whole matrices."""
+    part.sum.neg_().add_(whole.sum)
+    part.count = whole.count - part.count
 
 
 def cross_bytes(rows: int, ncols: int, dtype: torch.dtype = torch.float32) -> int:
